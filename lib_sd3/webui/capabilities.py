@@ -1,0 +1,69 @@
+"""Which A1111 we are running in, and whether an SD3 model is loaded.
+
+Decided from what the code has, never from version strings: forks and dev builds report
+versions that mean nothing, but ``hasattr`` does not lie.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lib_sd3 import __version__
+
+STATE_EARLY = "early-sd3"  # SD3 branch as of 34b4443c: SD3Cond in sd3_model.py, no token counting
+STATE_DEV = "v1.10+"  # v1.10 / dev: sd3_cond.py with SD3Cond.get_token_count
+STATE_NONE = "no-sd3"  # A1111 without SD3 support (< 1.10)
+
+
+def _module(name: str) -> Any | None:
+    try:
+        return importlib.import_module(name)
+    except Exception:  # ImportError, or a module that fails on import in a broken install
+        return None
+
+
+def sd3_cond_class() -> type | None:
+    """A1111's SD3 text-conditioning class, wherever this state keeps it."""
+    for name in ("modules.models.sd3.sd3_cond", "modules.models.sd3.sd3_model"):
+        module = _module(name)
+        if module is not None and hasattr(module, "SD3Cond"):
+            return module.SD3Cond
+    return None
+
+
+def a1111_state() -> str:
+    """Tell the early SD3 branch from v1.10/dev by what SD3Cond can do."""
+    cond = sd3_cond_class()
+    if cond is None:
+        return STATE_NONE
+    return STATE_DEV if hasattr(cond, "get_token_count") else STATE_EARLY
+
+
+def loaded_model() -> Any | None:
+    shared = _module("modules.shared")
+    return getattr(shared, "sd_model", None) if shared is not None else None
+
+
+def model_is_sd3(model: Any | None = None) -> bool:
+    """True for A1111's SD3 model on both states (``is_sd3`` exists since the SD3 branch)."""
+    model = loaded_model() if model is None else model
+    return bool(getattr(model, "is_sd3", False))
+
+
+def capabilities() -> dict[str, Any]:
+    """Everything ``GET /sd3/status`` and the doctor report about the running WebUI."""
+    from lib_sd3.webui.registry import REGISTRY
+
+    targets = {}
+    for patch in REGISTRY:
+        try:
+            targets[patch.name] = patch.detect() is None
+        except Exception:
+            targets[patch.name] = False
+    return {
+        "extension_version": __version__,
+        "a1111_state": a1111_state(),
+        "model_is_sd3": model_is_sd3(),
+        "patch_targets": targets,
+    }

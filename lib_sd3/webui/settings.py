@@ -1,0 +1,66 @@
+"""The "SD3" settings section, and which settings go into the infotext.
+
+Every option that changes an image names an ``infotext`` label: A1111 then restores it when an
+infotext is pasted, and :func:`infotext_params` writes it into each image's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SECTION = ("sd3", "SD3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    label: str
+    choices: tuple[str, ...] | None = None
+    infotext: str | None = None  # set when the option changes the image
+    comment: str = ""
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("sd3_token_counter", True, "Show CLIP and T5 token counts for SD3 prompts"),
+    Setting("sd3_t5_mode", "auto", "T5-XXL text encoder", ("auto", "fp16", "fp8", "off"), infotext="SD3 T5",
+            comment="auto picks fp16 or fp8 from free memory, or off where neither fits"),
+    Setting("sd3_fetch", True, "Download missing T5-XXL and tokenizers in the background"),
+    Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
+    Setting("sd3_flow_samplers", True, "Use flow-correct samplers and schedules for SD3", infotext="SD3 flow samplers"),
+    Setting("sd3_nan_guard", True, "NaN guard: recompute a non-finite step at higher precision", infotext="SD3 NaN guard"),
+    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8"), infotext="SD3 MixDQ"),
+    Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
+)
+
+BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def register(shared: Any) -> None:
+    """Add the section to A1111's settings page (called from ``on_ui_settings``)."""
+    import gradio as gr
+
+    for s in SETTINGS:
+        component, args = None, None
+        if s.choices:
+            component, args = gr.Radio, {"choices": list(s.choices)}
+        info = shared.OptionInfo(s.default, s.label, component, args, section=SECTION, infotext=s.infotext)
+        if s.comment and hasattr(info, "info"):
+            info = info.info(s.comment)
+        shared.opts.add_option(s.key, info)
+
+
+def get(key: str) -> Any:
+    """Current value of one of our settings, falling back to its default outside the WebUI."""
+    try:
+        from modules import shared
+
+        return shared.opts.data.get(key, BY_KEY[key].default)
+    except ImportError:
+        return BY_KEY[key].default
+
+
+def infotext_params(values: dict[str, Any]) -> dict[str, Any]:
+    """Infotext entries for the image-changing settings among ``values`` (key -> value)."""
+    return {BY_KEY[k].infotext: v for k, v in values.items() if k in BY_KEY and BY_KEY[k].infotext}

@@ -1,0 +1,55 @@
+"""Wire the extension into A1111: feature modules, callbacks, patches. Called by ``scripts/sd3.py``.
+
+A feature module that fails to import (a missing package, an A1111 too old for it) disables that
+feature with one console line; the rest of the extension and the WebUI keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lib_sd3 import get_logger
+from lib_sd3.webui import hooks, routes, settings
+from lib_sd3.webui.capabilities import a1111_state, model_is_sd3
+from lib_sd3.webui.registry import REGISTRY
+
+log = get_logger("startup")
+
+FEATURE_MODULES: tuple[str, ...] = ()
+"""Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
+
+_FAILED_FEATURES: dict[str, str] = {}
+
+
+def _load_features() -> None:
+    for name in FEATURE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            if name not in _FAILED_FEATURES:
+                _FAILED_FEATURES[name] = repr(error)
+                log.warning("feature %s disabled: %r", name.rsplit(".", 1)[-1], error)
+
+
+def on_model_loaded(sd_model: object) -> None:
+    """Apply SD3-only patches exactly while an SD3 model is loaded; put A1111 back otherwise."""
+    REGISTRY.sync(model_is_sd3(sd_model))
+    for callback in hooks.MODEL_LOADED:
+        try:
+            callback(sd_model)
+        except Exception:
+            log.exception("model-loaded hook %s failed", getattr(callback, "__name__", callback))
+
+
+def install() -> None:
+    """Register callbacks with A1111 (again after a UI reload) and apply global patches."""
+    from modules import script_callbacks, shared
+
+    _load_features()
+    hooks.STATUS["startup"] = lambda: {"failed_features": dict(_FAILED_FEATURES)}
+    script_callbacks.on_ui_settings(lambda: settings.register(shared))
+    script_callbacks.on_app_started(lambda _demo, app: routes.mount(app))
+    script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_script_unloaded(REGISTRY.undo_all)
+    REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
+    log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())
