@@ -6,3 +6,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_webui():
+    """A stand-in A1111 ``modules`` package (see tests/fakewebui.py), removed after the test."""
+    from fakewebui import FakeWebUI
+
+    webui = FakeWebUI()
+    yield webui
+    webui.close()

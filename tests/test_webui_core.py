@@ -1,0 +1,50 @@
+"""The adapter core against stand-in A1111 modules: state detection, settings, status route."""
+
+from lib_sd3.webui import capabilities, routes, settings
+
+
+class EarlySD3Cond:
+    def forward(self, prompts):
+        return prompts
+
+
+class DevSD3Cond(EarlySD3Cond):
+    def get_token_count(self, text):
+        return 1
+
+
+def test_state_detection_by_features(fake_webui):
+    assert capabilities.a1111_state() == capabilities.STATE_NONE
+    fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=EarlySD3Cond)
+    assert capabilities.a1111_state() == capabilities.STATE_EARLY
+    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
+    assert capabilities.a1111_state() == capabilities.STATE_DEV
+
+
+def test_model_is_sd3(fake_webui):
+    assert not capabilities.model_is_sd3()
+    fake_webui.shared.sd_model = type("M", (), {"is_sd3": True})()
+    assert capabilities.model_is_sd3()
+
+
+def test_settings_section_and_infotext(fake_webui):
+    settings.register(fake_webui.shared)
+    labels = fake_webui.shared.opts.data_labels
+    assert set(labels) == {s.key for s in settings.SETTINGS}
+    assert all(info.section == settings.SECTION for info in labels.values())
+    assert labels["sd3_mixdq"].infotext == "SD3 MixDQ"
+    fake_webui.shared.opts.data["sd3_mixdq"] = "w8a8"
+    assert settings.get("sd3_mixdq") == "w8a8"
+    assert settings.infotext_params({"sd3_mixdq": "w8a8", "sd3_fetch": True}) == {"SD3 MixDQ": "w8a8"}
+
+
+def test_status_route_is_json(fake_webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    routes.mount(app)
+    body = TestClient(app).get("/sd3/status").json()
+    assert body["capabilities"]["a1111_state"] == capabilities.STATE_NONE
+    assert body["capabilities"]["model_is_sd3"] is False
+    assert isinstance(body["patches"], dict) and isinstance(body["features"], dict)
