@@ -89,10 +89,9 @@ def sd3_state_of(root: Path) -> tuple[str, str]:
 def check_state(root: Path) -> Check:
     state, where = sd3_state_of(root)
     if state == sd3_state.STATE_DEV:
-        return Check("A1111", "SD3 support", OK, f"v1.10 / dev ({where}: SD3Cond.get_token_count)")
+        return Check("A1111", "SD3 support", OK, f"v1.10 / dev (SD3Cond.get_token_count in {where})")
     if state == sd3_state.STATE_EARLY:
-        return Check("A1111", "SD3 support", OK,
-                     f"early SD3 branch ({where}: SD3Cond without get_token_count; the extension fixes the token counter)")
+        return Check("A1111", "SD3 support", OK, f"early SD3 branch (SD3Cond in {where}, no get_token_count)")
     return Check("A1111", "SD3 support", FAIL, f"none ({where}): update A1111 to v1.10 or later")
 
 
