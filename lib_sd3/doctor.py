@@ -81,6 +81,8 @@ def sd3_state_of(root: Path) -> tuple[str, str]:
             members = class_members(path.read_text(encoding="utf-8", errors="replace"), "SD3Cond")
         except SyntaxError as error:
             return sd3_state.STATE_NONE, f"{relative} does not parse: {error.msg} (line {error.lineno})"
+        except OSError as error:
+            return sd3_state.STATE_NONE, f"{relative} cannot be read: {error.strerror or error}"
         if members is not None:
             return sd3_state.classify(members), relative
     return sd3_state.STATE_NONE, "no SD3Cond in modules/models/sd3/"
@@ -139,11 +141,13 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
         why = ("SD3 runs without T5 (CLIP only); the extension can fetch it" if known.encoder == "t5xxl"
                else "A1111 downloads it when an SD3 model loads (needs the network)")
         return Check("text encoders", known.filename, INFO, f"missing: {why}")
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         extent = safetensors_extent(path)
     except ValueError as error:
         return Check("text encoders", known.filename, FAIL, f"corrupt: {error}; delete it so it is fetched again")
+    except OSError as error:  # A1111 could not read it either
+        return Check("text encoders", known.filename, FAIL, f"cannot be read: {error.strerror or error}")
     if extent > size:
         return Check("text encoders", known.filename, FAIL,
                      f"truncated: {size:,} of {extent:,} bytes; delete it so it is fetched again")
@@ -155,7 +159,10 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
                      f"{_gb(size)}, not the published file ({known.size:,} bytes): loads, but is not verified")
     if not verify_hash:
         return Check("text encoders", known.filename, OK, f"{_gb(size)}, size matches (--hash to verify sha256)")
-    digest = sha256_of(path)
+    try:
+        digest = sha256_of(path)
+    except OSError as error:
+        return Check("text encoders", known.filename, FAIL, f"cannot be read: {error.strerror or error}")
     if digest == known.sha256:
         return Check("text encoders", known.filename, OK, f"{_gb(size)}, sha256 matches")
     if known.digest_confirmed:
@@ -182,10 +189,17 @@ def hub_cache_dir(env: Mapping[str, str], home: Path) -> Path:
     return xdg / "huggingface" / "hub"
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """Sorted sub-folders; none when ``folder`` is missing or unreadable (the doctor reports, never crashes)."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
 def cached_snapshot(cache: Path, repo: str, needed: Iterable[str]) -> tuple[str | None, bool]:
     """(a snapshot revision holding every needed file or the first found, complete?) for ``repo``."""
-    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
-    revisions = sorted(p for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    revisions = _subfolders(cache / f"models--{repo.replace('/', '--')}" / "snapshots")
     for snapshot in revisions:
         if all((snapshot / name).is_file() for name in needed):  # is_file follows the blob symlinks
             return snapshot.name, True
@@ -253,8 +267,7 @@ def _is_iclight(extension: Path) -> bool:
 
 
 def check_iclight(root: Path) -> list[Check]:
-    extensions = root / "extensions"
-    folders = sorted(p for p in extensions.iterdir() if p.is_dir()) if extensions.is_dir() else []
+    folders = _subfolders(root / "extensions")
     disabled, all_disabled = disabled_extensions(root)
     patcher = [p for p in folders if (p / MODEL_PATCHER_PACKAGE).is_dir()]
     checks = []
@@ -263,7 +276,7 @@ def check_iclight(root: Path) -> list[Check]:
         for script in sorted((folder / "scripts").glob("*.py")):
             try:
                 shape = iclight_shape(script.read_text(encoding="utf-8", errors="replace")) or shape
-            except SyntaxError:
+            except (SyntaxError, OSError):
                 continue
             if shape == ICLIGHT_OLD:
                 break

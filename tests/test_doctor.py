@@ -256,6 +256,24 @@ def test_trailing_bytes_are_corrupt_like_the_loader_says(tmp_path, tiny_known):
     assert not loads(path)
 
 
+def test_unreadable_file_is_reported_not_raised(tmp_path, tiny_known, monkeypatch):
+    (tmp_path / "clip_l.safetensors").write_bytes(tiny_known)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(doctor, "safetensors_extent", denied)
+    check = doctor.check_text_encoder(tmp_path, known_files.KNOWN_FILES[0], False)
+    assert check.status == FAIL and "Permission denied" in check.detail
+
+
+def test_broken_sd3_source_is_reported(tmp_path):
+    root = make_webui(tmp_path / "webui", "dev")
+    (root / "modules/models/sd3/sd3_cond.py").write_text("class SD3Cond(:\n")
+    state, detail = doctor.sd3_state_of(root)
+    assert state == "no-sd3" and "does not parse" in detail and "line 1" in detail
+
+
 def test_safetensors_extent_is_the_file_size_of_a_valid_file(tmp_path):
     for values in (1, 100, 12345):
         data = write_safetensors(tmp_path / f"{values}.safetensors", values)
