@@ -345,8 +345,11 @@ def format_table(checks: list[Check]) -> str:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("doctor", help="check an A1111 checkout for SD3 without starting it",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "doctor", help="check an A1111 checkout for SD3 without starting it",
+        description="Check an A1111 checkout for SD3 without starting it: SD3 state, text-encoder files, tokenizer "
+                    "caches, IC-Light, patch targets. Exit status 0: SD3 can work; 1: it cannot (FAIL rows); "
+                    "2: not an A1111 checkout.")
     parser.add_argument("--webui", required=True, type=Path, help="the stable-diffusion-webui folder")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="A1111's --models-dir, if you start it with one (default: WEBUI/models)")
