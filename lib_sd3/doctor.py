@@ -229,7 +229,7 @@ ICLIGHT_OLD, ICLIGHT_NEW, ICLIGHT_UNKNOWN = "old", "new", "unknown"
 
 
 def _mentions(node: ast.AST, word: str) -> bool:
-    return any(isinstance(n, ast.Name) and n.id == word or isinstance(n, ast.Attribute) and n.attr == word
+    return any((isinstance(n, ast.Name) and n.id == word) or (isinstance(n, ast.Attribute) and n.attr == word)
                for n in ast.walk(node))
 
 
