@@ -44,6 +44,19 @@ def test_choose_mode_says_why_and_rejects_unknown():
         t5.choose_mode("fp4", GIB, None)
 
 
+@pytest.mark.parametrize("mode, present, expected", [
+    ("off", {T5_FP16}, t5.FilePlan(None, False, None)),
+    ("fp8", set(), t5.FilePlan(None, True, T5_FP8)),
+    ("fp8", {T5_FP16}, t5.FilePlan(T5_FP16, True, None)),  # no download: rounded at load
+    ("fp8", {T5_FP8, T5_FP16}, t5.FilePlan(T5_FP8, True, None)),
+    ("fp16", {T5_FP8}, t5.FilePlan(T5_FP8, True, T5_FP16)),  # fp8 meanwhile, fp16 fetched
+    ("fp16", {T5_FP16}, t5.FilePlan(T5_FP16, False, None)),
+    ("fp16", set(), t5.FilePlan(None, False, T5_FP16)),
+])
+def test_plan_files(mode, present, expected):
+    assert t5.plan_files(mode, present) == expected
+
+
 def test_free_memory_reports_plausible_ram():
     ram, vram = t5.free_memory()
     assert 0 < ram < 1 << 50
