@@ -43,6 +43,7 @@ FEATURE = "t5"
 INFOTEXT = settings.BY_KEY["sd3_t5_mode"].infotext
 SOURCES: dict[str, tuple[KnownFile, ...]] = {name: sources(name) for name in (T5_FP16, T5_FP8, CLIP_L, CLIP_G)}
 """Where each file comes from (tests point this at their own small files)."""
+FETCH_OPTIONS: dict[str, Any] = {}  # extra fetch() arguments for T5 and CLIP (tests shorten the back-off)
 TOKENIZER_FETCH = {"max_attempts": 1, "backoff": 0.0, "timeout": (5.0, 15.0)}  # at model load: fail fast
 
 
@@ -186,7 +187,7 @@ def _load_file_from_url(original):
             return original(url, *args, model_dir=model_dir, file_name=file_name, **kwargs)
         try:
             result = fetcher.fetch(SOURCES[name], Path(model_dir) / name, endpoints=endpoints(),
-                                   offline=not fetch_allowed(), progress=_console_progress(name))
+                                   offline=not fetch_allowed(), progress=_console_progress(name), **FETCH_OPTIONS)
         except fetcher.FetchError as error:
             raise RuntimeError(f"SD3 needs {name}: {error}") from None
         return str(result.path)
@@ -372,7 +373,7 @@ def _run_fetch(name: str, dest: Path) -> None:
             console(progress)
 
     try:
-        fetcher.fetch(SOURCES[name], dest, endpoints=endpoints(), progress=report, cancel=_cancel)
+        fetcher.fetch(SOURCES[name], dest, endpoints=endpoints(), progress=report, cancel=_cancel, **FETCH_OPTIONS)
     except fetcher.FetchError as error:
         with _lock:
             STATUS.fetch_state, STATUS.error, STATUS.manual = "failed", error.reason, error.manual
@@ -408,7 +409,10 @@ def process(p: Any, _args: dict[str, Any]) -> None:
     global _current_p
     if not model_is_sd3(getattr(p, "sd_model", None)):
         return
-    _current_p = weakref.ref(p)
+    try:
+        _current_p = weakref.ref(p)  # the infotext of the generation being encoded, not kept alive by us
+    except TypeError:
+        _current_p = None
     p.extra_generation_params[INFOTEXT] = infotext_value()
 
 
