@@ -159,7 +159,15 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict:
             prepared[key] = tensor  # the file's dtype, upcast per layer
         else:
             prepared[key] = tensor.to(own[key].dtype)
+    aliases: dict[int, list[str]] = {}  # tied parameters (transformers' shared / embed_tokens)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
     result = model.load_state_dict(prepared, strict=strict, assign=True)
+    for names in aliases.values():  # assign replaced each alias by its own tensor: tie them again
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
     for key, module in linear_weights.items():
         module.weight.requires_grad_(False)
         if key in own and module.weight.dtype != own[key].dtype:  # stored narrower than it computes
