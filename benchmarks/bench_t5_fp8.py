@@ -92,8 +92,13 @@ def main() -> None:
               f"encode {elapsed * 1e3:.1f} ms")
     ratio = results["fp8"][2] / results["fp16"][2]
     print(f"fp8 vs fp16 embeddings: min cosine {cosine:.5f}, relative error {relative:.4f}")
-    print(f"T5-XXL files (A1111's T5, every Linear fp8): {t5.WEIGHT_BYTES['fp8'] / 1e9:.2f} GB vs "
-          f"{t5.WEIGHT_BYTES['fp16'] / 1e9:.2f} GB")
+    # Derived, not measured: full T5-XXL (24 blocks) in A1111's layout, where every Linear is fp8 and
+    # the token embedding (built without a dtype) is fp32.
+    xxl_linear, xxl_embed = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240), 32128 * 4096
+    print(f"T5-XXL in A1111's layout (derived): fp16 {(xxl_linear * 2 + xxl_embed * 4) / 1e9:.2f} GB, "
+          f"fp8 {(xxl_linear + xxl_embed * 4) / 1e9:.2f} GB (A1111 itself, fp32 on CPU: "
+          f"{(xxl_linear + xxl_embed) * 4 / 1e9:.2f} GB); files {t5.RESIDENT_BYTES['fp16'] / 1e9:.2f} / "
+          f"{t5.RESIDENT_BYTES['fp8'] / 1e9:.2f} GB")
     print(f"fp8_cosine={cosine:.5f} fp8_rel_error={relative:.4f} fp8_memory_ratio={ratio:.3f} "
           f"fp8_time_ratio={results['fp8'][3] / results['fp16'][3]:.3f} device={device}")
 

@@ -24,13 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from lib_sd3 import get_logger
-from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, sources, tokenizer_files
+from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
 
 log = get_logger("t5")
 
 MODES = ("auto", "fp16", "fp8", "off")
 FILES = {"fp16": T5_FP16, "fp8": T5_FP8}
-WEIGHT_BYTES = {mode: sources(name)[0].size for mode, name in FILES.items()}  # resident size = file size
+XXL_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)  # q, k, v, o + wi_0, wi_1, wo per block
+XXL_EMBED_PARAMS = 32128 * 4096  # A1111 builds the embedding without a dtype: fp32
+RESIDENT_BYTES = {"fp16": XXL_LINEAR_PARAMS * 2 + XXL_EMBED_PARAMS * 4, "fp8": XXL_LINEAR_PARAMS + XXL_EMBED_PARAMS * 4}
+"""T5-XXL's weights in memory once attached: 9.79 GB (fp16), 5.16 GB (fp8)."""
 HEADROOM_BYTES = 2 << 30  # activations, CUDA context, the rest of the WebUI: never plan to the last byte
 GB = 1e9
 
@@ -57,16 +60,16 @@ def choose_mode(requested: str, free_ram: int, free_vram: int | None) -> Choice:
     where = f"{free_ram / GB:.1f} GB free RAM" + (f", {free_vram / GB:.1f} GB free VRAM" if free_vram is not None else "")
 
     def fits(mode: str) -> bool:
-        need = WEIGHT_BYTES[mode] + HEADROOM_BYTES
+        need = RESIDENT_BYTES[mode] + HEADROOM_BYTES
         return free_ram >= need and (free_vram is None or free_vram >= need)
 
     candidates = ("fp16", "fp8") if requested == "auto" else (requested,)
     for mode in candidates:
         if fits(mode):
-            return Choice(mode, f"{mode}: needs {WEIGHT_BYTES[mode] / GB:.1f} GB (+{HEADROOM_BYTES / GB:.0f} GB "
+            return Choice(mode, f"{mode}: needs {RESIDENT_BYTES[mode] / GB:.1f} GB (+{HEADROOM_BYTES / GB:.0f} GB "
                                 f"headroom), {where}")
     smallest = candidates[-1]
-    return Choice("off", f"T5 off: {smallest} needs {(WEIGHT_BYTES[smallest] + HEADROOM_BYTES) / GB:.1f} GB "
+    return Choice("off", f"T5 off: {smallest} needs {(RESIDENT_BYTES[smallest] + HEADROOM_BYTES) / GB:.1f} GB "
                          f"with headroom, only {where}" + ("; try fp8" if requested == "fp16" else ""))
 
 

@@ -16,7 +16,7 @@ from lib_sd3 import t5
 from lib_sd3.known_files import T5_FP8, T5_FP16, sources
 
 GIB = 1 << 30
-FP16, FP8 = sources(T5_FP16)[0].size, sources(T5_FP8)[0].size
+FP16, FP8 = t5.RESIDENT_BYTES["fp16"], t5.RESIDENT_BYTES["fp8"]
 
 
 # ------------------------------------------------------------------------------------------- mode choice
@@ -36,6 +36,16 @@ def test_choose_mode(requested, ram, vram, expected):
     choice = t5.choose_mode(requested, ram, vram)
     assert choice.mode == expected
     assert f"{ram / 1e9:.1f} GB free RAM" in choice.reason or requested == "off"
+
+
+def test_resident_sizes_match_the_published_files():
+    """The T5-XXL shape accounts for both files to within their small tensors (norms, bias, header):
+    fp16 file = Linear x 2 B + embedding twice (shared + encoder) x 2 B; fp8 file = Linear x 1 B +
+    embedding once x 2 B. Attached, the embedding is fp32 once."""
+    linear, embed = t5.XXL_LINEAR_PARAMS, t5.XXL_EMBED_PARAMS
+    assert abs(linear * 2 + embed * 2 * 2 - sources(T5_FP16)[0].size) < 1e6
+    assert abs(linear + embed * 2 - sources(T5_FP8)[0].size) < 1e6
+    assert FP16 == linear * 2 + embed * 4 and FP8 == linear + embed * 4
 
 
 def test_choose_mode_says_why_and_rejects_unknown():
