@@ -367,6 +367,8 @@ def probe(session, url: str, timeout: tuple[float, float]) -> Remote:
                     sha256 = sha256 or _hex(etag, 64)
                 current = urljoin(current, headers["Location"])
                 continue
+            if response.status_code == 405:  # a mirror without HEAD: learn size and digest from the GET
+                return Remote(url, size, sha256, git_sha1, commit)
             _check_status(response, url)
             etag = _etag(headers.get("ETag"))
             if sha256 is None:
@@ -629,7 +631,10 @@ def fetch(sources: Sequence[KnownFile], dest: Path | str, *, endpoints: Sequence
         present = _present(dest, expected_size, sources[0], verify_existing)  # done while we waited?
         if present is not None:
             return present
-        if dest.exists():  # wrong size: keep its bytes as a resumable prefix, the digest judges them
+        if dest.exists() and expected_size is not None and dest.stat().st_size > expected_size:
+            raise FetchError(f"{dest} is a different file ({dest.stat().st_size} bytes, expected {expected_size}); "
+                             "it is left alone: move or rename it, then fetch again", manual)
+        if dest.exists():  # shorter: keep its bytes as a resumable prefix, the digest judges them
             log.warning("%s has %d bytes, expected %s: resuming it as a partial download",
                         dest, dest.stat().st_size, expected_size)
             if not part.exists() or part.stat().st_size < dest.stat().st_size:

@@ -33,6 +33,7 @@ class Faults:
     corrupt: bool = False  # the right length, wrong bytes
     lfs: bool = True  # redirect with X-Linked-* headers (LFS file) instead of a plain 200 with a git ETag
     advertise_sha256: str | None = None  # override the X-Linked-Etag the server claims
+    head: bool = True  # answer HEAD (some mirrors answer 405)
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -98,6 +99,10 @@ class HFMirror:
                 return None
 
             def do_HEAD(self) -> None:
+                if not mirror.faults.head:
+                    mirror.requests.append(("HEAD", self.path, None))
+                    self._plain(405, "Method Not Allowed")
+                    return
                 self._serve(body=False)
 
             def do_GET(self) -> None:

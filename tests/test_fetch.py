@@ -126,6 +126,14 @@ def test_repeated_drops_still_finish(tmp_path, mirror):
     assert dest.read_bytes() == DATA
 
 
+def test_mirror_without_head_still_downloads_and_verifies(tmp_path, mirror):
+    mirror.faults.head = False
+    mirror.faults.drop_at = (0.5,)
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.verified_by == "table sha256"
+
+
 def test_server_without_range_support_restarts_from_zero(tmp_path, mirror):
     mirror.faults.range = False
     mirror.faults.drop_at = (0.5,)
@@ -218,6 +226,14 @@ def test_truncated_file_at_destination_is_resumed(tmp_path, mirror):
     result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
     assert dest.read_bytes() == DATA
     assert result.resumed_from == SIZE // 3 and mirror.bytes_sent == SIZE - SIZE // 3
+
+
+def test_longer_file_at_destination_is_left_alone(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    dest.write_bytes(DATA + b"more")  # someone's other T5 variant under the same name
+    with pytest.raises(FetchError, match="different file"):
+        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA + b"more" and mirror.requests == []
 
 
 def test_part_from_crashed_run_is_resumed(tmp_path, mirror):
