@@ -9,6 +9,7 @@ dtype on every call), the embedding is built without a dtype, and the output is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import types
 from pathlib import Path
@@ -359,6 +360,31 @@ def test_clip_downloads_go_through_the_fetcher(webui, mirror):
     (webui.clip / CLIP_L).unlink()
     with pytest.raises(RuntimeError, match="SD3 needs clip_l.safetensors"):
         modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
+
+
+def test_file_with_only_shared_embedding_key_loads(webui, mirror):
+    """ComfyUI-made files may store the embedding only as ``shared.weight``."""
+    state = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in FP16_STATE.items()}
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(safetensors_bytes(state))
+    webui.t5.SOURCES[T5_FP16] = (dataclasses.replace(known(T5_FP16)[0], size=None),)
+    model = load_sd3(webui)
+    out, infotext = generate(webui, model)
+    assert infotext == "fp16"
+    torch.testing.assert_close(out, expected_output(FP16_STATE, ["a cat", "sign"]))
+
+
+def test_changing_the_setting_applies_at_next_generation(webui, mirror):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    model = load_sd3(webui)
+    assert generate(webui, model)[1] == "fp16"
+    webui.shared.opts.data["sd3_t5_mode"] = "fp8"
+    out, infotext = generate(webui, model)
+    assert infotext == "fp8" and mirror.requests == [], "the fp16 file serves fp8 without a download"
+    webui.shared.opts.data["sd3_t5_mode"] = "off"
+    out, infotext = generate(webui, model)
+    assert infotext == "off" and torch.count_nonzero(out) == 0
 
 
 def test_ui_builds_in_accordion(webui):

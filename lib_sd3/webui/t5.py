@@ -204,6 +204,11 @@ def _swaps() -> list[AttributeSwap]:
 
 
 # ------------------------------------------------------------------------------------------- attaching
+EMBEDDING_KEYS = ("encoder.embed_tokens.weight", "shared.weight")
+"""T5's token embedding under both names files use: A1111's T5 reads the first; ComfyUI-made files
+(the fp8 one is 4.89 GB: the embedding is stored once) may hold only the second."""
+
+
 class _LazyFile:
     """A safetensors file as a Mapping that reads one tensor at a time (peak RAM: one tensor)."""
 
@@ -211,8 +216,12 @@ class _LazyFile:
         self.handle = handle
 
     def items(self):
-        for key in self.handle.keys():
+        keys = list(self.handle.keys())
+        for key in keys:
             yield key, self.handle.get_tensor(key)
+        wanted, alias = EMBEDDING_KEYS
+        if wanted not in keys and alias in keys:
+            yield wanted, self.handle.get_tensor(alias)
 
 
 def build_t5(path: Path, fp8: bool) -> Any:
@@ -235,11 +244,23 @@ def build_t5(path: Path, fp8: bool) -> Any:
     return model
 
 
+def _to_device(output: Any, device: Any) -> Any:
+    if device is None:
+        return output
+    if isinstance(output, tuple | list):
+        return type(output)(_to_device(item, device) for item in output)
+    return output.to(device) if hasattr(output, "to") else output
+
+
 def _guard_finite(model: Any) -> None:
+    """Recompute non-finite output wider (infotext notes it), and hand the output over on
+    ``devices.device``: with --medvram A1111's hooks do not know this late-attached T5, so it may
+    compute on the CPU while CLIP's output, which it is concatenated with, is on the GPU."""
     original = model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         device = next(model.parameters()).device.type
+        target = getattr(_module("modules.devices"), "device", None)
         encoded = t5_lib.encode_finite(lambda: original(*args, **kwargs), device)
         if encoded.recomputed_in:
             with _lock:
@@ -247,7 +268,7 @@ def _guard_finite(model: Any) -> None:
             p = _current_p() if _current_p is not None else None
             if p is not None:
                 p.extra_generation_params[INFOTEXT] = f"{infotext_value()} (recomputed in {encoded.recomputed_in})"
-        return encoded.output
+        return _to_device(encoded.output, target)
 
     model.forward = forward
 
@@ -409,6 +430,8 @@ def process(p: Any, _args: dict[str, Any]) -> None:
     global _current_p
     if not model_is_sd3(getattr(p, "sd_model", None)):
         return
+    if STATUS.requested != requested_mode():  # the setting changed since the last decision: apply it now
+        refresh(p.sd_model)
     try:
         _current_p = weakref.ref(p)  # the infotext of the generation being encoded, not kept alive by us
     except TypeError:
