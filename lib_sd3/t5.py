@@ -137,8 +137,8 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict:
     """Load ``state_dict`` into ``model``; Linear weights keep the file's dtype (or become fp8).
 
     With ``fp8``, every ``nn.Linear`` weight is stored as float8_e4m3fn (converted if the file
-    has fp16; except layers the model lists in ``_keep_in_fp32_modules``) and its forward upcasts
-    per call; every other tensor (embeddings, layer norms,
+    has fp16; except layers the model lists in ``_keep_in_fp32_modules``); every Linear's forward
+    casts its weight to the input's dtype per call; every other tensor (embeddings, layer norms,
     relative attention bias) takes the model's own dtype, because embedding lookups and norms
     have no fp8 kernels and are a small share of the bytes. Returns ``load_state_dict``'s result.
     """
@@ -171,10 +171,11 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict:
         for other in names[1:]:
             owner, _, attr = other.rpartition(".")
             setattr(model.get_submodule(owner), attr, first)
-    for key, module in linear_weights.items():
+    for module in linear_weights.values():
         module.weight.requires_grad_(False)
-        if key in own and module.weight.dtype != own[key].dtype:  # stored narrower than it computes
-            module.forward = types.MethodType(_upcast_linear_forward, module)
+        # Every Linear casts its weight to the activations' dtype: A1111's early T5 uses plain
+        # nn.Linear and runs fp32 activations (or autocast) against whatever the file held.
+        module.forward = types.MethodType(_upcast_linear_forward, module)
     return result
 
 

@@ -435,3 +435,51 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
         snapshot = t5_lib.cached_snapshot(tmp_path / "hub", repo, tokenizer_files(repo))
         assert snapshot is not None
         assert (snapshot / "tokenizer_config.json").read_bytes() == f"{repo}/tokenizer_config.json".encode()
+
+
+@pytest.mark.webui
+@pytest.mark.parametrize("env", ["WEBUI_ROOT", "WEBUI_ROOT_EARLY"])
+def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
+    """Opt-in: our meta-build + dtype-keeping load on A1111's own T5XXLModel (its other_impls.py,
+    run as is with a stand-in sd_hijack): fp16 must equal A1111's own loading exactly."""
+    import importlib.util
+    import os
+
+    from safetensors.torch import save_file
+
+    root = os.environ.get(env)
+    if not root:
+        pytest.skip(f"opt-in: set {env} to an A1111 checkout")
+    fake_webui.module("modules.sd_hijack", TextualInversionEmbeddings=lambda *a, textual_inversion_key=None, **k:
+                      torch.nn.Embedding(*a, **k))
+    fake_webui.module("modules.devices", dtype=torch.float16, device=torch.device("cpu"))
+    fake_webui.module("modules.models.sd3")
+    spec = importlib.util.spec_from_file_location("modules.models.sd3.other_impls",
+                                                  f"{root}/modules/models/sd3/other_impls.py")
+    other = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = other
+    spec.loader.exec_module(other)
+    config = {"d_ff": 64, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 100}
+    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=type("SD3Cond", (), {}), T5_CONFIG=config)
+    torch.manual_seed(0)
+    reference = other.T5XXLModel(config, device="cpu", dtype=torch.float32)
+    for parameter in reference.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    state = {k: v.half() for k, v in reference.transformer.state_dict().items()}
+    save_file(state, str(tmp_path / T5_FP16))
+    reference.transformer.load_state_dict({k: v.float() for k, v in state.items()})
+
+    from lib_sd3.webui import t5 as t5_webui
+
+    tokens = [[5, 6, 7, 1, 0, 0]]
+    with torch.no_grad():
+        want = reference(tokens)[0]
+        fp16 = t5_webui.build_t5(tmp_path / T5_FP16, fp8=False)
+        torch.testing.assert_close(fp16(tokens)[0], want, rtol=0, atol=0)
+        fp8 = t5_webui.build_t5(tmp_path / T5_FP16, fp8=True)
+        assert {p.dtype for n, p in fp8.named_parameters() if n.endswith(".q.weight")} == {torch.float8_e4m3fn}
+        cosine = torch.nn.functional.cosine_similarity(fp8(tokens)[0].flatten(), want.flatten(), dim=0)
+        assert cosine > 0.99
+        assert t5_lib.parameter_bytes(fp8) < t5_lib.parameter_bytes(fp16)
