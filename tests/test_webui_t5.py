@@ -382,9 +382,12 @@ def test_changing_the_setting_applies_at_next_generation(webui, mirror):
     webui.shared.opts.data["sd3_t5_mode"] = "fp8"
     out, infotext = generate(webui, model)
     assert infotext == "fp8" and mirror.requests == [], "the fp16 file serves fp8 without a download"
-    webui.shared.opts.data["sd3_t5_mode"] = "off"
+    assert webui.t5.status()["requested"] == "fp8"
+    webui.shared.opts.data["sd3_t5_mode"] = "off (downloading 42%)"  # as pasted from an infotext
     out, infotext = generate(webui, model)
     assert infotext == "off" and torch.count_nonzero(out) == 0
+    webui.shared.opts.data["sd3_t5_mode"] = "garbage"
+    assert webui.t5.requested_mode() == "auto"
 
 
 def test_ui_builds_in_accordion(webui):

@@ -51,7 +51,7 @@ TOKENIZER_FETCH = {"max_attempts": 1, "backoff": 0.0, "timeout": (5.0, 15.0)}  #
 class T5Status:
     """What ``GET /sd3/t5`` reports; one instance, guarded by ``lock``."""
 
-    requested: str = "auto"
+    decided_for: str | None = None  # the requested mode the last decision was made for
     mode: str = "off"  # what is attached now: fp16 | fp8 | off
     reason: str = "no SD3 model loaded yet"
     loaded_file: str | None = None
@@ -79,7 +79,10 @@ def _module(name: str) -> Any | None:
 
 
 def requested_mode() -> str:
-    return flag("sd3_t5") or settings.get("sd3_t5_mode")
+    """``--sd3-t5``, else the setting. A pasted infotext may set the setting to what a generation
+    recorded (``off (downloading 42%)``, ``fp16 (recomputed in bf16)``): its first word is the mode."""
+    value = str(flag("sd3_t5") or settings.get("sd3_t5_mode") or "auto").split(" ", 1)[0]
+    return value if value in t5_lib.MODES else "auto"
 
 
 def fetch_allowed() -> bool:
@@ -103,8 +106,8 @@ def _complete(name: str) -> bool:
 
 def status() -> dict[str, Any]:
     with _lock:
-        STATUS.requested = requested_mode()
         out = dataclasses.asdict(STATUS)
+    out["requested"] = requested_mode()
     out["fetch_allowed"] = fetch_allowed()
     out["endpoints"] = endpoints()
     out["files"] = {name: _complete(name) for name in (T5_FP16, T5_FP8)}
@@ -324,7 +327,7 @@ def refresh(sd_model: Any | None = None, queued: bool = False) -> None:
     choice = t5_lib.choose_mode(requested, ram, vram)
     plan = t5_lib.plan_files(choice.mode, {name for name in (T5_FP16, T5_FP8) if _complete(name)})
     with _lock:
-        STATUS.requested, STATUS.reason = requested, choice.reason
+        STATUS.decided_for, STATUS.reason = requested, choice.reason
     log.info("T5: %s", choice.reason)
     want = (plan.load, "fp8" if plan.fp8 else "fp16")
     if plan.load is None:
@@ -430,7 +433,7 @@ def process(p: Any, _args: dict[str, Any]) -> None:
     global _current_p
     if not model_is_sd3(getattr(p, "sd_model", None)):
         return
-    if STATUS.requested != requested_mode():  # the setting changed since the last decision: apply it now
+    if STATUS.decided_for != requested_mode():  # the setting changed since the last decision: apply it now
         refresh(p.sd_model)
     try:
         _current_p = weakref.ref(p)  # the infotext of the generation being encoded, not kept alive by us
