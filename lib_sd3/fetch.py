@@ -347,30 +347,32 @@ def _check_status(response, what: str) -> None:
 
 
 def probe(session, url: str, timeout: tuple[float, float]) -> Remote:
-    """HEAD the resolve URL, following redirects by hand so the Hub's ``X-Linked-*`` headers are seen."""
+    """HEAD the resolve URL, following redirects by hand so the Hub's ``X-Linked-*`` headers are seen.
+
+    An ``ETag`` is read as a digest only where the Hub sets it: on the resolve URL's own answer
+    (a sha256 for LFS files, the git blob sha1 for small files). A CDN's ETag after a redirect is
+    its own business (often an MD5) and is ignored.
+    """
     import requests
 
     size = sha256 = git_sha1 = commit = None
     current = url
     try:
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
             response = session.head(current, allow_redirects=False, timeout=timeout)
             headers = response.headers
-            linked = _hex(_etag(headers.get("X-Linked-Etag")), 64)
-            sha256 = sha256 or linked
+            sha256 = sha256 or _hex(_etag(headers.get("X-Linked-Etag")), 64)
             if size is None and headers.get("X-Linked-Size", "").isdigit():
                 size = int(headers["X-Linked-Size"])
             commit = commit or headers.get("X-Repo-Commit")
+            etag = _etag(headers.get("ETag")) if hop == 0 else None
             if response.is_redirect or response.status_code in (301, 302, 303, 307, 308):
-                if git_sha1 is None and not linked:
-                    etag = _etag(headers.get("ETag"))
-                    sha256 = sha256 or _hex(etag, 64)
+                sha256 = sha256 or _hex(etag, 64)
                 current = urljoin(current, headers["Location"])
                 continue
             if response.status_code == 405:  # a mirror without HEAD: learn size and digest from the GET
                 return Remote(url, size, sha256, git_sha1, commit)
             _check_status(response, url)
-            etag = _etag(headers.get("ETag"))
             if sha256 is None:
                 sha256 = _hex(etag, 64)
                 git_sha1 = None if sha256 else _hex(etag, 40)
