@@ -45,6 +45,7 @@ class HFMirror:
 
     def __init__(self) -> None:
         self.files: dict[tuple[str, str], bytes] = {}
+        self._digests: dict[tuple[str, str], tuple[str, str]] = {}  # computed once: hashing is not serving
         self.faults = Faults()
         self.bytes_sent = 0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -61,6 +62,7 @@ class HFMirror:
 
     def add(self, repo: str, path: str, data: bytes) -> None:
         self.files[(repo, path)] = data
+        self._digests[(repo, path)] = (hashlib.sha256(data).hexdigest(), git_blob_sha1(data))
 
     def __enter__(self) -> HFMirror:
         self._thread.start()
@@ -94,6 +96,7 @@ class HFMirror:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls that a real server would not add
 
             def log_message(self, *args) -> None:  # keep test output clean
                 return None
@@ -108,16 +111,16 @@ class HFMirror:
             def do_GET(self) -> None:
                 self._serve(body=True)
 
-            def _lookup(self) -> tuple[str, bytes | None, bool]:
+            def _lookup(self) -> tuple[tuple[str, str] | None, bytes | None, bool]:
                 path = unquote(self.path.split("?")[0])
                 cdn = path.startswith("/cdn/")
                 if cdn:
                     path = path[4:]
                 parts = path.lstrip("/").split("/")
                 if len(parts) < 5 or parts[2] != "resolve":
-                    return path, None, cdn
-                repo, file_path = "/".join(parts[:2]), "/".join(parts[4:])
-                return path, mirror.files.get((repo, file_path)), cdn
+                    return None, None, cdn
+                key = ("/".join(parts[:2]), "/".join(parts[4:]))
+                return key, mirror.files.get(key), cdn
 
             def _plain(self, code: int, text: str, content_type: str = "text/plain", extra: dict | None = None) -> None:
                 body = text.encode()
@@ -138,14 +141,15 @@ class HFMirror:
                     extra = {"Retry-After": str(faults.retry_after)} if faults.retry_after is not None else {}
                     self._plain(status, f"error {status}", extra=extra)
                     return
-                path, data, cdn = self._lookup()
+                key, data, cdn = self._lookup()
                 if data is None:
                     self._plain(404, "Entry not found")
                     return
                 if faults.html:
                     self._plain(200, "<html><body>Mirror maintenance</body></html>", "text/html; charset=utf-8")
                     return
-                sha = faults.advertise_sha256 or hashlib.sha256(data).hexdigest()
+                sha256, git_sha1 = mirror._digests[key]
+                sha = faults.advertise_sha256 or sha256
                 if faults.lfs and not cdn:
                     self.send_response(302)
                     self.send_header("Location", "/cdn" + self.path)
@@ -174,7 +178,7 @@ class HFMirror:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(data) - start))
                 if not faults.lfs:
-                    self.send_header("ETag", f'"{git_blob_sha1(data)}"')
+                    self.send_header("ETag", f'"{git_sha1}"')
                     self.send_header("X-Repo-Commit", COMMIT)
                 self.end_headers()
                 if not body:
