@@ -26,6 +26,8 @@ class Faults:
     range: bool = True  # honour Range requests
     rate: float | None = None  # bytes/s per connection
     drop_at: tuple[float, ...] = ()  # each GET drops the connection at the next of these fractions, once
+    stall_at: tuple[float, ...] = ()  # each GET goes silent at the next of these fractions, once...
+    stall_s: float = 5.0  # ...for this long, then closes
     status: int | None = None  # answer every request (HEAD and GET) with this status...
     status_times: int = 10**9  # ...this many times, then serve normally
     retry_after: float | None = None  # Retry-After seconds sent with 429/503
@@ -83,12 +85,12 @@ class HFMirror:
                 return self.faults.status
         return None
 
-    def _take_drop(self) -> float | None:
+    def _take(self, name: str) -> float | None:
         with self._lock:
-            if self.faults.drop_at:
-                first, *rest = self.faults.drop_at
-                self.faults.drop_at = tuple(rest)
-                return first
+            pending = getattr(self.faults, name)
+            if pending:
+                setattr(self.faults, name, tuple(pending[1:]))
+                return pending[0]
         return None
 
     def _handler(self):
@@ -183,10 +185,13 @@ class HFMirror:
                 self.end_headers()
                 if not body:
                     return
-                drop = mirror._take_drop()
-                stop = len(data) if drop is None else max(start, int(drop * len(data)))
+                drop, stall = mirror._take("drop_at"), mirror._take("stall_at")
+                cut = drop if drop is not None else stall
+                stop = len(data) if cut is None else max(start, int(cut * len(data)))
                 self._send(data, start, stop, faults.rate)
-                if drop is not None:
+                if stall is not None:
+                    time.sleep(faults.stall_s)
+                if cut is not None:
                     self.close_connection = True
                     self.connection.close()
 

@@ -119,6 +119,16 @@ def test_dropped_connection_resumes_where_it_stopped(tmp_path, mirror, fraction)
     assert result.downloaded == SIZE
 
 
+def test_stalled_stream_times_out_and_resumes(tmp_path, mirror):
+    mirror.faults.stall_at, mirror.faults.stall_s = (0.5,), 3.0
+    dest = tmp_path / "t5.safetensors"
+    started = time.monotonic()
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], backoff=0.01, timeout=(1.0, 0.3))
+    assert dest.read_bytes() == DATA and time.monotonic() - started < 2.5, "the read timeout cut the stall short"
+    assert any(r for m, _, r in mirror.requests if m == "GET" and r), "resumed with a Range"
+    assert result.downloaded == SIZE
+
+
 def test_repeated_drops_still_finish(tmp_path, mirror):
     mirror.faults.drop_at = (0.2, 0.4, 0.6, 0.8)
     dest = tmp_path / "t5.safetensors"
