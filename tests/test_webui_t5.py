@@ -356,6 +356,9 @@ def test_clip_downloads_go_through_the_fetcher(webui, mirror):
     path = modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
     assert Path(path).read_bytes() == FILES[CLIP_L] and webui.ui.original_downloads == []
     assert modelloader.load_file_from_url("https://example.com/x.pth", model_dir="/tmp") == "orig"
+    (webui.clip / CLIP_L).write_bytes(b"a user's own clip_l")  # used as is, like A1111 does
+    assert Path(modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)).read_bytes() == \
+        b"a user's own clip_l"
     mirror.faults.status = 404
     (webui.clip / CLIP_L).unlink()
     with pytest.raises(RuntimeError, match="SD3 needs clip_l.safetensors"):

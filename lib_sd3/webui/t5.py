@@ -188,8 +188,14 @@ def _load_file_from_url(original):
         name = file_name or os.path.basename(url.split("?")[0])
         if model_dir is None or name not in (CLIP_L, CLIP_G) or "/resolve/" not in url:
             return original(url, *args, model_dir=model_dir, file_name=file_name, **kwargs)
+        dest = Path(model_dir) / name
+        if dest.is_file():  # as A1111 does: a file the user put there is theirs to choose
+            if SOURCES[name][0].size not in (None, dest.stat().st_size):
+                log.warning("%s is %d bytes, not the known %d: using it anyway", dest, dest.stat().st_size,
+                            SOURCES[name][0].size)
+            return str(dest)
         try:
-            result = fetcher.fetch(SOURCES[name], Path(model_dir) / name, endpoints=endpoints(),
+            result = fetcher.fetch(SOURCES[name], dest, endpoints=endpoints(),
                                    offline=not fetch_allowed(), progress=_console_progress(name), **FETCH_OPTIONS)
         except fetcher.FetchError as error:
             raise RuntimeError(f"SD3 needs {name}: {error}") from None
