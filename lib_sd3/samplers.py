@@ -423,3 +423,20 @@ class NanGuard:
             return ""
         names = sorted({r.precision for r in self.recoveries})
         return f"{len(self.recoveries)} recovered ({', '.join(names)})"
+
+
+def describe_step(sampler: str, sigmas: torch.Tensor, sigma: torch.Tensor | float) -> str:
+    """``sampler DDIM, step 3/20, sigma 0.8421``: the step is the schedule entry nearest to sigma."""
+    level = float(torch.as_tensor(sigma).flatten()[0])
+    step = int(torch.argmin((sigmas.double() - level).abs()))
+    return f"sampler {sampler}, step {step + 1}/{len(sigmas) - 1}, sigma {level:.4g}"
+
+
+def guarded_denoiser(model: Callable[..., torch.Tensor], guard: NanGuard, sampler: str,
+                     sigmas: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``model`` behind ``guard``; a failure names the sampler, the step and the sigma."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return guard(model, x, sigma, what="SD3 denoiser", where=lambda: describe_step(sampler, sigmas, sigma), **kwargs)
+
+    return denoise
