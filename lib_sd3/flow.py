@@ -207,3 +207,39 @@ def align_your_steps(n: int) -> torch.Tensor:
 
 AYS_DESCRIPTION = "AYS SD1.5 levels mapped by log-SNR s=sigma/(1+sigma), start 1.0"
 """What the infotext says was used for Align Your Steps on SD3."""
+
+
+SCHEDULE_NAMES = ("automatic", "uniform", "normal", "sgm_uniform", "simple", "ddim", "karras", "exponential",
+                  "polyexponential", "kl_optimal", "beta", "align_your_steps")
+"""A1111's scheduler names (sd_schedulers.py) that have a flow form here."""
+
+
+def schedule(name: str, n: int, sigma_min: float, sigma_max: float, shift: float = SD3_SHIFT,
+             rho: float | None = None, beta_alpha: float = 0.6, beta_beta: float = 0.6) -> torch.Tensor:
+    """The flow form of A1111's scheduler ``name`` (a name from :data:`SCHEDULE_NAMES`)."""
+    if name in ("automatic", "uniform", "normal"):
+        return shifted(n, sigma_min, sigma_max, shift)
+    if name == "sgm_uniform":
+        return sgm_uniform(n, sigma_min, sigma_max, shift)
+    if name == "simple":
+        return simple(n, shift)
+    if name == "ddim":
+        return ddim_uniform(n, shift)
+    if name == "karras":
+        return karras(n, sigma_min, sigma_max, 7.0 if rho is None else rho)
+    if name == "exponential":
+        return exponential(n, sigma_min, sigma_max)
+    if name == "polyexponential":
+        return polyexponential(n, sigma_min, sigma_max, 1.0 if rho is None else rho)
+    if name == "kl_optimal":
+        return kl_optimal(n, sigma_min, sigma_max)
+    if name == "beta":
+        return beta(n, sigma_min, sigma_max, shift, beta_alpha, beta_beta)
+    if name == "align_your_steps":
+        return align_your_steps(n)
+    raise ScheduleError(f"no flow form for scheduler {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
+
+
+def describe_schedule(name: str) -> str:
+    """Infotext text for the flow schedule used (AYS says which heuristic it is)."""
+    return AYS_DESCRIPTION if name == "align_your_steps" else f"{name} in flow space (0,1]"

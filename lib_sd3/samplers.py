@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,22 @@ EDM_CAP = 1e-4
 The start then differs from pure noise by O(1e-4) in the signal weight, far below what sampling sees."""
 
 NoiseSampler = Callable[[Any, Any], torch.Tensor]
+
+
+def seeded_randn_like(x: torch.Tensor) -> torch.Tensor:
+    """Noise from ``k_diffusion.sampling.torch``, which A1111 points at its per-image seeded generator, so a
+    seed gives the same image at any batch size; plain torch where k-diffusion is not installed."""
+    try:
+        import k_diffusion.sampling
+    except ImportError:
+        return torch.randn_like(x)
+    return k_diffusion.sampling.torch.randn_like(x).to(x)
+
+
+def edm_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for the EDM-space state: near s = 1 it is ~1e4 times the latent, and float32 steps there
+    lose the digits the next step amplifies back (DPM2 a on a float32 latent: garbage). MPS has no float64."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 def _noise_sampler(x: torch.Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
@@ -63,11 +80,15 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
     as a flow latent. The wrapper keeps the sampler's signature (A1111 inspects it to pick kwargs).
     """
 
+    eta_param = inspect.signature(sampler).parameters.get("eta")
+    eta_default = eta_param.default if eta_param is not None else 0.0
+
     @functools.wraps(sampler)
     def flow_sampler(model, x, *args, extra_args=None, callback=None, disable=None, **kwargs):
         if args:
             raise TypeError(f"{sampler.__name__} in EDM space takes sigmas and the rest by keyword")
         top = 1.0 - EDM_CAP
+        from_pure_noise = "sigmas" in kwargs and float(kwargs["sigmas"][0]) >= top
         if "sigmas" in kwargs:
             flow = kwargs["sigmas"].clamp(max=top)
             kwargs["sigmas"] = flow_to_edm_sigma(flow)
@@ -79,9 +100,12 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
         if flow_noise is not None:  # e.g. A1111's Brownian tree, built over flow levels
             kwargs["noise_sampler"] = lambda s, s_next: flow_noise(edm_to_flow_sigma(s), edm_to_flow_sigma(s_next))
 
+        dtype = x.dtype
+
         def edm_model(x_edm, sigma, **model_kwargs):
             sigma_b = sigma.reshape(-1, *([1] * (x_edm.ndim - 1)))
-            return model(x_edm / (1 + sigma_b), edm_to_flow_sigma(sigma), **model_kwargs)
+            flow_x = (x_edm / (1 + sigma_b)).to(dtype)
+            return model(flow_x, edm_to_flow_sigma(sigma).to(dtype), **model_kwargs).to(x_edm.dtype)
 
         def edm_callback(info: dict) -> None:
             level = info.get("sigma_hat", info.get("sigma"))
@@ -92,10 +116,28 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
                 out["sigma_hat"] = edm_to_flow_sigma(level)
             callback(out)
 
-        x_edm = x / (1 - start)
+        work = edm_dtype(x)
+        if from_pure_noise and len(flow) > 2:
+            # From pure noise (s = 1, sigma_edm = inf) no EDM step is well posed: a midpoint or multistep
+            # method would extrapolate across ~1e4 in sigma. The first step is the exact flow one instead
+            # (DDIM with the sampler's eta: fresh noise for ancestral samplers), the rest runs in EDM space.
+            eta = kwargs.get("eta", eta_default)
+            denoised = model(x, flow[:1].to(dtype).expand(x.shape[0]), **(extra_args or {}))
+            if callback is not None:
+                callback({"x": x, "i": 0, "sigma": flow[0], "sigma_hat": flow[0], "denoised": denoised})
+            s_noise = kwargs.get("s_noise", 1.0)
+            first_noise = flow_noise if flow_noise is not None else (lambda _s, _s_next: seeded_randn_like(x))
+            x = ddim_step(x, 1.0, float(flow[1]), denoised, denoised, eta,
+                          lambda a, b: s_noise * first_noise(flow[0], flow[1]))
+            flow, start = flow[1:], float(flow[1])
+            kwargs["sigmas"] = flow_to_edm_sigma(flow)
+            callback = (lambda info, outer=callback: outer({**info, "i": info["i"] + 1})) if callback else None
+        if "sigmas" in kwargs:
+            kwargs["sigmas"] = kwargs["sigmas"].to(work)
+        x_edm = x.to(work) / (1 - start)
         out = sampler(edm_model, x_edm, extra_args=extra_args, callback=edm_callback if callback else None,
                       disable=disable, **kwargs)
-        return out / (1 + flow_to_edm_sigma(end))
+        return (out / (1 + flow_to_edm_sigma(end))).to(dtype)
 
     flow_sampler.__sd3_edm__ = True
     return flow_sampler
