@@ -71,13 +71,15 @@ def _iter(n: int, disable: bool | None):
 # Any k-diffusion sampler, run in EDM space
 
 
-def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = False) -> Callable[..., torch.Tensor]:
     """Wrap a VE/EDM k-diffusion sampler so that it samples a flow model exactly.
 
     Inputs in flow space (x at level ``sigmas[0]``, flow ``sigmas`` / ``sigma_min`` / ``sigma_max``,
     a flow ``noise_sampler``) are converted to EDM space, the unchanged sampler runs there against
     D_edm(x_edm, sigma) = D_flow(x_edm / (1 + sigma), sigma / (1 + sigma)), and the result comes back
     as a flow latent. The wrapper keeps the sampler's signature (A1111 inspects it to pick kwargs).
+    ``second_order``: the sampler calls the model twice per step (DPM2 a, DPM++ 2S a, DPM++ SDE,
+    Restart); the exact first step from pure noise then does too, so the call count stays A1111's.
     """
 
     eta_param = inspect.signature(sampler).parameters.get("eta")
@@ -123,6 +125,9 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
             # (DDIM with the sampler's eta: fresh noise for ancestral samplers), the rest runs in EDM space.
             eta = kwargs.get("eta", eta_default)
             denoised = model(x, flow[:1].to(dtype).expand(x.shape[0]), **(extra_args or {}))
+            if second_order:  # trapezoid in rho = 1/s between s = 1 and s_1, as PLMS's first step
+                x_pred = float(flow[1]) * x + (1 - float(flow[1])) * denoised
+                denoised = (denoised + model(x_pred, flow[1:2].to(dtype).expand(x.shape[0]), **(extra_args or {}))) / 2
             if callback is not None:
                 callback({"x": x, "i": 0, "sigma": flow[0], "sigma_hat": flow[0], "denoised": denoised})
             s_noise = kwargs.get("s_noise", 1.0)

@@ -93,9 +93,9 @@ def injects_noise(func: Callable[..., Any], label: str) -> bool:
     return label == "Restart" or "eta" in params or "noise_sampler" in params
 
 
-def churn_aware(func: Callable[..., Any]) -> Callable[..., Any]:
+def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callable[..., Any]:
     """Euler / Heun / DPM2: exact as they are, but s_churn > 0 adds VE noise, so churn runs in EDM space."""
-    in_edm = flow_samplers.in_edm_space(func)
+    in_edm = flow_samplers.in_edm_space(func, second_order)
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -104,12 +104,12 @@ def churn_aware(func: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def flow_form(func: Callable[..., Any], label: str) -> tuple[Callable[..., Any], str]:
+def flow_form(func: Callable[..., Any], label: str, second_order: bool = False) -> tuple[Callable[..., Any], str]:
     """(the sampler to run on SD3, a short description for the infotext)."""
     if injects_noise(func, label):
-        return flow_samplers.in_edm_space(func), f"{label} in EDM space"
+        return flow_samplers.in_edm_space(func, second_order), f"{label} in EDM space"
     if "s_churn" in inspect.signature(func).parameters:
-        return churn_aware(func), f"{label} (flow ODE; churn in EDM space)"
+        return churn_aware(func, second_order), f"{label} (flow ODE; churn in EDM space)"
     return func, f"{label} (flow ODE)"
 
 
@@ -215,7 +215,7 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
                 return sampler
             note = label
             if current().flow and label not in TIMESTEP_ROUTES:
-                func, note = flow_form(func, label)
+                func, note = flow_form(func, label, bool(getattr(config, "options", {}).get("second_order")))
             sampler.func = func
         sampler.func = in_generation(sampler, sampler.func, label, note)
         return sampler
