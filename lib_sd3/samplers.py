@@ -90,7 +90,8 @@ def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = Fals
         if args:
             raise TypeError(f"{sampler.__name__} in EDM space takes sigmas and the rest by keyword")
         top = 1.0 - EDM_CAP
-        from_pure_noise = "sigmas" in kwargs and float(kwargs["sigmas"][0]) >= top
+        given = kwargs.get("sigmas")
+        from_pure_noise = given is not None and float(given[0]) >= top
         if "sigmas" in kwargs:
             flow = kwargs["sigmas"].clamp(max=top)
             kwargs["sigmas"] = flow_to_edm_sigma(flow)
@@ -124,16 +125,16 @@ def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = Fals
             # method would extrapolate across ~1e4 in sigma. The first step is the exact flow one instead
             # (DDIM with the sampler's eta: fresh noise for ancestral samplers), the rest runs in EDM space.
             eta = kwargs.get("eta", eta_default)
-            denoised = model(x, flow[:1].to(dtype).expand(x.shape[0]), **(extra_args or {}))
+            denoised = model(x, given[:1].to(dtype).expand(x.shape[0]), **(extra_args or {}))
             if second_order:  # trapezoid in rho = 1/s between s = 1 and s_1, as PLMS's first step
                 x_pred = float(flow[1]) * x + (1 - float(flow[1])) * denoised
                 denoised = (denoised + model(x_pred, flow[1:2].to(dtype).expand(x.shape[0]), **(extra_args or {}))) / 2
             if callback is not None:
-                callback({"x": x, "i": 0, "sigma": flow[0], "sigma_hat": flow[0], "denoised": denoised})
+                callback({"x": x, "i": 0, "sigma": given[0], "sigma_hat": given[0], "denoised": denoised})
             s_noise = kwargs.get("s_noise", 1.0)
             first_noise = flow_noise if flow_noise is not None else (lambda _s, _s_next: seeded_randn_like(x))
             x = ddim_step(x, 1.0, float(flow[1]), denoised, denoised, eta,
-                          lambda a, b: s_noise * first_noise(flow[0], flow[1]))
+                          lambda a, b: s_noise * first_noise(given[0], given[1]))
             flow, start = flow[1:], float(flow[1])
             kwargs["sigmas"] = flow_to_edm_sigma(flow)
             callback = (lambda info, outer=callback: outer({**info, "i": info["i"] + 1})) if callback else None

@@ -216,7 +216,8 @@ def test_edm_wrapper_keeps_signature_and_call_count(problem):
         assert wrapped_calls == oracle.calls, sampler.__name__
     seen = []
     wrapped(oracle, x1.clone(), sigmas=sigmas, disable=True, callback=seen.append)
-    assert [float(d["sigma"]) for d in seen] == pytest.approx(sigmas[:-1].clamp(max=1 - S.EDM_CAP).tolist(), rel=1e-9)
+    assert [float(d["sigma"]) for d in seen] == pytest.approx(sigmas[:-1].tolist(), rel=1e-9)  # flow levels back
+    assert [d["i"] for d in seen] == list(range(10))
 
 
 # --- NaN guard ------------------------------------------------------------------------------------------
