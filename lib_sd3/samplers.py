@@ -51,7 +51,7 @@ def edm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _noise_sampler(x: torch.Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
-    return noise_sampler if noise_sampler is not None else (lambda _s, _s_next: torch.randn_like(x))
+    return noise_sampler if noise_sampler is not None else (lambda _s, _s_next: seeded_randn_like(x))
 
 
 def _last(items: list, k: int) -> list:

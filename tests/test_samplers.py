@@ -310,3 +310,26 @@ def test_restart_noise_is_exact_in_edm_space(noise_problem):
     assert abs(mean) < MEAN_TOL and abs(var) < VAR_TOL, (mean, var)
     _, raw_var = moments_error(restart_like(oracle, x1.clone(), sigmas=sigmas), oracle)
     assert abs(raw_var) > 0.15, raw_var  # measured 31 %: more than 10 standard errors off
+
+
+def test_fresh_noise_comes_from_a1111s_seeded_generator(monkeypatch, problem):
+    """A1111 replaces k_diffusion.sampling.torch by its per-image RNG (TorchHijack) so that a seed gives the same
+    image at any batch size; our samplers must draw there too, not from torch's global generator."""
+    oracle, x1 = problem
+    drawn = []
+
+    class Hijack:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def randn_like(self, x):
+            drawn.append(x.shape)
+            return torch.zeros_like(x)
+
+    monkeypatch.setattr(ks, "torch", Hijack())
+    sigmas = flow.shifted(6).double()
+    S.sample_flow_ddim(oracle, x1.clone(), sigmas=sigmas, eta=1.0, disable=True)
+    assert len(drawn) == 5  # every step but the last (to s = 0) adds noise
+    drawn.clear()
+    S.in_edm_space(ks.sample_euler_ancestral)(oracle, x1.clone(), sigmas=sigmas, disable=True)
+    assert len(drawn) == 5  # the exact first step included

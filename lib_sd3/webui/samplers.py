@@ -136,12 +136,11 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
 
     - img2img on A1111s that noise with x + sigma * noise (no ``add_noise_to_latent``, the early SD3
       branch): subtract sigma * x so the start is the flow latent (1 - s) x + s noise;
-    - A1111's seeded noise for our own samplers' fresh noise (k-diffusion's use it already);
     - the step context for the NaN guard's error, and the infotext afterwards.
+    Fresh noise needs nothing here: our samplers, like k-diffusion's, draw it from
+    ``k_diffusion.sampling.torch``, which A1111 points at its per-image seeded generator.
     """
     from modules import shared
-
-    takes_noise = "noise_sampler" in inspect.signature(func).parameters
 
     @functools.wraps(func)
     def run(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -150,8 +149,6 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
         init = getattr(getattr(sampler, "model_wrap_cfg", None), "init_latent", None)
         if flow_run and init is not None and not hasattr(shared.sd_model, "add_noise_to_latent"):
             x = x - _first_sigma(kwargs) * init
-        if flow_run and takes_noise and kwargs.get("noise_sampler") is None and _ours(func):
-            kwargs["noise_sampler"] = seeded_noise(x)
         generation.sampler = label
         generation.sigmas = kwargs.get("sigmas")
         try:
@@ -163,18 +160,6 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
             generation.sigmas = None
 
     return run
-
-
-def _ours(func: Callable[..., Any]) -> bool:
-    """Our flow samplers draw noise with torch directly; k-diffusion's go through A1111's hijack already."""
-    return getattr(inspect.unwrap(func), "__module__", "") == flow_samplers.__name__
-
-
-def seeded_noise(x: Any) -> Callable[[Any, Any], Any]:
-    """A1111 swaps ``k_diffusion.sampling.torch`` for its per-seed generator; draw from it too."""
-    import k_diffusion.sampling
-
-    return lambda _s, _s_next: k_diffusion.sampling.torch.randn_like(x)
 
 
 def write_infotext(p: Any, generation: Generation, note: str) -> None:
