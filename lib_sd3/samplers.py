@@ -434,7 +434,13 @@ class NanGuard:
     """Call a model; if its output is non-finite, recompute it up a precision ladder, else raise.
 
     Cost without NaNs: one ``isfinite(...).all()`` per call. Used for the SD3 denoiser and for T5
-    (fp16 T5 overflows); ``recoveries`` records each rescue for the infotext.
+    (fp16 T5 overflows); ``recoveries`` records each rescue for the infotext. For a text encoder::
+
+        guard = NanGuard(hint="Try the T5 setting fp8 or off, or --no-half.")
+        hidden = guard(t5_encode, tokens, what="T5", where=f"prompt {i}")
+
+    Tensors, tuples, lists and dicts of tensors are all checked; the recompute comes back in a dtype
+    at least as wide as the original (bf16 next to fp16 becomes fp32, so it cannot overflow again).
     """
 
     def __init__(self, ladder: Sequence[Precision] = DEFAULT_LADDER, hint: str = DENOISER_HINT) -> None:

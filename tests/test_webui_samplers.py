@@ -92,6 +92,7 @@ def test_ddim_eta0_equals_euler_through_the_webui(webui):
     _, euler = txt2img(webui, "Euler", p)
     assert torch.allclose(ddim, euler, atol=1e-5)
     assert p.extra_generation_params["SD3 flow sampler"] == "Euler (flow ODE; churn in EDM space)"
+    assert p.extra_generation_params["SD3 flow schedule"] == "karras in flow space (0,1]"
     assert p.extra_generation_params["SD3 flow samplers"] is True
 
 

@@ -42,6 +42,9 @@ TIMESTEP_ROUTES: dict[str, Callable[..., Any]] = {
 }
 """A1111's timestep samplers and the flow sampler each one runs on SD3."""
 
+MODEL_SCHEDULE = "model's own shifted schedule"
+"""Infotext for "Automatic" without a scheduler option: A1111 takes the model's 1000 flow levels."""
+
 ETA_FIELDS = {"DDIM": ("eta_ddim", "Eta DDIM", 0.0), "DDIM CFG++": ("eta_ddim", "Eta DDIM", 0.0)}
 """DDIM's eta comes from the DDIM eta option, as in A1111, not from the ancestral one."""
 
@@ -166,8 +169,7 @@ def write_infotext(p: Any, generation: Generation, note: str) -> None:
     params = p.extra_generation_params
     if generation.flow:
         params["SD3 flow sampler"] = note
-        if generation.schedule:
-            params["SD3 flow schedule"] = generation.schedule
+        params["SD3 flow schedule"] = generation.schedule or MODEL_SCHEDULE
     if generation.guard.recoveries:
         params["SD3 NaN recovery"] = generation.guard.summary()
 
