@@ -18,6 +18,7 @@ log = get_logger("startup")
 FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.iclight",
     "lib_sd3.webui.t5",
+    "lib_sd3.webui.samplers",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
