@@ -26,6 +26,10 @@ pytestmark = pytest.mark.webui
 DEV_ROOT = os.environ.get("WEBUI_ROOT")
 EARLY_ROOT = os.environ.get("WEBUI_ROOT_EARLY")
 HAS_LARK = importlib.util.find_spec("lark") is not None
+needs_dev = pytest.mark.skipif(not (DEV_ROOT and HAS_LARK),
+                               reason="set WEBUI_ROOT to an A1111 v1.10/dev checkout and install lark")
+needs_early = pytest.mark.skipif(not EARLY_ROOT,
+                                 reason="set WEBUI_ROOT_EARLY to an A1111 checkout of the early SD3 branch (34b4443c)")
 
 
 def fuzz_prompts(n: int, seed: int = 0) -> list[str]:
@@ -71,8 +75,6 @@ class NoEmbeddings:
 
 @pytest.fixture
 def dev_a1111(fake_webui, tokenizers):
-    if not (DEV_ROOT and HAS_LARK):
-        pytest.skip("set WEBUI_ROOT to an A1111 v1.10/dev checkout and install lark")
     import torch
 
     clip, t5 = tokenizers
@@ -91,6 +93,7 @@ def dev_a1111(fake_webui, tokenizers):
                                  parser=prompt_parser, tok=T.Tokenizers.wrap(clip, t5))
 
 
+@needs_dev
 def test_dev_text_counts_match_a1111(dev_a1111):
     rules = T.Rules(comma_token=dev_a1111.lg.comma_token)
     assert rules.comma_token is None  # A1111's Sd3ClipLG has no comma token: no back-tracking for SD3
@@ -105,6 +108,7 @@ def test_dev_text_counts_match_a1111(dev_a1111):
         assert a1111_truncates == (ours.t5 > 77 * ours.chunks), text
 
 
+@needs_dev
 def test_dev_comma_backtrack_matches_a1111(dev_a1111, fake_webui):
     comma = dev_a1111.tok.clip.vocab_id(",</w>")
     dev_a1111.lg.comma_token = comma  # as A1111's SD1 CLIP wrapper sets it
@@ -116,6 +120,7 @@ def test_dev_comma_backtrack_matches_a1111(dev_a1111, fake_webui):
             assert T.count_text(text, dev_a1111.tok, rules).clip == count, (backtrack, text)
 
 
+@needs_dev
 def test_dev_whole_prompt_matches_a1111_counter(dev_a1111):
     """ui.update_token_counter's parse (AND, schedules) then the max count, against ours end to end."""
     parser = dev_a1111.parser
@@ -129,9 +134,8 @@ def test_dev_whole_prompt_matches_a1111_counter(dev_a1111):
             assert [list(dict.fromkeys(t for _, t in s)) for s in schedules] == T.parse_prompt(prompt, steps)
 
 
+@needs_early
 def test_early_counts_match_sd3_ref_tokenizer(fake_webui, tokenizers):
-    if not EARLY_ROOT:
-        pytest.skip("set WEBUI_ROOT_EARLY to an A1111 checkout of the early SD3 branch (34b4443c)")
     clip, t5 = tokenizers
     other_impls = load_source(fake_webui, EARLY_ROOT, "modules.models.sd3.other_impls")
     other_impls.CLIPTokenizer, other_impls.T5TokenizerFast = from_pretrained(clip), from_pretrained(t5)
