@@ -15,7 +15,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("startup")
 
-FEATURE_MODULES: tuple[str, ...] = ()
+FEATURE_MODULES: tuple[str, ...] = ("lib_sd3.webui.tokens",)
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
 _FAILED_FEATURES: dict[str, str] = {}
@@ -51,5 +51,10 @@ def install() -> None:
     script_callbacks.on_app_started(lambda _demo, app: routes.mount(app))
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
+    for register in hooks.INSTALL:
+        try:
+            register(script_callbacks)
+        except Exception:
+            log.exception("registering callbacks of %s failed", getattr(register, "__module__", register))
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())
