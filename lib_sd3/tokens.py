@@ -151,29 +151,126 @@ class PromptCount:
 
 
 class CachedTokenizer:
-    """Token ids (no special tokens) per text piece, remembered.
+    """Token ids (no special tokens) of text pieces, remembered per space-separated word.
 
-    Typing changes one emphasis piece at a time, so a keystroke tokenizes only that piece; misses
-    go to the tokenizer in one batched call. A lock, because A1111 answers events on several threads
-    and a Rust tokenizer must not be entered twice at once.
+    Both SD3 tokenizers treat an ASCII space as a hard boundary (CLIP's BPE pre-tokenizer never
+    crosses whitespace; T5's Metaspace gives every word its own "▁"), so a text's ids are its words'
+    ids joined. Caching words makes a keystroke tokenize one word and lets schedule variants and AND
+    sub-prompts share the rest. Misses go to the tokenizer in one call: with a Rust tokenizer, as one
+    string with the end-of-text token between the words (a special token, so each word is tokenized
+    on its own, exactly as alone), which costs about what one call on the prompt costs. A lock,
+    because A1111 answers events on several threads and a Rust tokenizer must not be entered twice.
     """
 
-    def __init__(self, tokenizer: Any, size: int = 4096) -> None:
+    def __init__(self, tokenizer: Any, size: int = 16384) -> None:
         self.tokenizer = tokenizer
         self.size = size
         self._ids: dict[str, list[int]] = {}
+        self._lengths: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._separator, self._separator_id = self._joined_encoding_separator()
 
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+    SEPARATOR_CHARS = ("|", "§", "¶", "~")
+    """Characters tried as word separators: one that is a single token of its own between spaces."""
+
+    def _joined_encoding_separator(self) -> tuple[str | None, int | None]:
+        """A joiner whose token marks word boundaries, checked once on probe words; None if none works.
+
+        First choice: a character that is one token of its own between spaces (a space is a hard
+        boundary for both tokenizers, so this is as cheap as tokenizing the prompt). Else the EOS
+        token, a special token that splits the text before normalization.
+        """
+        if self._backend() is None:
+            return None, None
+        probe = ["a", "photo,", "陆", "(red", "1.2)"]
+        candidates = [f" {c} " for c in self.SEPARATOR_CHARS]
+        eos, eos_id = getattr(self.tokenizer, "eos_token", None), getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(eos, str) and eos_id is not None:
+            candidates.append(eos)
+        try:
+            alone = self._call(probe)
+            for joiner in candidates:
+                ids = self._call([joiner.strip()])[0]
+                if len(ids) != 1 or ids[0] == getattr(self.tokenizer, "unk_token_id", None):
+                    continue
+                if self._split(self._run(joiner.join(probe)), ids[0]) == alone:
+                    return joiner, ids[0]
+        except Exception:
+            log.debug("no joined encoding for %s", type(self.tokenizer).__name__, exc_info=True)
+        return None, None
+
+    def _run(self, text: str) -> list[int]:
+        backend = self._backend()
+        fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.20: no offsets computed
+        return fast([text], add_special_tokens=False)[0].ids if fast else backend.encode(
+            text, add_special_tokens=False).ids
+
+    def _backend(self) -> Any | None:
+        """The Rust tokenizer, if it is idle of padding/truncation (A1111 may leave them set on it)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(backend, "padding", None) or getattr(backend, "truncation", None):
+            return None
+        return backend
+
+    def _call(self, words: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(words, add_special_tokens=False, truncation=False)["input_ids"]]
+
+    @staticmethod
+    def _split(ids: Sequence[int], separator_id: int) -> list[list[int]]:
+        ids, out, start = list(ids), [], 0
+        while True:
+            try:
+                end = ids.index(separator_id, start)
+            except ValueError:
+                out.append(ids[start:])
+                return out
+            out.append(ids[start:end])
+            start = end + 1
+
+    def _encode(self, words: list[str]) -> list[list[int]]:
+        marker = self._separator.strip() if self._separator else None
+        plain = [w for w in words if marker and marker not in w]
+        if not plain or self._backend() is None:
+            return self._call(words)
+        split = self._split(self._run(self._separator.join(plain)), self._separator_id)
+        if len(split) != len(plain):  # a word made the separator's token after all: one call per word
+            return self._call(words)
+        found = dict(zip(plain, split, strict=True))
+        rest = [w for w in words if w not in found]
+        if rest:
+            found.update(zip(rest, self._call(rest), strict=True))
+        return [found[w] for w in words]
+
+    def _known(self, split: list[list[str]]) -> dict[str, list[int]]:
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._ids))
+            known = self._ids
+            missing = list(dict.fromkeys(w for words in split for w in words if w not in known))
             if missing:
-                encoded = self.tokenizer(missing, add_special_tokens=False, truncation=False)["input_ids"]
-                for text, ids in zip(missing, encoded, strict=True):
-                    self._ids[text] = list(ids)
+                self._ids.update(zip(missing, self._encode(missing), strict=True))
                 while len(self._ids) > self.size:
                     del self._ids[next(iter(self._ids))]
-            return [self._ids[t] for t in texts]
+            return self._ids
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        """Tokenize every new word of ``texts`` in one call, so that counting them later hits the cache."""
+        self._known([[w for w in text.split(" ") if w] for text in set(texts) if text not in self._lengths])
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        split = [[w for w in text.split(" ") if w] for text in texts]
+        known = self._known(split)
+        return [[i for w in words for i in known[w]] for words in split]
+
+    def lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token count per text: all counting needs where no token has to be looked at (cached per text)."""
+        lengths = self._lengths
+        new = [t for t in dict.fromkeys(texts) if t not in lengths]
+        if new:
+            split = [[w for w in text.split(" ") if w] for text in new]
+            known = self._known(split)
+            lengths.update((t, sum(len(known[w]) for w in words)) for t, words in zip(new, split, strict=True))
+            while len(lengths) > self.size:
+                del lengths[next(iter(lengths))]
+        return [lengths[t] for t in texts]
 
     def vocab_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
@@ -508,11 +605,14 @@ def _render(tree: list, step: int) -> str:
 def schedule_texts(prompt: str, steps: int) -> list[str]:
     """The distinct texts a prompt takes over ``steps`` sampling steps (``[a:b:0.5]``, ``[a|b]``)."""
     steps = min(max(int(steps), 1), STEPS_MAX)
+    if "[" not in prompt and "|" not in prompt:  # nothing to schedule, nothing to fail on
+        return [prompt]
     tree = _ScheduleParser(prompt).tree()
     if tree is None:
         return [prompt]
     switch_steps = {steps}
-    for node in _walk(tree):
+    nodes = list(_walk(tree))
+    for node in nodes:
         if isinstance(node, _Alternate):
             switch_steps.update(range(1, steps + 1))
             continue
@@ -521,11 +621,16 @@ def schedule_texts(prompt: str, steps: int) -> list[str]:
         node.step = steps if value >= steps else int(value) if value >= 1 else 0
         if node.step >= 1:
             switch_steps.add(node.step)
-    return list(dict.fromkeys(_render(tree, step) for step in sorted(switch_steps)))
+    choices = {}  # what every switch picks at a step -> the first such step; alternation repeats a lot
+    for step in sorted(switch_steps):
+        key = tuple(step <= n.step if isinstance(n, _Scheduled) else (step - 1) % len(n.options) for n in nodes)
+        choices.setdefault(key, step)
+    return list(dict.fromkeys(_render(tree, step) for step in choices.values()))
 
 
 _ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_ATTENTION_SYNTAX = re.compile(r"[\\()\[\]]|\bBREAK\b")
 EMPHASIS_UP = 1.1
 """What ``(word)`` multiplies attention by; ``[word]`` divides by it."""
 
@@ -536,6 +641,8 @@ def parse_attention(text: str) -> list[Piece]:
     Only the piece boundaries matter for counting (each piece is tokenized on its own), but they
     depend on which weights are equal, so weights are computed the way A1111 computes them.
     """
+    if not _ATTENTION_SYNTAX.search(text):
+        return [Piece(text)]
     pieces: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -558,6 +665,8 @@ def parse_attention(text: str) -> list[Piece]:
             scale(round_open.pop(), EMPHASIS_UP)
         elif token == "]" and square_open:
             scale(square_open.pop(), 1 / EMPHASIS_UP)
+        elif "BREAK" not in token:
+            pieces.append([token, 1.0])
         else:
             for k, part in enumerate(_BREAK.split(token)):
                 if k:
@@ -664,6 +773,23 @@ def clip_layout(pieces: Sequence[Piece], piece_ids: Sequence[list[int]], rules: 
     return count, chunks
 
 
+def fill_chunks(pieces: Sequence[Piece], lengths: Sequence[int]) -> tuple[int, int]:
+    """:func:`clip_layout` when no comma rule and no embeddings apply: whole runs of tokens at a time."""
+    count = chunks = length = 0
+    for piece, n in zip(pieces, lengths, strict=True):
+        if piece.is_break:
+            count, chunks, length = count + CLIP_CHUNK, chunks + 1, 0
+            continue
+        while n:
+            if length == CLIP_CHUNK:  # a full chunk closes when the next token arrives
+                count, chunks, length = count + CLIP_CHUNK, chunks + 1, 0
+            take = min(n, CLIP_CHUNK - length)
+            length, n = length + take, n - take
+    if length or not chunks:
+        count, chunks = count + length, chunks + 1
+    return count, chunks
+
+
 def _encoder_pieces(text: str, rules: Rules, attention: Callable[[str], list[Piece]]) -> list[Piece]:
     if rules.early:  # sd3-ref SD3Tokenizer: raw text, one word at a time, no emphasis, no BREAK
         return [Piece(word) for word in text.replace("\n", " ").split(" ") if word]
@@ -681,14 +807,21 @@ def safe_attention(attention: Callable[[str], list[Piece]], text: str) -> list[P
 def count_text(text: str, tok: Tokenizers, rules: Rules, *, attention: Callable[[str], list[Piece]] = parse_attention,
                find_embedding: EmbeddingFinder | None = None) -> TextCount:
     """CLIP count and chunks, and T5 tokens (+EOS), of one text as the running A1111 encodes it."""
-    pieces = _encoder_pieces(text, rules, attention)
-    words = [p for p in pieces if not p.is_break]
-    clip_ids = tok.clip.ids([p.text for p in pieces])
+    return _count_pieces(_encoder_pieces(text, rules, attention), tok, rules, find_embedding)
+
+
+def _count_pieces(pieces: list[Piece], tok: Tokenizers, rules: Rules,
+                  find_embedding: EmbeddingFinder | None) -> TextCount:
+    texts = [p.text for p in pieces]
     if rules.early:
-        clip, chunks = sum(map(len, clip_ids)), 1
+        clip, chunks = sum(tok.clip.lengths(texts)), 1
+    elif rules.comma_token is None and find_embedding is None:  # no token needs looking at
+        clip, chunks = fill_chunks(pieces, tok.clip.lengths(texts))
     else:
-        clip, chunks = clip_layout(pieces, clip_ids, rules, find_embedding)
-    t5 = sum(map(len, tok.t5.ids([p.text for p in words]))) + 1 if tok.t5 is not None else None
+        clip, chunks = clip_layout(pieces, tok.clip.ids(texts), rules, find_embedding)
+    t5 = None
+    if tok.t5 is not None:
+        t5 = sum(tok.t5.lengths([p.text for p in pieces if not p.is_break])) + 1
     return TextCount(clip, chunks, t5)
 
 
@@ -707,14 +840,16 @@ def summarize(schedules: Sequence[Sequence[str]], tok: Tokenizers, rules: Rules,
     sub-prompt's schedule, because A1111 encodes one schedule as one batch of equal length.
     """
     schedules = [list(s) for s in schedules if s] or [[""]]
-    pieces = [p.text for s in schedules for t in s for p in _encoder_pieces(t, rules, attention)]
-    tok.clip.ids(pieces)  # one batched call for every piece of every text; later calls hit the cache
+    pieces = {t: _encoder_pieces(t, rules, attention) for s in schedules for t in s}
+    words = [p.text for text_pieces in pieces.values() for p in text_pieces]
+    tok.clip.prefetch(words)  # one call for every word of every text; the counts below hit the cache
     if tok.t5 is not None:
-        tok.t5.ids(pieces)
+        tok.t5.prefetch(words)
+    counted = {t: _count_pieces(p, tok, rules, find_embedding) for t, p in pieces.items()}
     clip = chunks = 0
     worst: tuple[float, int, int | None] | None = None  # (overflow, t5, limit)
     for texts in schedules:
-        counts = [count_text(t, tok, rules, attention=attention, find_embedding=find_embedding) for t in texts]
+        counts = [counted[t] for t in texts]
         batch_chunks = max(c.chunks for c in counts)
         clip, chunks = max([clip] + [c.clip for c in counts]), max(chunks, batch_chunks)
         limit = None if rules.early else CLIP_WINDOW * batch_chunks

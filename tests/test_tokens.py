@@ -329,16 +329,34 @@ class CountingTokenizer:
         return self.inner.get_vocab()
 
 
-def test_each_piece_is_tokenized_once(clip_tokenizer, t5_tokenizer):
+def test_each_word_is_tokenized_once(clip_tokenizer, t5_tokenizer):
     clip, t5 = CountingTokenizer(clip_tokenizer), CountingTokenizer(t5_tokenizer)
     tok = T.Tokenizers.wrap(clip, t5)
-    T.count_prompt("a (red:1.2) car, [blue] sky", tok)
-    assert sorted(clip.texts) == sorted(["a ", "red", " car, ", "blue", " sky"])
+    T.count_prompt("a (red:1.2) car, [blue] sky AND a car", tok)
+    assert sorted(clip.texts) == sorted(["a", "red", "car,", "blue", "sky", "car"])
     clip.texts.clear()
-    T.count_prompt("a (red:1.2) car, [blue] sky", tok)
+    T.count_prompt("a (red:1.2) car, [blue] sky AND a car", tok)
     assert clip.texts == []
-    T.count_prompt("a (red:1.2) car, [blue] sky!", tok)  # one keystroke: only the changed piece
-    assert clip.texts == [" sky!"]
+    T.count_prompt("a (red:1.2) car, [blue] sky! AND a car", tok)  # one keystroke: only the changed word
+    assert clip.texts == ["sky!"]
+
+
+@pytest.mark.parametrize("which", ["clip", "t5"])
+def test_joined_encoding_equals_word_by_word(clip_tokenizer, t5_tokenizer, which):
+    """One call on words joined by a separator token gives each word's own ids (the fast path)."""
+    import random
+
+    tokenizer = clip_tokenizer if which == "clip" else t5_tokenizer
+    cached = T.CachedTokenizer(tokenizer)
+    assert cached._separator is not None  # the fast path is in use with these tokenizers
+    rng = random.Random(5)
+    alphabet = list("abcXYZ,.!?()[]:;'\"-_/\\@#$%^&*+=~`|§") + ["陆", "🐱", "é", "İ", "ß", "\u0301", "\x00", "\x07",
+                                                               "\t", "\n", "\u3000", "ｌ", "ﬁ", "</s>", "<|endoftext|>"]
+    for _ in range(300):
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(10)]
+        words = [w for w in dict.fromkeys(words) if w.strip(" ") and " " not in w]
+        expected = [list(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
+        assert cached._encode(words) == expected, words
 
 
 def test_default_tokenizers_load_once(monkeypatch, clip_tokenizer):
