@@ -37,7 +37,10 @@ PROMPT = (
     "AND a mountain lake with an oak tree in the foreground and a christmas tree in the background:0.6, "
     "snow, pine forest, reflections on the water, early morning mist, soft shadows, ultra realistic, 8k, "
     "award winning photograph, national geographic, trending on artstation, intricate details, "
-    "shallow depth of field, [lens flare|light leaks], vivid colours, (perfect anatomy:1.1), five fingers"
+    "shallow depth of field, [lens flare|light leaks], vivid colours, (perfect anatomy:1.1), five fingers, "
+    "a red fox sleeping under the oak, (autumn leaves:1.2) on the ground, a wooden cabin with smoke from the "
+    "chimney, a narrow path leading to the lake, [birds:flock of geese:0.3] in the sky, distant mountains "
+    "with snowy peaks, soft pastel sunrise, gentle breeze, high dynamic range, crisp textures"
 )
 
 

@@ -170,7 +170,7 @@ class CachedTokenizer:
         self._lock = threading.Lock()
         self._separator, self._separator_id = self._joined_encoding_separator()
 
-    SEPARATOR_CHARS = ("|", "§", "¶", "~")
+    SEPARATOR_CHARS = ("§", "¶", "|", "~")
     """Characters tried as word separators: one that is a single token of its own between spaces."""
 
     def _joined_encoding_separator(self) -> tuple[str | None, int | None]:
