@@ -289,3 +289,14 @@ def test_callbacks_registered_at_every_install(webui):
     adapter.register_callbacks(types.SimpleNamespace(on_before_token_counter=lambda c, name=None: registered.append(c)))
     assert registered == [adapter.before_token_counter]
     adapter.register_callbacks(types.SimpleNamespace())  # an A1111 without the callback: nothing, no error
+
+
+def test_install_registers_the_token_counter_callback(fake_webui):
+    from lib_sd3.webui import startup
+
+    startup.install()
+    try:
+        assert fake_webui.callbacks["before_token_counter"] == [adapter.before_token_counter]
+        assert REGISTRY.status()[adapter.PATCH_NAME]["sd3_only"] is True
+    finally:
+        REGISTRY.undo_all()

@@ -90,12 +90,22 @@ def tokenizers(model: Any | None) -> lib.Tokenizers | None:
     return _MODEL_TOKENIZERS[key]
 
 
+_STATE: dict[str, str] = {}
+
+
+def encoder_state() -> str:
+    """Early branch or dev, decided once per model load (a failed import is not cached by Python)."""
+    if "state" not in _STATE:
+        _STATE["state"] = lib.STATE_EARLY if a1111_state() == STATE_EARLY else lib.STATE_DEV
+    return _STATE["state"]
+
+
 def rules(model: Any | None) -> lib.Rules:
     """How this A1111 encodes SD3 text, read from its options and the loaded model."""
     cond = getattr(model, "cond_stage_model", None) if model_is_sd3(model) else None
     t5_option = bool(_opt("sd3_enable_t5", True))
     return lib.Rules(
-        state=lib.STATE_EARLY if a1111_state() == STATE_EARLY else lib.STATE_DEV,
+        state=encoder_state(),
         parse_emphasis=_opt("emphasis", "Original") != "None",
         comma_token=getattr(getattr(cond, "model_lg", None), "comma_token", None),
         comma_backtrack=int(_opt("comma_padding_backtrack", 20) or 0),
@@ -157,10 +167,10 @@ def schedules(prompt: str, steps: int, styles: list[str], is_positive: bool) -> 
 
 
 def count(prompt: str, steps: int = 20, styles: list[str] | None = None, is_positive: bool = True,
-          model: Any | None = None) -> lib.PromptCount | None:
+          model: Any | None = None, tok: lib.Tokenizers | None = None) -> lib.PromptCount | None:
     """The whole prompt's numbers as the counter shows them; None without any CLIP tokenizer."""
     model = loaded_model() if model is None else model
-    tok = tokenizers(model)
+    tok = tok or tokenizers(model)
     if tok is None:
         return None
     state_rules = rules(model)
@@ -283,16 +293,24 @@ class TokenCountRequest(BaseModel):
     styles: list[str] = Field(default_factory=list)
 
 
+def api_tokenizers(model: Any | None) -> lib.Tokenizers | None:
+    """Our own tokenizer instances for the API: API calls are not queued behind generation as the UI
+    counter is, and a Rust tokenizer used by two threads at once can fail the other one."""
+    own = lib.default_tokenizers()
+    return own if own is not None and own.t5 is not None else tokenizers(model)
+
+
 def token_count(request: TokenCountRequest) -> dict[str, Any]:
     """Both prompts' CLIP and T5 numbers, as the counters show them (SD3 rules even if SD3 is not loaded)."""
     from fastapi import HTTPException
 
     model = loaded_model()
-    prompt = count(request.prompt, request.steps, request.styles, True, model)
+    tok = api_tokenizers(model)
+    prompt = count(request.prompt, request.steps, request.styles, True, model, tok)
     if prompt is None:
         raise HTTPException(status_code=503, detail="no CLIP tokenizer: load an SD3 model once (A1111 fetches "
                             f"{lib.CLIP_REPO}) or install open-clip-torch")
-    negative = count(request.negative, request.steps, request.styles, False, model) \
+    negative = count(request.negative, request.steps, request.styles, False, model, tok) \
         if request.negative is not None else None
     return {
         "model_is_sd3": model_is_sd3(model),
@@ -314,6 +332,7 @@ def register_callbacks(script_callbacks: Any) -> None:
 def on_model_loaded(_model: Any) -> None:
     """A new model brings new tokenizers, and may have put them into the HF cache."""
     _MODEL_TOKENIZERS.clear()
+    _STATE.clear()
     lib.forget_default_tokenizers()
 
 
