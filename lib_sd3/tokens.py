@@ -157,9 +157,9 @@ class CachedTokenizer:
     crosses whitespace; T5's Metaspace gives every word its own "▁"), so a text's ids are its words'
     ids joined. Caching words makes a keystroke tokenize one word and lets schedule variants and AND
     sub-prompts share the rest. Misses go to the tokenizer in one call: with a Rust tokenizer, as one
-    string with the end-of-text token between the words (a special token, so each word is tokenized
-    on its own, exactly as alone), which costs about what one call on the prompt costs. A lock,
-    because A1111 answers events on several threads and a Rust tokenizer must not be entered twice.
+    string with a separator token between the words (checked once to give each word's own ids), which
+    costs about what one call on the prompt costs; a batch of many short strings costs twice that.
+    A lock, because A1111 answers events on several threads.
     """
 
     def __init__(self, tokenizer: Any, size: int = 16384) -> None:
@@ -241,36 +241,45 @@ class CachedTokenizer:
             found.update(zip(rest, self._call(rest), strict=True))
         return [found[w] for w in words]
 
-    def _known(self, split: list[list[str]]) -> dict[str, list[int]]:
-        with self._lock:
-            known = self._ids
-            missing = list(dict.fromkeys(w for words in split for w in words if w not in known))
-            if missing:
-                self._ids.update(zip(missing, self._encode(missing), strict=True))
-                while len(self._ids) > self.size:
-                    del self._ids[next(iter(self._ids))]
-            return self._ids
+    def _words(self, split: list[list[str]]) -> dict[str, list[int]]:
+        """The cache, with every word of ``split`` in it (call with the lock held)."""
+        known = self._ids
+        missing = list(dict.fromkeys(w for words in split for w in words if w not in known))
+        if missing:
+            known.update(zip(missing, self._encode(missing), strict=True))
+        return known
+
+    def _trim(self) -> None:
+        """Forget the oldest entries beyond ``size`` (after a call has used what it needed)."""
+        for cache in (self._ids, self._lengths):
+            while len(cache) > self.size:
+                del cache[next(iter(cache))]
 
     def prefetch(self, texts: Iterable[str]) -> None:
         """Tokenize every new word of ``texts`` in one call, so that counting them later hits the cache."""
-        self._known([[w for w in text.split(" ") if w] for text in set(texts) if text not in self._lengths])
+        with self._lock:
+            self._words([[w for w in text.split(" ") if w] for text in set(texts) if text not in self._lengths])
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         split = [[w for w in text.split(" ") if w] for text in texts]
-        known = self._known(split)
-        return [[i for w in words for i in known[w]] for words in split]
+        with self._lock:
+            known = self._words(split)
+            out = [[i for w in words for i in known[w]] for words in split]
+            self._trim()
+        return out
 
     def lengths(self, texts: Sequence[str]) -> list[int]:
         """Token count per text: all counting needs where no token has to be looked at (cached per text)."""
-        lengths = self._lengths
-        new = [t for t in dict.fromkeys(texts) if t not in lengths]
-        if new:
-            split = [[w for w in text.split(" ") if w] for text in new]
-            known = self._known(split)
-            lengths.update((t, sum(len(known[w]) for w in words)) for t, words in zip(new, split, strict=True))
-            while len(lengths) > self.size:
-                del lengths[next(iter(lengths))]
-        return [lengths[t] for t in texts]
+        with self._lock:
+            lengths = self._lengths
+            new = [t for t in dict.fromkeys(texts) if t not in lengths]
+            if new:
+                split = [[w for w in text.split(" ") if w] for text in new]
+                known = self._words(split)
+                lengths.update((t, sum(len(known[w]) for w in words)) for t, words in zip(new, split, strict=True))
+            out = [lengths[t] for t in texts]
+            self._trim()
+        return out
 
     def vocab_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)

@@ -377,3 +377,15 @@ def test_clip_tokenizer_fallback_builds_from_open_clip(monkeypatch):
     loaded = T.load_clip_tokenizer()
     assert loaded is not None
     assert loaded("a cat", add_special_tokens=False)["input_ids"] == [320, 2368]
+
+
+def test_cache_is_bounded_and_counts_stay_right(clip_tokenizer, t5_tokenizer, clip_oracle):
+    import random
+
+    rng = random.Random(0)
+    text = " ".join("".join(rng.choice("abcdefgh") for _ in range(5)) for _ in range(400))
+    tok = T.Tokenizers.wrap(clip_tokenizer, t5_tokenizer)
+    tok.clip.size = tok.t5.size = 50  # far fewer than the prompt's words
+    result = T.count_prompt(text, tok, DEV)
+    assert result.clip == clip_oracle(text)
+    assert len(tok.clip._ids) <= 50 and len(tok.t5._ids) <= 50
