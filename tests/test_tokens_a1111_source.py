@@ -36,6 +36,7 @@ def fuzz_prompts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     alphabet = list(tiny_tokenizers.WORDS) * 3 + [
         " ", ", ", "(", ")", "[", "]", ":", "|", ":1.2)", ":0.5]", " BREAK ", " AND ", "\\(", "陆", "🐱", "\n", ".",
+        "\u0301", "\u3000", "\xa0", "\t", "  ", "ﬁ", "Ａ", "é", "İ",
     ]
     prompts = ["", "a cat", tiny_tokenizers.WORDS[0] * 3, " ".join(tiny_tokenizers.WORDS) * 3,
                "(red:1.3) car BREAK [blue] sky, " * 8, "a, " * 90, ("word " * 70 + ", " + "tail " * 12) * 2]
