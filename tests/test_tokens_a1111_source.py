@@ -151,3 +151,19 @@ def test_early_counts_match_sd3_ref_tokenizer(fake_webui, tokenizers):
         assert ours.clip == clip_ids.index(49407) - 1, text
         assert ours.t5 == t5_ids.index(1) + 1, text  # up to and including EOS; never cut, padded to 77
         assert len(t5_ids) == max(77, ours.t5)
+
+
+@needs_early
+def test_early_clip_fails_past_75_tokens(fake_webui):
+    """Why the counter warns on the early branch: sd3-ref's CLIP adds a fixed 77-position embedding."""
+    import torch
+
+    other_impls = load_source(fake_webui, EARLY_ROOT, "modules.models.sd3.other_impls")
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+              "hidden_act": "gelu"}
+    with torch.no_grad():  # as A1111 builds and runs it
+        clip = other_impls.SDClipModel(layer="hidden", layer_idx=-1, textmodel_json_config=config,
+                                       dtype=torch.float32)
+        assert clip([[49406] + [320] * 75 + [49407]])[0].shape[1] == 77  # 75 prompt tokens + BOS + EOS: fine
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            clip([[49406] + [320] * 76 + [49407]])  # one more token: the position add fails
