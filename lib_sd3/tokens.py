@@ -158,7 +158,8 @@ class CachedTokenizer:
     ids joined. Caching words makes a keystroke tokenize one word and lets schedule variants and AND
     sub-prompts share the rest. Misses go to the tokenizer in one call: with a Rust tokenizer, as one
     string with a separator token between the words (checked once to give each word's own ids), which
-    costs about what one call on the prompt costs; a batch of many short strings costs twice that.
+    costs about what one call on the prompt costs; a batch of many short strings costs 2x (Rust) to
+    10x (transformers 4.30's Python CLIPTokenizer, which A1111 uses) more.
     A lock, because A1111 answers events on several threads.
     """
 
@@ -180,8 +181,6 @@ class CachedTokenizer:
         boundary for both tokenizers, so this is as cheap as tokenizing the prompt). Else the EOS
         token, a special token that splits the text before normalization.
         """
-        if self._backend() is None:
-            return None, None
         probe = ["a", "photo,", "陆", "(red", "1.2)"]
         candidates = [f" {c} " for c in self.SEPARATOR_CHARS]
         eos, eos_id = getattr(self.tokenizer, "eos_token", None), getattr(self.tokenizer, "eos_token_id", None)
@@ -200,7 +199,10 @@ class CachedTokenizer:
         return None, None
 
     def _run(self, text: str) -> list[int]:
+        """One text's ids: straight through the Rust tokenizer where there is one and it is idle."""
         backend = self._backend()
+        if backend is None:
+            return self._call([text])[0]
         fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.20: no offsets computed
         return fast([text], add_special_tokens=False)[0].ids if fast else backend.encode(
             text, add_special_tokens=False).ids
@@ -230,7 +232,7 @@ class CachedTokenizer:
     def _encode(self, words: list[str]) -> list[list[int]]:
         marker = self._separator.strip() if self._separator else None
         plain = [w for w in words if marker and marker not in w]
-        if not plain or self._backend() is None:
+        if not plain:
             return self._call(words)
         split = self._split(self._run(self._separator.join(plain)), self._separator_id)
         if len(split) != len(plain):  # a word made the separator's token after all: one call per word
