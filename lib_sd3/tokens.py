@@ -151,17 +151,24 @@ class PromptCount:
 
 
 class CachedTokenizer:
-    """Token ids (no special tokens) of text pieces, remembered per space-separated word.
+    """Token ids (no special tokens) of text pieces, remembered per unit: a word where that is exact.
 
-    Both SD3 tokenizers treat an ASCII space as a hard boundary (CLIP's BPE pre-tokenizer never
-    crosses whitespace; T5's Metaspace gives every word its own "▁"), so a text's ids are its words'
-    ids joined. Caching words makes a keystroke tokenize one word and lets schedule variants and AND
-    sub-prompts share the rest. Misses go to the tokenizer in one call: with a Rust tokenizer, as one
-    string with a separator token between the words (checked once to give each word's own ids), which
-    costs about what one call on the prompt costs; a batch of many short strings costs 2x (Rust) to
-    10x (transformers 4.30's Python CLIPTokenizer, which A1111 uses) more.
-    A lock, because A1111 answers events on several threads.
+    CLIP's pre-tokenizer never crosses whitespace and drops it, so a piece's ids are its
+    space-separated words' ids joined; transformers 5's T5 tokenizer behaves the same. transformers
+    4.30's T5 tokenizer (A1111's) does not -- a trailing space is a token of its own -- so there the
+    unit is the whole piece. Which applies is checked once per tokenizer on probe texts. Caching
+    units makes a keystroke tokenize one word (or piece) and lets schedule variants and AND
+    sub-prompts share the rest. Misses go to the tokenizer in one call, as one string with a
+    separator token between the units (checked once to give each unit's own ids): that costs about
+    one call on the prompt, where a batch of many short strings costs 2x (Rust) to 10x
+    (transformers 4.30's Python CLIPTokenizer, A1111's) more. A lock, as A1111 uses several threads.
     """
+
+    SEPARATOR_CHARS = ("§", "¶", "|", "~")
+    """Characters tried as word separators: one that is a single token of its own between spaces."""
+    SPACE_PROBES = ("a ", " a", "a  b", " a, b ", "a\nb ", "a \n", "\t a", " ", "  ", "陆 ", "a,b")
+    """Texts whose tokens tell whether splitting at spaces changes a tokenizer's output."""
+    PROBE_UNITS = ("a", "photo,", "陆", "(red", "1.2)")
 
     def __init__(self, tokenizer: Any, size: int = 16384) -> None:
         self.tokenizer = tokenizer
@@ -169,20 +176,35 @@ class CachedTokenizer:
         self._ids: dict[str, list[int]] = {}
         self._lengths: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.by_words = self._splitting_is_exact()
         self._separator, self._separator_id = self._joined_encoding_separator()
 
-    SEPARATOR_CHARS = ("§", "¶", "|", "~")
-    """Characters tried as word separators: one that is a single token of its own between spaces."""
+    def units(self, text: str) -> list[str]:
+        """What a text is cached as: its words where that is exact, else the text itself."""
+        if self.by_words:
+            return [w for w in text.split(" ") if w]
+        return [text] if text else []
+
+    def _splitting_is_exact(self) -> bool:
+        try:
+            whole = self._call(list(self.SPACE_PROBES))
+            for text, ids in zip(self.SPACE_PROBES, whole, strict=True):
+                words = [w for w in text.split(" ") if w]
+                if ids != [i for part in (self._call(words) if words else []) for i in part]:
+                    return False
+        except Exception:
+            return False
+        return True
 
     def _joined_encoding_separator(self) -> tuple[str | None, int | None]:
-        """A joiner whose token marks word boundaries, checked once on probe words; None if none works.
+        """A joiner whose token marks unit boundaries, checked once on probe units; None if none works.
 
-        First choice: a character that is one token of its own between spaces (a space is a hard
-        boundary for both tokenizers, so this is as cheap as tokenizing the prompt). Else the EOS
-        token, a special token that splits the text before normalization.
+        For words: first a character that is one token of its own between spaces (as cheap as
+        tokenizing the prompt). For whole pieces, or if no character works: the EOS token, a special
+        token that splits the text before normalization, so each unit is tokenized as if alone.
         """
-        probe = ["a", "photo,", "陆", "(red", "1.2)"]
-        candidates = [f" {c} " for c in self.SEPARATOR_CHARS]
+        probe = [u for u in (self.PROBE_UNITS if self.by_words else self.PROBE_UNITS + self.SPACE_PROBES) if u.strip()]
+        candidates = [f" {c} " for c in self.SEPARATOR_CHARS] if self.by_words else []
         eos, eos_id = getattr(self.tokenizer, "eos_token", None), getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(eos, str) and eos_id is not None:
             candidates.append(eos)
@@ -231,7 +253,7 @@ class CachedTokenizer:
 
     def _encode(self, words: list[str]) -> list[list[int]]:
         marker = self._separator.strip() if self._separator else None
-        plain = [w for w in words if marker and marker not in w]
+        plain = [w for w in words if marker and marker not in w and w.strip()]
         if not plain:
             return self._call(words)
         split = self._split(self._run(self._separator.join(plain)), self._separator_id)
@@ -244,7 +266,7 @@ class CachedTokenizer:
         return [found[w] for w in words]
 
     def _words(self, split: list[list[str]]) -> dict[str, list[int]]:
-        """The cache, with every word of ``split`` in it (call with the lock held)."""
+        """The cache, with every unit of ``split`` in it (call with the lock held)."""
         known = self._ids
         missing = list(dict.fromkeys(w for words in split for w in words if w not in known))
         if missing:
@@ -260,10 +282,10 @@ class CachedTokenizer:
     def prefetch(self, texts: Iterable[str]) -> None:
         """Tokenize every new word of ``texts`` in one call, so that counting them later hits the cache."""
         with self._lock:
-            self._words([[w for w in text.split(" ") if w] for text in set(texts) if text not in self._lengths])
+            self._words([self.units(text) for text in set(texts) if text not in self._lengths])
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        split = [[w for w in text.split(" ") if w] for text in texts]
+        split = [self.units(text) for text in texts]
         with self._lock:
             known = self._words(split)
             out = [[i for w in words for i in known[w]] for words in split]
@@ -276,7 +298,7 @@ class CachedTokenizer:
             lengths = self._lengths
             new = [t for t in dict.fromkeys(texts) if t not in lengths]
             if new:
-                split = [[w for w in text.split(" ") if w] for text in new]
+                split = [self.units(text) for text in new]
                 known = self._words(split)
                 lengths.update((t, sum(len(known[w]) for w in words)) for t, words in zip(new, split, strict=True))
             out = [lengths[t] for t in texts]
