@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,11 @@ class LayerPlan:
     float_rows: int  # leading text positions kept out of activation quantization
 
 
+def _natural(name: str) -> list:
+    """Sort key putting ``joint_blocks.2`` before ``joint_blocks.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def resolve(config: BitConfig, model: nn.Module) -> dict[str, LayerPlan]:
     """Map every config entry onto the model's Linear modules; unknown names are one clear error."""
     modules = dict(layers.linear_layers(model))
@@ -149,7 +155,7 @@ def resolve(config: BitConfig, model: nn.Module) -> dict[str, LayerPlan]:
         return by_canonical.get(key, [])
 
     named = set(config.weight) | set(config.act) | set(config.act_protect) | set(config.act_scales)
-    missing = sorted(k for k in named if not targets(k))
+    missing = sorted((k for k in named if not targets(k)), key=_natural)
     if missing:
         listed = "\n  ".join(missing[:MAX_LISTED]) + (f"\n  ... and {len(missing) - MAX_LISTED} more"
                                                       if len(missing) > MAX_LISTED else "")

@@ -88,7 +88,7 @@ def state(model: nn.Module) -> MixDQState | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
@@ -188,7 +188,7 @@ def quantize(model: nn.Module, config: BitConfig, cache_dir: str | Path | None =
         built = {name: _build(model.get_submodule(name), plan, config.group_size) for name, plan in plans.items()}
         if path is not None:
             _atomic_save({f"{n}.{k}": t for n, layer in built.items() for k, t in layer.named_buffers()}, path)
-    originals = {name: _swap(model, name, layer) for name, layer in built.items()}
+    originals = {name: swap_module(model, name, layer) for name, layer in built.items()}
     spill = _offload(originals, device, Path(spill_dir) if spill_dir else None)
     result = MixDQState(config, originals, device, spill, before, module_bytes(model), cache_hit,
                         time.perf_counter() - start)
@@ -206,7 +206,7 @@ def restore(model: nn.Module) -> MixDQState | None:
         return None
     _bring_back(current.originals, current.device, current.spill_path)
     for name, original in current.originals.items():
-        _swap(model, name, original)
+        swap_module(model, name, original)
     delattr(model, STATE_ATTR)
     log.info("MixDQ off: %d layers restored", len(current.originals))
     return current
