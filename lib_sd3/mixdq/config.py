@@ -143,8 +143,12 @@ def _natural(name: str) -> list:
 
 
 def resolve(config: BitConfig, model: nn.Module) -> dict[str, LayerPlan]:
-    """Map every config entry onto the model's Linear modules; unknown names are one clear error."""
-    modules = dict(layers.linear_layers(model))
+    """Map every config entry onto the model's Linear modules; unknown names are one clear error.
+
+    Layers already quantized count as present, so a switch of configs can be checked before the
+    current one is undone.
+    """
+    modules = dict(layers.linear_layers(model, include_quantized=True))
     by_canonical: dict[str, list[str]] = {}
     for module_name in modules:
         by_canonical.setdefault(layers.canonical_name(module_name), []).append(module_name)

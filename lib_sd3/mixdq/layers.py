@@ -74,10 +74,13 @@ def role(name: str) -> str:
     return "quality"
 
 
-def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module that multiplies by a 2-D ``weight`` like ``nn.Linear`` (A1111's QkvLinear included)."""
+def linear_layers(model: nn.Module, include_quantized: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """Every ``nn.Linear`` (A1111's QkvLinear included), and our quantized ones if asked."""
+    from lib_sd3.mixdq.qlinear import QuantLinear
+
+    kinds = (nn.Linear, QuantLinear) if include_quantized else (nn.Linear,)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, kinds):
             yield name, module
 
 

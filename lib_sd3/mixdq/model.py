@@ -77,7 +77,7 @@ class MixDQState:
     seconds: float
 
     def report(self) -> dict[str, object]:
-        return {"config": self.config.summary(), "layers": len(self.originals),
+        return {"config_summary": self.config.summary(), "layers": len(self.originals),
                 "memory_before_mb": round(self.bytes_before / 2**20, 1),
                 "memory_after_mb": round(self.bytes_after / 2**20, 1),
                 "memory_ratio": round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None,

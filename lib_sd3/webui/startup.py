@@ -15,7 +15,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("startup")
 
-FEATURE_MODULES: tuple[str, ...] = ()
+FEATURE_MODULES: tuple[str, ...] = ("lib_sd3.webui.mixdq",)
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
 _FAILED_FEATURES: dict[str, str] = {}
