@@ -50,14 +50,15 @@ def transformer(blocks: int, width_heads: int, latent: int, device: str, dtype: 
     torch.manual_seed(0)
     config = dict(SD3_MEDIUM, num_layers=blocks, num_attention_heads=width_heads,
                   caption_projection_dim=64 * width_heads, pos_embed_max_size=max(latent // 2, 8))
-    m = SD3Transformer2DModel(**config)
-    g = torch.Generator().manual_seed(1)
+    with torch.device(device):  # built where it runs: 24 blocks are 8 GB in fp32, slow to init on a CPU
+        m = SD3Transformer2DModel(**config)
+    g = torch.Generator(device=device).manual_seed(1)
     with torch.no_grad():
         for _, linear in layers.linear_layers(m):
             linear.weight.copy_(trained_like(linear.weight.shape, g))
             if linear.bias is not None:
                 linear.bias.zero_()
-    return m.to(device, dtype).eval()
+    return m.to(dtype).eval()
 
 
 def trained_like(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -68,7 +69,7 @@ def trained_like(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     entirely (cosine 1.00000). A Gaussian scale mixture ``n1 * exp(n2 / 2)`` has the outlier
     weights that make real checkpoints hard to quantize.
     """
-    w = torch.randn(shape, generator=g) * torch.exp(0.5 * torch.randn(shape, generator=g))
+    w = torch.randn(shape, generator=g, device=g.device) * torch.exp(0.5 * torch.randn(shape, generator=g, device=g.device))
     return w * (1.0 / (w.std() * math.sqrt(shape[1])))
 
 
@@ -131,8 +132,9 @@ def fidelity(m, ins, reference, config) -> dict[str, float]:
 
 
 def memory_ratios(m, configs: dict[str, object]) -> dict[str, float]:
-    """Measured: bytes of an fp16 copy of the model before and after quantizing it with each config."""
-    m16 = copy.deepcopy(m).to("cpu", torch.float16)
+    """Measured: bytes of the fp16 model before and after quantizing it with each config
+    (an fp16 copy when the benchmarked model is fp32, i.e. on CPU)."""
+    m16 = m if next(m.parameters()).dtype == torch.float16 else copy.deepcopy(m).to(torch.float16)
     ratios = {}
     for kind, cfg in configs.items():
         state = model.quantize(m16, cfg)
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         out[f"{kind}_mem_ratio_{blocks}blocks"] = round(ratio, 4)
     ins = inputs(m, latent, 1, args.device, dtype)
     reference = trajectory(m, ins, args.steps)
+    out["float_finite"] = bool(torch.isfinite(reference[0]).all())
     for kind, cfg in configs.items():
         fid = fidelity(m, ins, reference, cfg)
         out[f"{kind}_cosine"] = round(fid["cosine"], 5)

@@ -62,9 +62,10 @@ def test_matches_fp64_reference(w_bits, act_mode):
 
 
 def test_int4_pack_roundtrip_and_sign():
-    q = torch.randint(-7, 8, (5, 64), dtype=torch.int8)
+    q = torch.randint(-7, 8, (64, 5), dtype=torch.int8)
     packed = quantizers.pack_int4(q)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (32, 5)
+    assert int(packed[0, 0]) == (int(q[0, 0]) & 0xF) | ((int(q[1, 0]) & 0xF) << 4)
     assert torch.equal(quantizers.unpack_int4(packed), q)
 
 

@@ -7,7 +7,7 @@ scales ``s_w`` (N,):
 
 so the only float work left is quantizing X and one multiply-add per output. int4 weights are
 stored packed with group scales and re-expressed on a per-row int8 grid just before the GEMM
-(:func:`~lib_sd3.mixdq.quantizers.int4_to_int8_rows`); that transient int8 copy lives for one
+(:func:`~lib_sd3.mixdq.quantizers.int4_to_int8`); that transient int8 copy lives for one
 call only, so the resident size is 4.25 bits per weight.
 
 The class deliberately is *not* an ``nn.Linear`` subclass: A1111's built-in Lora extension
@@ -80,8 +80,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(k, n, dtype=torch.int8, device=device))  # (K, N) for _int_mm
         else:
             groups = quantizers.int4_group_layout(k, group_size)
-            self.register_buffer("qweight", torch.zeros(n, k // INT4_PER_BYTE, dtype=torch.uint8, device=device))
-            self.register_buffer("group_ratio", torch.zeros(n, groups, dtype=torch.float16, device=device))
+            self.register_buffer("qweight", torch.zeros(k // INT4_PER_BYTE, n, dtype=torch.uint8, device=device))
+            self.register_buffer("group_ratio", torch.zeros(groups, n, dtype=torch.float16, device=device))
         self.register_buffer("wscale", torch.zeros(n, dtype=torch.float32, device=device))
         if act_mode == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -116,8 +116,8 @@ class QuantLinear(nn.Module):
             q, group_scale = quantizers.quantize_weight_int4(weight, self.group_size)
             row_scale = quantizers.symmetric_scale((q.float().reshape(q.shape[0], group_scale.shape[1], -1).abs()
                                                     * group_scale[:, :, None]).amax(dim=(1, 2)), 8)
-            self.qweight.copy_(quantizers.pack_int4(q))
-            self.group_ratio.copy_(group_scale / row_scale[:, None])
+            self.qweight.copy_(quantizers.pack_int4(q.t()))
+            self.group_ratio.copy_((group_scale / row_scale[:, None]).t())
             self.wscale.copy_(row_scale)
         if bias is not None:
             self.bias.copy_(bias)
@@ -126,14 +126,14 @@ class QuantLinear(nn.Module):
         """The weight the integer codes stand for, ``(N, K)`` in ``dtype`` (fallback and BOS path)."""
         if self.w_bits == 8:
             return (self.qweight.t().float() * self.wscale[:, None]).to(dtype)
-        group_scale = self.group_ratio.float() * self.wscale[:, None]
-        return quantizers.dequantize_int4(self.qweight, group_scale, dtype)
+        group_scale = self.group_ratio.float() * self.wscale[None, :]
+        return quantizers.dequantize_int4(self.qweight, group_scale, dtype).t()
 
     def int8_weight(self) -> torch.Tensor:
         """int8 ``(K, N)`` operand of the GEMM, on the per-row grid ``wscale``."""
         if self.w_bits == 8:
             return self.qweight
-        return quantizers.int4_to_int8_rows(self.qweight, self.group_ratio).t().contiguous()
+        return quantizers.int4_to_int8(self.qweight, self.group_ratio)
 
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -8,7 +8,8 @@ that ``-q`` is always representable and the grid is exactly symmetric):
     scale = amax / qmax,  q = clamp(round(x / scale), -qmax, qmax),  x_hat = q * scale.
 
 Weights: int8 per output channel (one scale per row of W), or int4 in groups of ``group_size``
-input channels per output channel (a scale per group), two codes packed per byte. Activations:
+input channels per output channel (a scale per group), two codes packed per byte. Both are kept
+transposed, ``(K, N)``, the layout ``torch._int_mm`` wants for its second operand. Activations:
 int8 per token (dynamic, one scale per row of X, computed on the fly) or per tensor (static, one
 scale from calibration).
 """
@@ -62,42 +63,47 @@ def quantize_weight_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_S
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Two signed 4-bit codes per byte: element ``2j`` in the low nibble, ``2j+1`` in the high one."""
-    if q.shape[-1] % 2:
-        raise ValueError("pack_int4 needs an even number of columns")
+    """Two signed 4-bit codes per byte along dim 0: row ``2j`` in the low nibble, ``2j+1`` in the high.
+
+    Weights are packed as ``(K/2, N)`` so that unpacking yields the ``(K, N)`` operand of the GEMM
+    directly, without a transpose copy on every call.
+    """
+    if q.shape[0] % 2:
+        raise ValueError("pack_int4 needs an even number of rows")
     u = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    return u[0::2] | (u[1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: uint8 ``(N, K/2)`` -> int8 ``(N, K)`` with sign restored."""
+    """Inverse of :func:`pack_int4`: uint8 ``(K/2, N)`` -> int8 ``(K, N)`` with the sign restored."""
     low = (packed & 0xF).to(torch.int8)
     high = (packed >> 4).to(torch.int8)
-    both = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    both = torch.stack((low, high), dim=1).reshape(packed.shape[0] * 2, *packed.shape[1:])
     return torch.where(both > 7, both - 16, both)
 
 
-def dequantize_int4(packed: torch.Tensor, group_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Packed int4 + group scales -> dense weight ``(N, K)`` in ``dtype``."""
-    q = unpack_int4(packed)
-    n, k = q.shape
-    groups = group_scale.shape[1]
-    w = q.reshape(n, groups, k // groups).float() * group_scale.float()[:, :, None]
-    return w.reshape(n, k).to(dtype)
-
-
-def int4_to_int8_rows(packed: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def int4_to_int8(packed: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """Re-express int4 group codes on one int8 grid per output channel, for the int8 GEMM.
 
-    With group scales ``s_g`` and a per-row scale ``s_c = max_g |q4 s_g| / 127`` the weight is
-    ``q4 s_g = (q4 r_g) s_c`` where ``r_g = s_g / s_c`` (stored). Rounding ``q4 r_g`` costs at most
-    half an int8 step, i.e. 1/254 of the row maximum -- far below the int4 error itself.
+    With group scales ``s_g`` and a per-channel scale ``s_c = max_g |q4 s_g| / 127`` the weight is
+    ``q4 s_g = (q4 r_g) s_c`` where ``r_g = s_g / s_c`` (stored, ``(K/G, N)``). Rounding ``q4 r_g``
+    costs at most half an int8 step, 1/254 of the channel maximum -- far below the int4 error.
+    Returns int8 ``(K, N)``.
     """
     q = unpack_int4(packed)
-    n, k = q.shape
-    groups = ratio.shape[1]
-    q8 = torch.round(q.reshape(n, groups, k // groups).float() * ratio.float()[:, :, None])
-    return q8.clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8).reshape(n, k)
+    k, n = q.shape
+    groups = ratio.shape[0]
+    q8 = torch.round(q.reshape(groups, k // groups, n).float() * ratio.float()[:, None, :])
+    return q8.clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8).reshape(k, n)
+
+
+def dequantize_int4(packed: torch.Tensor, group_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 ``(K/2, N)`` + group scales ``(K/G, N)`` -> dense ``(K, N)`` weight in ``dtype``."""
+    q = unpack_int4(packed)
+    k, n = q.shape
+    groups = group_scale.shape[0]
+    w = q.reshape(groups, k // groups, n).float() * group_scale.float()[:, None, :]
+    return w.reshape(k, n).to(dtype)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
