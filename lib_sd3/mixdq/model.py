@@ -69,7 +69,7 @@ class MixDQState:
 
     config: BitConfig
     originals: dict[str, nn.Module]
-    device: torch.device
+    devices: dict[str, torch.device]  # where each original tensor lived
     spill_path: Path | None
     bytes_before: int
     bytes_after: int
@@ -121,10 +121,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
             os.remove(tmp)
 
 
-def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], group_size: int,
-                device: torch.device) -> dict[str, QuantLinear] | None:
+def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], group_size: int) -> dict[str, QuantLinear] | None:
+    """Quantized layers from a cache file (staged in RAM, copied to each layer's device), or None."""
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except Exception as error:  # a truncated or foreign file: rebuild rather than fail the toggle
         log.warning("MixDQ cache %s unreadable (%r); re-quantizing", path.name, error)
         return None
@@ -140,14 +140,25 @@ def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], group
     return built
 
 
-def _offload(originals: dict[str, nn.Module], device: torch.device, spill_dir: Path | None) -> Path | None:
-    """Move the originals' tensors off the model's device (see module docstring); returns the spill file."""
-    tensors = {f"{name}.{k}": t for name, module in originals.items() for k, t in module.named_parameters()}
-    if device.type != "cpu":
-        for t in tensors.values():
+def _tensors(originals: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": t for name, module in originals.items() for k, t in module.named_parameters()}
+
+
+def _to_ram(name: str, module: nn.Module) -> dict[str, torch.device]:
+    """Move one original layer's tensors to CPU RAM; returns where each was (A1111's low-VRAM modes
+    keep parts of a model on different devices, and restore puts every tensor back where it was)."""
+    devices = {}
+    for k, t in module.named_parameters():
+        devices[f"{name}.{k}"] = t.device
+        if t.device.type != "cpu":
             t.data = t.data.to("cpu")
-        return None
-    if spill_dir is None:
+    return devices
+
+
+def _spill(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_dir: Path | None) -> Path | None:
+    """Write the originals that already lived in RAM to a file and drop them, so RAM is freed too."""
+    tensors = {k: t for k, t in _tensors(originals).items() if devices[k].type == "cpu"}
+    if spill_dir is None or not tensors:
         return None
     spill_dir.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=spill_dir, prefix="mixdq-originals-", suffix=".safetensors")
@@ -158,16 +169,16 @@ def _offload(originals: dict[str, nn.Module], device: torch.device, spill_dir: P
     return Path(path)
 
 
-def _bring_back(originals: dict[str, nn.Module], device: torch.device, spill_path: Path | None) -> None:
-    tensors = {f"{name}.{k}": t for name, module in originals.items() for k, t in module.named_parameters()}
+def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None) -> None:
+    tensors = _tensors(originals)
     if spill_path is not None:
         with safe_open(str(spill_path), framework="pt", device="cpu") as spilled:
-            for key, t in tensors.items():
-                t.data = spilled.get_tensor(key)
+            for key in spilled.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[key].data = spilled.get_tensor(key)
         spill_path.unlink(missing_ok=True)
-    for t in tensors.values():
-        if t.device != device:
-            t.data = t.data.to(device)
+    for key, t in tensors.items():
+        if t.device != devices[key]:
+            t.data = t.data.to(devices[key])
 
 
 @torch.no_grad()
@@ -178,22 +189,26 @@ def quantize(model: nn.Module, config: BitConfig, cache_dir: str | Path | None =
         raise RuntimeError("model is already MixDQ-quantized; restore it first")
     start = time.perf_counter()
     plans = resolve(config, model)
-    first = next(iter(plans), None)
-    device = model.get_submodule(first).weight.device if first else torch.device("cpu")
     before = module_bytes(model)
-    path = cache_path(cache_dir, model_hash or fingerprint(model), config) if cache_dir else None
-    built = _from_cache(path, model, plans, config.group_size, device) if path and path.is_file() else None
-    cache_hit = built is not None
-    if built is None:
-        built = {name: _build(model.get_submodule(name), plan, config.group_size) for name, plan in plans.items()}
-        if path is not None:
-            _atomic_save({f"{n}.{k}": t for n, layer in built.items() for k, t in layer.named_buffers()}, path)
-    originals = {name: swap_module(model, name, layer) for name, layer in built.items()}
-    spill = _offload(originals, device, Path(spill_dir) if spill_dir else None)
-    result = MixDQState(config, originals, device, spill, before, module_bytes(model), cache_hit,
+    path = None
+    if cache_dir:  # the checkpoint hash names the file; the fingerprint catches weights changed since (LoRA merges)
+        key = f"{model_hash}-{fingerprint(model)}" if model_hash else fingerprint(model)
+        path = cache_path(cache_dir, key, config)
+    cached = _from_cache(path, model, plans, config.group_size) if path and path.is_file() else None
+    originals: dict[str, nn.Module] = {}
+    devices: dict[str, torch.device] = {}
+    for name, plan in plans.items():  # one layer at a time: peak memory = model + one quantized layer
+        layer = cached[name] if cached else _build(model.get_submodule(name), plan, config.group_size)
+        originals[name] = swap_module(model, name, layer)
+        devices.update(_to_ram(name, originals[name]))
+    if cached is None and path is not None:
+        _atomic_save({f"{n}.{k}": t for n in plans for k, t in model.get_submodule(n).named_buffers()}, path)
+    spill = _spill(originals, devices, Path(spill_dir) if spill_dir else None)
+    cache_hit = cached is not None
+    result = MixDQState(config, originals, devices, spill, before, module_bytes(model), cache_hit,
                         time.perf_counter() - start)
     setattr(model, STATE_ATTR, result)
-    log.info("MixDQ %s: %d layers, %.0f -> %.0f MB%s", config.name, len(built), before / 2**20,
+    log.info("MixDQ %s: %d layers, %.0f -> %.0f MB%s", config.name, len(plans), before / 2**20,
              result.bytes_after / 2**20, " (from cache)" if cache_hit else "")
     return result
 
@@ -204,7 +219,7 @@ def restore(model: nn.Module) -> MixDQState | None:
     current = state(model)
     if current is None:
         return None
-    _bring_back(current.originals, current.device, current.spill_path)
+    _bring_back(current.originals, current.devices, current.spill_path)
     for name, original in current.originals.items():
         swap_module(model, name, original)
     delattr(model, STATE_ATTR)
