@@ -152,3 +152,15 @@ def test_bad_arguments_are_clear():
         QuantLinear.from_linear(lin, 2)
     with pytest.raises(ValueError, match="act_scale"):
         QuantLinear.from_linear(lin, 8, "static")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_no_bias_and_autograd_inputs(grad):
+    """The in-place CPU rescale must not change results, with or without autograd in play."""
+    lin = torch.nn.Linear(64, 40, bias=False)
+    q = QuantLinear.from_linear(lin, 8, "dynamic")
+    x = torch.randn(30, 64, requires_grad=grad)
+    expected = fp64_fake_quant_rows(x.detach(), 8) @ fp64_weight(lin.weight.detach(), 8, 0).T
+    with torch.set_grad_enabled(grad):
+        got = q(x if grad else x.detach())
+    assert torch.allclose(got.double(), expected, atol=1e-4)

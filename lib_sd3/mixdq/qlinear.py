@@ -148,7 +148,7 @@ class QuantLinear(nn.Module):
         else:
             qx, sx = quantizers.quantize_per_token(x2)
         acc = kernels.int8_matmul(qx, self.int8_weight(), plan)
-        if acc.device.type == "cpu":
+        if acc.device.type == "cpu" and not sx.requires_grad:
             # The fp32 output overwrites the int32 product in place (same size, element for element):
             # on CPU a fresh (M, N) buffer costs page faults comparable to the rescale itself.
             y = torch.mul(acc, sx, out=acc.view(torch.float32))
@@ -156,7 +156,7 @@ class QuantLinear(nn.Module):
             y = acc * sx
         if self.bias is None:
             return y.mul_(self.wscale).to(x2.dtype)
-        return torch.addcmul(self.bias.float(), y, self.wscale, out=y).to(x2.dtype)
+        return torch.addcmul(self.bias.float(), y, self.wscale, out=None if y.requires_grad else y).to(x2.dtype)
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
