@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import math
 import statistics
 import sys
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lib_sd3 import LOGGER_NAME, get_logger  # noqa: E402
 from lib_sd3.mixdq import config, layers, model, presets  # noqa: E402
 from lib_sd3.mixdq.qlinear import QuantLinear  # noqa: E402
 
@@ -223,12 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, help="joint blocks (default: 2 on CPU, 24 on CUDA)")
     parser.add_argument("--heads", type=int, default=24, help="width = 64 x heads (24 = SD3 Medium's 1536)")
     parser.add_argument("--latent", type=int, help="latent side for fidelity (default 32 on CPU = 256 px, 128 on CUDA)")
-    parser.add_argument("--steps", type=int, default=4, help="sampler steps for the fidelity run")
+    parser.add_argument("--steps", type=int, default=3, help="sampler steps for the fidelity run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=IMAGE_TOKENS_1024PX + TEXT_TOKENS, help="M of the GEMM test")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = parser.parse_args(argv)
 
+    get_logger()  # set the handler up first, then quiet it
+    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)  # no per-toggle INFO lines in the output
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -239,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     m = transformer(blocks, args.heads, latent, args.device, dtype)
+    print(f"# model built at {time.perf_counter() - start:.0f}s", flush=True)
     names = [n for n, _ in layers.linear_layers(m)]
     configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8")}
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "blocks": blocks,
@@ -248,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{kind}_mem_ratio"] = round(sd3_medium_ratio(kind), 4)
     for kind, ratio in memory_ratios(m, configs).items():  # measured on the model benchmarked here
         out[f"{kind}_mem_ratio_{blocks}blocks"] = round(ratio, 4)
+    print(f"# memory done at {time.perf_counter() - start:.0f}s", flush=True)
     ins = inputs(m, latent, 1, args.device, dtype)
     reference = trajectory(m, ins, args.steps)
     out["float_finite"] = bool(torch.isfinite(reference[0]).all())
