@@ -148,15 +148,23 @@ class QuantLinear(nn.Module):
         else:
             qx, sx = quantizers.quantize_per_token(x2)
         acc = kernels.int8_matmul(qx, self.int8_weight(), plan)
-        if acc.device.type == "cpu" and not sx.requires_grad:
-            # The fp32 output overwrites the int32 product in place (same size, element for element):
-            # on CPU a fresh (M, N) buffer costs page faults comparable to the rescale itself.
-            y = torch.mul(acc, sx, out=acc.view(torch.float32))
-        else:
+        bias = self.bias.float() if self.bias is not None else None
+        if acc.device.type != "cpu":
             y = acc * sx
-        if self.bias is None:
-            return y.mul_(self.wscale).to(x2.dtype)
-        return torch.addcmul(self.bias.float(), y, self.wscale, out=None if y.requires_grad else y).to(x2.dtype)
+            return (y.mul_(self.wscale) if bias is None else y.mul_(self.wscale).add_(bias)).to(x2.dtype)
+        # CPU: the fp32 output overwrites the int32 product in place (same size, element for element;
+        # a fresh (M, N) buffer costs page faults comparable to the rescale), a cache-sized row block
+        # at a time so the second pass reads from cache.
+        y = acc.view(torch.float32)
+        rows = max(1, quantizers.CPU_CHUNK_BYTES // (4 * y.shape[1]))
+        for start in range(0, y.shape[0], rows):
+            block, sx_block = y[start:start + rows], sx if sx.dim() == 0 else sx[start:start + rows]
+            torch.mul(acc[start:start + rows], sx_block, out=block)
+            if bias is None:
+                block.mul_(self.wscale)
+            else:
+                torch.addcmul(bias, block, self.wscale, out=block)
+        return y.to(x2.dtype)
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
