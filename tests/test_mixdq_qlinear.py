@@ -164,3 +164,18 @@ def test_no_bias_and_autograd_inputs(grad):
     with torch.set_grad_enabled(grad):
         got = q(x if grad else x.detach())
     assert torch.allclose(got.double(), expected, atol=1e-4)
+
+
+def test_int8_gemm_failure_falls_back_for_the_session(monkeypatch):
+    lin = make_linear()
+    q = QuantLinear.from_linear(lin, 8, "dynamic")
+    x = torch.randn(40, 128)
+    expected = x.double() @ q.dequantized_weight(torch.float64).T + lin.bias.double()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(kernels, "int8_matmul", broken)
+    monkeypatch.setattr(kernels, "_FAILED", set())
+    assert torch.allclose(q(x).double(), expected, atol=1e-4)
+    assert not kernels.int_mm_available("cpu")

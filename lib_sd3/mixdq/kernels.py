@@ -37,8 +37,20 @@ def plan_int_mm(m: int, k: int, n: int, device_type: str, available: bool = True
     return "fallback"
 
 
-@functools.cache
+_FAILED: set[str] = set()  # device types whose int8 GEMM raised at run time (e.g. a GPU without int8 tensor cores)
+
+
+def mark_failed(device_type: str) -> None:
+    """Stop using the int8 GEMM on ``device_type`` for this session (callers then dequantize)."""
+    _FAILED.add(device_type)
+
+
 def int_mm_available(device_type: str) -> bool:
+    return device_type not in _FAILED and _int_mm_supported(device_type)
+
+
+@functools.cache
+def _int_mm_supported(device_type: str) -> bool:
     """Whether this PyTorch has an int8 GEMM on ``device_type`` (feature-tested once, not version-sniffed)."""
     if not hasattr(torch, "_int_mm"):
         return False

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib_sd3 import get_logger
 from lib_sd3.mixdq import kernels, quantizers
+
+log = get_logger("mixdq")
 
 ActMode = Literal["dynamic", "static", "float"]
 WEIGHT_BITS = (4, 8)
@@ -175,7 +178,13 @@ class QuantLinear(nn.Module):
                                    kernels.int_mm_available(device))
         if plan == "fallback":
             return self._float_linear(x)
-        return self._int8_linear(x2, plan).reshape(*x.shape[:-1], self.out_features)
+        try:
+            return self._int8_linear(x2, plan).reshape(*x.shape[:-1], self.out_features)
+        except RuntimeError as error:  # e.g. a GPU whose cuBLAS has no int8 GEMM: dequantize from now on
+            kernels.mark_failed(device)
+            log.warning("int8 GEMM failed on %s (%s); MixDQ layers dequantize instead (memory is still saved)",
+                        device, error)
+            return self._float_linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.float_rows
