@@ -102,8 +102,9 @@ def test_more_sensitive_layers_get_more_bits():
         w[:, ::7] *= 40  # outlier input channels: int4 groups lose everything else
     samples = tiny_samples(2)
     forward = cal.denoised_forward(m)
-    names = cal.candidate_layers(m)
-    sens = cal.measure_sensitivity(m, samples, forward, names, group_size=32)
+    units = cal.candidate_units(m)
+    names = list(units)
+    sens = cal.measure_sensitivity(m, samples, forward, units, group_size=32)
     target = "joint_blocks.0.x_block.mlp.fc2"
     peers = [n for n in names if cal.layers.role(n) == "quality" and n != target]
     assert sens.weight[target][4] > max(sens.weight[n][4] for n in peers)
@@ -115,7 +116,8 @@ def test_static_mode_writes_calibrated_scales():
     samples = tiny_samples(2)
     forward = cal.denoised_forward(m)
     # the BOS row is excluded: the context embedder's scale is set by the ordinary tokens
-    scales = cal.static_act_scales(m, samples, forward, ["context_embedder", "joint_blocks.0.x_block.attn.qkv"])
+    scales = cal.static_act_scales(m, samples, forward, {n: [n] for n in ("context_embedder",
+                                                                           "joint_blocks.0.x_block.attn.qkv")})
     ctx_amax = max(float(s["context"][:, 1:].abs().amax()) for s in samples)
     assert scales["context_embedder"] == pytest.approx(ctx_amax / 127)
     cfg, _ = cal.calibrate(m, samples[:1], forward, model.module_bytes(m) // 2, group_size=32, act_mode="static",
@@ -138,5 +140,17 @@ def test_cli_tiny_run(tmp_path, capsys):
 
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["predicted_bytes"] <= summary["budget_bytes"] == int(0.4 * summary["model_bytes"])
-    assert config.load(out).weight
+    written = config.load(out)
+    assert written.weight
+    # calibrated on diffusers' transformer, written in sd3-ref names: q/k/v are one unit
+    assert all(not n.startswith("transformer_blocks") for n in written.weight)
+    from lib_sd3.mixdq.__main__ import tiny_model
+
+    plan = config.resolve(written, tiny_model())
+    qkv = [n for n in written.weight if n.endswith("x_block.attn.qkv")]
+    assert qkv
+    for n in qkv:
+        block = n.split(".")[1]
+        bits = {plan[f"transformer_blocks.{block}.attn.to_{c}"].w_bits for c in "qkv"}
+        assert bits == {written.weight[n]}
     assert len(cal.shipped_prompts()) >= 8

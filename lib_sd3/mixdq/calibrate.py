@@ -93,33 +93,37 @@ def _run(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], forward: 
         return [forward(model, s) for s in samples]
 
 
-def _measure(model, name, samples, forward, refs, role, w_bits, act_mode, group_size) -> float:
-    linear = model.get_submodule(name)
-    rows = 1 if layers.is_text_stream(name) else 0
-    quant = QuantLinear.from_linear(linear, w_bits, act_mode, group_size, float_rows=rows)
-    swap_module(model, name, quant)
+def _measure(model, modules, samples, forward, refs, role, w_bits, act_mode, group_size) -> float:
+    """Loss with one unit (a layer, or diffusers' split q/k/v of one sd3 qkv) quantized alone."""
+    originals = {}
+    for name in modules:
+        rows = 1 if layers.is_text_stream(name) else 0
+        quant = QuantLinear.from_linear(model.get_submodule(name), w_bits, act_mode, group_size, float_rows=rows)
+        originals[name] = swap_module(model, name, quant)
     try:
         outs = _run(model, samples, forward)
     finally:
-        swap_module(model, name, linear)
+        for name, linear in originals.items():
+            swap_module(model, name, linear)
     return sum(loss(role, r, o) for r, o in zip(refs, outs, strict=True)) / len(refs)
 
 
 def measure_sensitivity(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], forward: Forward,
-                        candidates: Sequence[str], group_size: int = DEFAULT_GROUP_SIZE) -> Sensitivity:
-    """Quantize one layer at a time (weights at 4 and 8 bits, then W8A8) and record the loss."""
+                        units: dict[str, list[str]], group_size: int = DEFAULT_GROUP_SIZE) -> Sensitivity:
+    """Quantize one unit at a time (weights at 4 and 8 bits, then W8A8) and record the loss."""
     refs = _run(model, samples, forward)
     weight, act, roles = {}, {}, {}
-    for i, name in enumerate(candidates):
-        role = roles[name] = layers.role(name)
-        k = model.get_submodule(name).in_features
-        weight[name] = {16: 0.0, 8: _measure(model, name, samples, forward, refs, role, 8, "float", group_size)}
-        weight[name][4] = (_measure(model, name, samples, forward, refs, role, 4, "float", group_size)
-                           if k % group_size == 0 else math.inf)
-        if layers.is_tokenwise(name):
-            a8 = _measure(model, name, samples, forward, refs, role, 8, "dynamic", group_size)
-            act[name] = max(0.0, a8 - weight[name][8])
-        log.debug("sensitivity %d/%d %s: %s", i + 1, len(candidates), name, weight[name])
+    for i, (unit, modules) in enumerate(units.items()):
+        role = roles[unit] = layers.role(unit)
+        fits4 = all(model.get_submodule(n).in_features % group_size == 0 for n in modules)
+
+        def measure(w_bits: int, act_mode: str, modules=modules, role=role) -> float:
+            return _measure(model, modules, samples, forward, refs, role, w_bits, act_mode, group_size)
+
+        weight[unit] = {16: 0.0, 8: measure(8, "float"), 4: measure(4, "float") if fits4 else math.inf}
+        if layers.is_tokenwise(unit):
+            act[unit] = max(0.0, measure(8, "dynamic") - weight[unit][8])
+        log.debug("sensitivity %d/%d %s: %s", i + 1, len(units), unit, weight[unit])
     return Sensitivity(weight, act, roles)
 
 
@@ -172,25 +176,32 @@ def allocate(costs: dict[str, dict[int, float]], sizes: dict[str, dict[int, int]
     return chosen
 
 
-def candidate_layers(model: nn.Module) -> list[str]:
-    """Every Linear except the embedders and the final layer (1 % of the weights, kept float)."""
-    return [n for n, _ in layers.linear_layers(model) if not layers.PROTECTED.match(layers.canonical_name(n))]
+def candidate_units(model: nn.Module) -> dict[str, list[str]]:
+    """sd3-ref layer name -> the model's Linear modules for it, for every Linear except the embedders
+    and the final layer (1 % of the weights, kept float). One entry per sd3-ref name makes the config
+    portable: calibrated on diffusers' model (q/k/v split) it applies to A1111's fused qkv too."""
+    units: dict[str, list[str]] = {}
+    for name, _ in layers.linear_layers(model):
+        canonical = layers.canonical_name(name)
+        if not layers.PROTECTED.match(canonical):
+            units.setdefault(canonical, []).append(name)
+    return units
 
 
-def static_act_scales(model: nn.Module, samples, forward: Forward, names: Sequence[str]) -> dict[str, float]:
-    """Per-tensor int8 scales ``amax / 127`` of each layer's input over the samples (BOS rows excluded)."""
-    amax: dict[str, float] = dict.fromkeys(names, 0.0)
+def static_act_scales(model: nn.Module, samples, forward: Forward, units: dict[str, list[str]]) -> dict[str, float]:
+    """Per-tensor int8 scales ``amax / 127`` of each unit's input over the samples (BOS rows excluded)."""
+    amax: dict[str, float] = dict.fromkeys(units, 0.0)
     handles = []
-    for name in names:
-        skip = 1 if layers.is_text_stream(name) else 0
+    for unit, modules in units.items():
+        skip = 1 if layers.is_text_stream(unit) else 0
 
-        def hook(_module, args, name=name, skip=skip):
+        def hook(_module, args, unit=unit, skip=skip):
             x = args[0]
             if skip and x.dim() == 3 and x.shape[1] > skip:
                 x = x[:, skip:]
-            amax[name] = max(amax[name], float(x.detach().abs().amax()))
+            amax[unit] = max(amax[unit], float(x.detach().abs().amax()))
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        handles += [model.get_submodule(n).register_forward_pre_hook(hook) for n in modules]
     try:
         _run(model, samples, forward)
     finally:
@@ -203,19 +214,24 @@ def calibrate(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], forw
               content_weight: float = 1.0, protect_fraction: float = 0.02, act_mode: str = "dynamic",
               group_size: int = DEFAULT_GROUP_SIZE, name: str = "calibrated") -> tuple[BitConfig, dict]:
     """Measure, solve, and return the config plus a report (sizes, objective, per-layer losses)."""
-    candidates = candidate_layers(model)
-    sens = measure_sensitivity(model, samples, forward, candidates, group_size)
+    units = candidate_units(model)
+    candidates = list(units)
+    sens = measure_sensitivity(model, samples, forward, units, group_size)
     modules = dict(layers.linear_layers(model))
-    sizes = {n: {b: layer_bytes(modules[n].out_features, modules[n].in_features, b, modules[n].bias is not None,
-                                modules[n].weight.dtype, group_size,
-                                static_act=act_mode == "static" and b < 16 and layers.is_tokenwise(n))
-                 for b in CANDIDATE_BITS if math.isfinite(sens.weight[n][b])} for n in candidates}
+
+    def unit_bytes(unit: str, bits: int) -> int:
+        return sum(layer_bytes(modules[n].out_features, modules[n].in_features, bits, modules[n].bias is not None,
+                               modules[n].weight.dtype, group_size,
+                               static_act=act_mode == "static" and bits < 16 and layers.is_tokenwise(n))
+                   for n in units[unit])
+
+    sizes = {u: {b: unit_bytes(u, b) for b in CANDIDATE_BITS if math.isfinite(sens.weight[u][b])} for u in candidates}
     fixed = module_bytes(model) - sum(sizes[n][16] for n in candidates)
     chosen = allocate(normalised_costs(sens, content_weight), sizes, budget_bytes - fixed)
     tokenwise = [n for n in candidates if chosen[n] < 16 and n in sens.act]
     n_protect = round(protect_fraction * len(tokenwise))
     protect = sorted(tokenwise, key=lambda n: sens.act[n], reverse=True)[:n_protect]
-    scales = static_act_scales(model, samples, forward, tokenwise) if act_mode == "static" else {}
+    scales = static_act_scales(model, samples, forward, {u: units[u] for u in tokenwise}) if act_mode == "static" else {}
     config = BitConfig(weight={n: b for n, b in chosen.items() if b < 16}, act=dict.fromkeys(tokenwise, 8),
                        act_protect=tuple(protect), act_mode=act_mode, group_size=group_size,
                        act_scales={n: s for n, s in scales.items() if n not in protect}, name=name)
