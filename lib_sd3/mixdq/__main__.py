@@ -30,7 +30,8 @@ TINY_CONFIG = {"sample_size": 16, "patch_size": 2, "in_channels": 4, "num_layers
                "pooled_projection_dim": 64, "out_channels": 4, "pos_embed_max_size": 16}
 TINY_TOKENS = 12
 TINY_LATENT = 8  # latent pixels per side
-BOS_GAIN = 30.0  # CLIP's BOS hidden state is tens of times larger than the other tokens'
+BOS_GAIN = 30.0
+A1111_T5_TOKENS = 77  # A1111 pads/cuts T5 to 77 tokens: 154 text tokens in all, as at inference there  # CLIP's BOS hidden state is tens of times larger than the other tokens'
 
 
 def _seed(text: str) -> int:
@@ -77,7 +78,9 @@ def diffusers_samples(path: str, prompts: list[str], steps: int, size: int, devi
     samples = []
     with torch.no_grad():
         for prompt in prompts:
-            context, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False)
+            context, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=A1111_T5_TOKENS)
             g = torch.Generator(device="cpu").manual_seed(_seed(prompt))
             x = torch.randn(1, model.config.in_channels, latent, latent, generator=g).to(device, dtype)
             levels = [*flow_sigmas(steps, pipe.scheduler.config.get("shift", 3.0)), 0.0]
