@@ -22,19 +22,20 @@ class SourceTarget:
 
 
 TARGETS: tuple[SourceTarget, ...] = (
-    SourceTarget("token_counter", ("modules/sd_hijack.py",), r"^\s+def get_prompt_lengths\(",
-                 "prompt token counter"),
-    SourceTarget("sd3_cond", ("modules/models/sd3/sd3_cond.py", "modules/models/sd3/sd3_model.py"),
-                 r"^class SD3Cond\b", "SD3 text conditioning (T5, token counts)"),
-    SourceTarget("timestep_samplers", ("modules/sd_samplers_timesteps.py",), r"^samplers_timesteps\s*=\s*\[",
-                 "DDIM / PLMS / UniPC on rectified flow"),
-    SourceTarget("schedulers", ("modules/sd_schedulers.py",), r"^schedulers\s*=\s*\[",
-                 "schedules (AYS and others) on rectified flow"),
-    SourceTarget("script_before_every_sampling", ("modules/scripts.py",),
-                 r"^\s+def process_before_every_sampling\(", "script hook run before each sampling pass"),
-    SourceTarget("text_encoder_download", ("modules/modelloader.py",),
-                 r"^def load_file_from_url\(|^from \S+ import [^\n]*\bload_file_from_url\b",
-                 "text-encoder downloads (resume, verify, mirrors)"),
+    SourceTarget("tokens.get_prompt_lengths", ("modules/sd_hijack.py",), r"^\s+def get_prompt_lengths\(",
+                 "prompt token counter (CLIP and T5 counts for SD3)"),
+    SourceTarget("t5.sd3_cond", ("modules/models/sd3/sd3_cond.py", "modules/models/sd3/sd3_model.py"),
+                 r"^class SD3Cond\b", "SD3 text conditioning: T5 fetched, attached without restart"),
+    SourceTarget("samplers.create_sampler", ("modules/sd_samplers.py",), r"^def create_sampler\(",
+                 "DDIM / PLMS / UniPC and the noise-injecting samplers on rectified flow"),
+    SourceTarget("samplers.schedulers", ("modules/sd_schedulers.py",), r"^schedulers\s*=\s*\[",
+                 "schedules (AYS and others) in flow space"),
+    SourceTarget("samplers.nan_guard", ("modules/models/sd3/sd3_model.py",), r"^class SD3Denoiser\b",
+                 "NaN guard around the SD3 denoiser"),
+    SourceTarget("iclight.hooks", ("modules/scripts.py",), r"^class ScriptRunner\b",
+                 "IC-Light hooks wrapped in the script runners"),
+    SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
+                 "MixDQ float layers restored before A1111 loads new weights"),
 )
 
 

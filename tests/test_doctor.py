@@ -45,10 +45,16 @@ schedulers = [
 ]
 """
 SCRIPTS = """
+class ScriptRunner:
+    pass
+
+
 class Script:
     def process_before_every_sampling(self, p, *args, **kwargs):
         pass
 """
+SD_SAMPLERS = "def create_sampler(name, model):\n    pass\n"
+SD_MODELS = "def load_model_weights(model, checkpoint_info, state_dict, timer):\n    pass\n"
 MODELLOADER_DEV = "from modules.util import load_file_from_url  # noqa, backwards compatibility\n"
 MODELLOADER_EARLY = "def load_file_from_url(\n    url: str,\n    *,\n    model_dir: str,\n) -> str:\n    pass\n"
 SD3_COND_DEV = """
@@ -62,7 +68,7 @@ class SD3Cond(torch.nn.Module):
     def get_token_count(self, text):
         return self.model_lg.get_token_count(text)
 """
-SD3_MODEL_DEV = "class SD3Inferencer(torch.nn.Module):\n    pass\n"
+SD3_MODEL_DEV = "class SD3Denoiser(k_diffusion.external.DiscreteSchedule):\n    pass\n\n\nclass SD3Inferencer(torch.nn.Module):\n    pass\n"
 SD3_MODEL_EARLY = """
 class SD3Cond(torch.nn.Module):
     def __init__(self, *args, **kwargs):
@@ -71,6 +77,10 @@ class SD3Cond(torch.nn.Module):
 
     def forward(self, prompts: list[str]):
         pass
+
+
+class SD3Denoiser(k_diffusion.external.DiscreteSchedule):
+    pass
 
 
 class SD3Inferencer(torch.nn.Module):
@@ -86,6 +96,8 @@ def make_webui(root, state):
         "modules/sd_samplers_timesteps.py": SAMPLERS_TIMESTEPS,
         "modules/sd_schedulers.py": SCHEDULERS,
         "modules/scripts.py": SCRIPTS,
+        "modules/sd_samplers.py": SD_SAMPLERS,
+        "modules/sd_models.py": SD_MODELS,
         "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
     }
     if state == "dev":
@@ -139,8 +151,8 @@ def test_sd3_states_and_targets(tmp_path, hub, capsys, state, words, cond_file):
     for target in targets.TARGETS:
         row = rows[("patch targets", target.patch)]
         assert row["status"] == OK, row
-    assert rows[("patch targets", "sd3_cond")]["detail"].endswith(cond_file)
-    assert rows[("patch targets", "text_encoder_download")]["detail"].endswith("modules/modelloader.py")
+    assert rows[("patch targets", "t5.sd3_cond")]["detail"].endswith(cond_file)
+    assert rows[("patch targets", "samplers.nan_guard")]["detail"].endswith("modules/models/sd3/sd3_model.py")
 
 
 def test_no_sd3_fails_with_exit_1_and_a_readable_table(tmp_path, hub, capsys):
@@ -163,7 +175,7 @@ def test_missing_target_is_a_warning_for_that_patch_only(tmp_path, hub, capsys):
     code, report, _ = run_doctor(capsys, "--webui", root)
     assert code == 0
     statuses = {c["item"]: c["status"] for c in report["checks"] if c["section"] == "patch targets"}
-    assert statuses.pop("schedulers") == WARN
+    assert statuses.pop("samplers.schedulers") == WARN
     assert set(statuses.values()) == {OK}
 
 
@@ -186,7 +198,8 @@ def test_a1111_state_rule_is_the_same_as_the_running_webuis(fake_webui, tmp_path
 
     root = make_webui(tmp_path / state, state)
     if source:
-        namespace = {"torch": type("torch", (), {"nn": type("nn", (), {"Module": object})})}
+        namespace = {"torch": type("torch", (), {"nn": type("nn", (), {"Module": object})}),
+                     "k_diffusion": type("k_diffusion", (), {"external": type("external", (), {"DiscreteSchedule": object})})}
         exec(compile(source, module, "exec"), namespace)
         fake_webui.module(module, SD3Cond=namespace["SD3Cond"])
     assert doctor.sd3_state_of(root)[0] == capabilities.a1111_state()
@@ -452,3 +465,18 @@ def test_iclight_shape_parses_only_the_hook():
     assert doctor.iclight_shape("class S:\n    def process(self, p):\n        assert Forge\n") is None
     assert doctor.iclight_shape("class S:\n    def process_before_every_sampling(self, p):\n        pass\n") == (
         doctor.ICLIGHT_UNKNOWN)
+
+
+def test_every_registered_patch_has_exactly_one_source_target(fake_webui):
+    """The doctor checks what the running WebUI patches: one row per registry patch, same names."""
+    import importlib
+
+    from lib_sd3.webui import startup
+    from lib_sd3.webui.registry import REGISTRY
+
+    for name in startup.FEATURE_MODULES:
+        importlib.import_module(name)
+    feature_patches = {p.name for p in REGISTRY if not p.name.startswith("test_")}  # test_*: stand-in features
+    rows = [t.patch for t in targets.TARGETS]
+    assert len(rows) == len(set(rows))
+    assert set(rows) == feature_patches

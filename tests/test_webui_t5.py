@@ -174,12 +174,12 @@ def webui(request, fake_webui, tmp_path, monkeypatch):
     monkeypatch.setattr(t5_webui, "ensure_tokenizers", lambda: tokenizer_calls.append(1))
     monkeypatch.setattr(t5_webui, "STATUS", t5_webui.T5Status())
     fake_webui.tokenizer_calls = tokenizer_calls
-    assert REGISTRY.apply("t5_managed_by_sd3").value == "applied", REGISTRY.get("t5_managed_by_sd3").reason
+    assert REGISTRY.apply("t5.sd3_cond").value == "applied", REGISTRY.get("t5.sd3_cond").reason
     yield types.SimpleNamespace(ui=fake_webui, shared=shared, t5=t5_webui, state=request.param,
                                 clip=Path(shared.models_path) / "CLIP")
     t5_webui.cancel()
     t5_webui.wait(10)
-    REGISTRY.undo("t5_managed_by_sd3")
+    REGISTRY.undo("t5.sd3_cond")
 
 
 @pytest.fixture
@@ -346,7 +346,7 @@ def test_routes(webui, mirror):
     assert body["fetch_state"] in ("fetching", "done")
     assert webui.t5.wait(30)
     assert client.get("/sd3/t5").json()["files"][T5_FP16] is True
-    assert client.get("/sd3/status").json()["features"]["t5"]["fetch_state"] == "done"
+    assert client.get("/sd3/status").json()["features"]["T5-XXL"]["fetch_state"] == "done"
 
 
 def test_clip_downloads_go_through_the_fetcher(webui, mirror):

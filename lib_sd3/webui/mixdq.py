@@ -314,7 +314,7 @@ def _restore_first(original: Any) -> Any:
     return load_model_weights
 
 
-PATCH = Patch.from_swaps("mixdq_restore_before_weight_load", FEATURE, _detect,
+PATCH = Patch.from_swaps("mixdq.load_model_weights", FEATURE, _detect,
                          lambda: [AttributeSwap(_sd_models(), "load_model_weights", _restore_first)])
 
 REGISTRY.add(PATCH)

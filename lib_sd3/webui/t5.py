@@ -40,7 +40,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("t5")
 
-FEATURE = "t5"
+FEATURE = "T5-XXL"
 INFOTEXT = settings.BY_KEY["sd3_t5_mode"].infotext
 SOURCES: dict[str, tuple[KnownFile, ...]] = {name: sources(name) for name in (T5_FP16, T5_FP8, CLIP_L, CLIP_G)}
 """Where each file comes from (tests point this at their own small files)."""
@@ -496,7 +496,7 @@ def build_ui(is_img2img: bool) -> None:
     fetch_button.click(fn=lambda: (post_fetch(), _status_markdown())[1], inputs=[], outputs=[text])
 
 
-REGISTRY.add(Patch.from_swaps("t5_managed_by_sd3", FEATURE, _detect_cond, _swaps))
+REGISTRY.add(Patch.from_swaps("t5.sd3_cond", FEATURE, _detect_cond, _swaps))
 hooks.PROCESS.append(process)
 hooks.ROUTES.append(add_routes)
 hooks.UI.append(build_ui)
