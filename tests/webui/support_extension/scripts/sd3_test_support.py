@@ -1,0 +1,61 @@
+"""Test-only A1111 extension the real-WebUI suite installs next to sd-webui-sd3 (never shipped to users).
+
+It runs inside A1111 when scripts load, before the model loads, and does two things, both driven by
+``SD3_TEST_T5`` (JSON written by tests/webui/conftest.py):
+
+- shrinks A1111's ``T5_CONFIG`` in place (``modules.models.sd3.sd3_cond`` on dev, ``sd3_model`` on
+  34b4443c) to the reduced T5 the test's mirror serves: T5-XXL at full size needs ~19 GB in fp32;
+- points the extension's known-files table at that reduced file's size and sha256, so the downloader
+  verifies the bytes the mirror really serves instead of rejecting them as not the real T5-XXL.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+
+from modules import scripts
+
+SETTINGS = json.loads(os.environ.get("SD3_TEST_T5", "{}"))
+
+
+def _shrink_t5_config() -> str:
+    config = SETTINGS.get("config")
+    if not config:
+        return "no reduced T5 config given"
+    for name in ("modules.models.sd3.sd3_cond", "modules.models.sd3.sd3_model"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        if isinstance(getattr(module, "T5_CONFIG", None), dict):
+            module.T5_CONFIG.update(config)
+            return f"{name}.T5_CONFIG reduced to {config}"
+    return "no T5_CONFIG found"
+
+
+def _retarget_known_files() -> str:
+    if not SETTINGS.get("sha256"):
+        return "no reduced T5 digest given"
+    try:
+        known = importlib.import_module("lib_sd3.known_files")
+    except Exception:
+        return "lib_sd3.known_files not present"
+    rows = []
+    for row in known.KNOWN_FILES:
+        if getattr(row, "filename", None) == SETTINGS.get("filename", "t5xxl_fp16.safetensors"):
+            row = dataclasses.replace(row, size=SETTINGS["size"], sha256=SETTINGS["sha256"], confirmed=True)
+        rows.append(row)
+    known.KNOWN_FILES = tuple(rows)
+    return "known_files T5 row points at the reduced test file"
+
+
+print(f"[sd3-test-support] {_shrink_t5_config()}; {_retarget_known_files()}")
+
+
+class SD3TestSupport(scripts.Script):
+    def title(self):
+        return "SD3 test support"
+
+    def show(self, is_img2img):
+        return False
