@@ -241,7 +241,8 @@ def _wait_ready(process: subprocess.Popen, url: str, log_path: Path, state: str)
         if process.poll() is not None:
             pytest.fail(f"{state}: A1111 exited with {process.returncode}:\n{log_path.read_text()[-6000:]}")
         log = log_path.read_text(errors="replace")
-        if "Model loaded in" in log:
+        # "Startup time:" comes after app_started callbacks (our /sd3 routes); the model may load before or after.
+        if "Model loaded in" in log and "Startup time:" in log:
             try:
                 if httpx.get(url + "/sdapi/v1/options", timeout=10).status_code == 200:
                     return time.monotonic() - start
