@@ -55,10 +55,26 @@ def configured_states() -> list[str]:
     return [state for state, var in STATES.items() if os.environ.get(var)]
 
 
+RUN_LAST = ("test_t5_fetch.py",)
+"""Cases that change the server for good (T5 switched on) run after the others of their state."""
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    """Mark the suite's cases, keep each state's cases together, and put RUN_LAST at the end of each."""
+    order = list(STATES)
+
+    def key(indexed):
+        index, item = indexed
+        if not Path(str(item.fspath)).resolve().is_relative_to(HERE):
+            return (0, 0, 0, index)
+        state = getattr(item, "callspec", None) and item.callspec.params.get("webui")
+        return (1, order.index(state) if state in order else -1, Path(str(item.fspath)).name in RUN_LAST, index)
+
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(HERE):
             item.add_marker(pytest.mark.webui)
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
 
 def _free_port() -> int:
@@ -337,12 +353,32 @@ def webui(request, tmp_path_factory):
         pytest.fail(f"{state}: the checkout changed during the run:\nbefore:\n{before}\nafter:\n{after}")
 
 
-TRACEBACK_MARKS = ("Traceback (most recent call last)", "*** Error", "AssertionError")
+STANDIN_MARK = "sd3-test-iclight"
+"""Folder prefix of the stand-in IC-Light extensions; their errors belong to the IC-Light cases only."""
 
 
-def tracebacks_in(text: str) -> list[str]:
-    """Lines of a server-log slice that show an error, with a little context."""
-    lines = text.splitlines()
-    return ["\n".join(lines[max(0, i - 2):i + 8]) for i, line in enumerate(lines)
-            if any(mark in line for mark in TRACEBACK_MARKS)]
+def _error_blocks(text: str) -> list[str]:
+    """A1111's ``*** message`` + indented traceback + ``---`` blocks, and bare Python tracebacks."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*** ") or line.startswith("Traceback (most recent call last)"):
+            if current:
+                blocks.append("\n".join(current))
+            current = [line]
+        elif current is not None:
+            if line.startswith((" ", "\t")):
+                current.append(line)
+                continue
+            if current[0].startswith("Traceback") and line.strip() != "---":
+                current.append(line)  # the exception line ends a bare traceback
+            blocks.append("\n".join(current))
+            current = None
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
 
+
+def tracebacks_in(text: str, include_standins: bool = False) -> list[str]:
+    """Error blocks in a server-log slice; the stand-in IC-Light's own errors only when asked for."""
+    return [b for b in _error_blocks(text) if include_standins or STANDIN_MARK not in b]

@@ -1,6 +1,10 @@
 """Test-only A1111 extension the real-WebUI suite installs next to sd-webui-sd3 (never shipped to users).
 
-It runs inside A1111 when scripts load, before the model loads, and does two things, both driven by
+It records what the API cannot show: the final latent of every generation (finite? its std?) as an
+infotext entry ``SD3 test latent`` (from the ``post_sample`` hook, before the VAE), so the sampler
+cases judge the sampler's output rather than a random VAE's picture of it.
+
+It also runs inside A1111 when scripts load, before the model loads, and does two things, both driven by
 ``SD3_TEST_T5`` (JSON written by tests/webui/conftest.py):
 
 - shrinks A1111's ``T5_CONFIG`` in place (``modules.models.sd3.sd3_cond`` on dev, ``sd3_model`` on
@@ -53,9 +57,23 @@ def _retarget_known_files() -> str:
 print(f"[sd3-test-support] {_shrink_t5_config()}; {_retarget_known_files()}")
 
 
+LATENT_KEY = "SD3 test latent"
+
+
 class SD3TestSupport(scripts.Script):
     def title(self):
         return "SD3 test support"
 
     def show(self, is_img2img):
-        return False
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return []
+
+    def post_sample(self, p, ps, *args):
+        import torch
+
+        samples = ps.samples.float()
+        finite = bool(torch.isfinite(samples).all())
+        std = float(samples[torch.isfinite(samples)].std()) if finite or torch.isfinite(samples).any() else float("nan")
+        p.extra_generation_params[LATENT_KEY] = f"finite {int(finite)} std {std:.6g}"
