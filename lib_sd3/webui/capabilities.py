@@ -10,10 +10,10 @@ import importlib
 from typing import Any
 
 from lib_sd3 import __version__
+from lib_sd3.sd3_state import STATE_DEV, STATE_EARLY, STATE_NONE, classify
 
-STATE_EARLY = "early-sd3"  # SD3 branch as of 34b4443c: SD3Cond in sd3_model.py, no token counting
-STATE_DEV = "v1.10+"  # v1.10 / dev: sd3_cond.py with SD3Cond.get_token_count
-STATE_NONE = "no-sd3"  # A1111 without SD3 support (< 1.10)
+__all__ = ["STATE_DEV", "STATE_EARLY", "STATE_NONE", "a1111_state", "capabilities", "loaded_model", "model_is_sd3",
+           "sd3_cond_class"]
 
 
 def _module(name: str) -> Any | None:
@@ -35,9 +35,7 @@ def sd3_cond_class() -> type | None:
 def a1111_state() -> str:
     """Tell the early SD3 branch from v1.10/dev by what SD3Cond can do."""
     cond = sd3_cond_class()
-    if cond is None:
-        return STATE_NONE
-    return STATE_DEV if hasattr(cond, "get_token_count") else STATE_EARLY
+    return classify(None if cond is None else dir(cond))
 
 
 def loaded_model() -> Any | None:

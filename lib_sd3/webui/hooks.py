@@ -18,3 +18,4 @@ ROUTES: list[Callable[[Any], None]] = []  # (fastapi.APIRouter) -> None
 UI: list[Callable[[bool], None]] = []  # (is_img2img) -> None, builds gradio blocks in the accordion
 STATUS: dict[str, Callable[[], dict[str, Any]]] = {}  # feature -> extra status for /sd3/status
 MODEL_LOADED: list[Callable[[Any], None]] = []  # (sd_model) -> None
+APP_STARTED: list[Callable[[], None]] = []  # after A1111 built its UI/API and script runners (each UI reload too)

@@ -15,7 +15,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("startup")
 
-FEATURE_MODULES: tuple[str, ...] = ()
+FEATURE_MODULES: tuple[str, ...] = ("lib_sd3.webui.iclight",)
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
 _FAILED_FEATURES: dict[str, str] = {}
@@ -41,6 +41,16 @@ def on_model_loaded(sd_model: object) -> None:
             log.exception("model-loaded hook %s failed", getattr(callback, "__name__", callback))
 
 
+def on_app_started(_demo: object, app: object) -> None:
+    """Mount our routes, then run the features' hooks that need A1111's finished UI / script runners."""
+    routes.mount(app)
+    for callback in hooks.APP_STARTED:
+        try:
+            callback()
+        except Exception:
+            log.exception("app-started hook %s failed", getattr(callback, "__name__", callback))
+
+
 def install() -> None:
     """Register callbacks with A1111 (again after a UI reload) and apply global patches."""
     from modules import script_callbacks, shared
@@ -48,7 +58,7 @@ def install() -> None:
     _load_features()
     hooks.STATUS["startup"] = lambda: {"failed_features": dict(_FAILED_FEATURES)}
     script_callbacks.on_ui_settings(lambda: settings.register(shared))
-    script_callbacks.on_app_started(lambda _demo, app: routes.mount(app))
+    script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))

@@ -1,0 +1,1 @@
+"""Stand-in for IC-Light's ``libiclight`` package (see ../README.md)."""

@@ -1,0 +1,456 @@
+"""``python -m lib_sd3 doctor`` on small fake A1111 trees shaped like the real early-SD3 and dev code."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lib_sd3 import cli, doctor, known_files, targets
+from lib_sd3.doctor import FAIL, INFO, OK, WARN
+
+# --- fake A1111 source, trimmed from the real shapes of both states ------------------------------
+
+SD_HIJACK_DEV = """
+class StableDiffusionModelHijack:
+    def get_prompt_lengths(self, text):
+        if self.clip is None:
+            return "-", "-"
+        if hasattr(self.clip, 'get_token_count'):
+            token_count = self.clip.get_token_count(text)
+        else:
+            _, token_count = self.clip.process_texts([text])
+        return token_count, self.clip.get_target_prompt_token_count(token_count)
+"""
+SD_HIJACK_EARLY = """
+class StableDiffusionModelHijack:
+    def get_prompt_lengths(self, text):
+        _, token_count = self.clip.process_texts([text])
+        return token_count, self.clip.get_target_prompt_token_count(token_count)
+"""
+SAMPLERS_TIMESTEPS = """
+samplers_timesteps = [
+    ('DDIM', sd_samplers_timesteps_impl.ddim, ['ddim'], {}),
+    ('PLMS', sd_samplers_timesteps_impl.plms, ['plms'], {}),
+]
+"""
+SCHEDULERS = """
+schedulers = [
+    Scheduler('automatic', 'Automatic', None),
+]
+"""
+SCRIPTS = """
+class Script:
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        pass
+"""
+MODELLOADER_DEV = "from modules.util import load_file_from_url  # noqa, backwards compatibility\n"
+MODELLOADER_EARLY = "def load_file_from_url(\n    url: str,\n    *,\n    model_dir: str,\n) -> str:\n    pass\n"
+SD3_COND_DEV = """
+class SD3Cond(torch.nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def forward(self, prompts: list[str]):
+        pass
+
+    def get_token_count(self, text):
+        return self.model_lg.get_token_count(text)
+"""
+SD3_MODEL_DEV = "class SD3Inferencer(torch.nn.Module):\n    pass\n"
+SD3_MODEL_EARLY = """
+class SD3Cond(torch.nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = SD3Tokenizer()
+
+    def forward(self, prompts: list[str]):
+        pass
+
+
+class SD3Inferencer(torch.nn.Module):
+    pass
+"""
+
+
+def make_webui(root, state):
+    files = {
+        "launch.py": "from modules import launch_utils\n",
+        "modules/processing.py": "class StableDiffusionProcessing:\n    pass\n",
+        "modules/sd_hijack.py": SD_HIJACK_EARLY if state == "early" else SD_HIJACK_DEV,
+        "modules/sd_samplers_timesteps.py": SAMPLERS_TIMESTEPS,
+        "modules/sd_schedulers.py": SCHEDULERS,
+        "modules/scripts.py": SCRIPTS,
+        "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
+    }
+    if state == "dev":
+        files["modules/models/sd3/sd3_cond.py"] = SD3_COND_DEV
+        files["modules/models/sd3/sd3_model.py"] = SD3_MODEL_DEV
+    elif state == "early":
+        files["modules/models/sd3/sd3_model.py"] = SD3_MODEL_EARLY
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (root / "models" / "CLIP").mkdir(parents=True)
+    (root / "extensions").mkdir()
+    return root
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hub cache that the doctor (and from_pretrained) would use; online."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    for var in ("TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def run_doctor(capsys, *args):
+    code = cli.main(["doctor", *map(str, args), "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if out.out else None), out.err
+
+
+def by_item(report):
+    return {(c["section"], c["item"]): c for c in report["checks"]}
+
+
+# --- state, targets, exit codes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("state, words, cond_file", [
+    ("dev", "v1.10", "modules/models/sd3/sd3_cond.py"),
+    ("early", "early SD3 branch", "modules/models/sd3/sd3_model.py"),
+])
+def test_sd3_states_and_targets(tmp_path, hub, capsys, state, words, cond_file):
+    root = make_webui(tmp_path / "webui", state)
+    code, report, err = run_doctor(capsys, "--webui", root)
+    assert code == 0 and report["sd3_can_work"] is True, err
+    rows = by_item(report)
+    assert rows[("A1111", "SD3 support")]["status"] == OK
+    assert words in rows[("A1111", "SD3 support")]["detail"]
+    for target in targets.TARGETS:
+        row = rows[("patch targets", target.patch)]
+        assert row["status"] == OK, row
+    assert rows[("patch targets", "sd3_cond")]["detail"].endswith(cond_file)
+    assert rows[("patch targets", "text_encoder_download")]["detail"].endswith("modules/modelloader.py")
+
+
+def test_no_sd3_fails_with_exit_1_and_a_readable_table(tmp_path, hub, capsys):
+    root = make_webui(tmp_path / "webui", "none")
+    assert cli.main(["doctor", "--webui", str(root)]) == 1
+    out = capsys.readouterr().out
+    header, rule, *rows = out.split("\n\nSD3 can work")[0].splitlines()
+    assert header.split() == ["section", "item", "status", "detail"]
+    state_row = next(r for r in rows if r.startswith("A1111"))
+    assert " FAIL " in state_row and "update A1111" in state_row
+    assert "SD3 can work: no" in out
+    # columns line up: every status sits under the "status" header
+    column = header.index("status")
+    assert all(r[column:].split()[0] in (OK, INFO, WARN, FAIL) for r in rows)
+
+
+def test_missing_target_is_a_warning_for_that_patch_only(tmp_path, hub, capsys):
+    root = make_webui(tmp_path / "webui", "dev")
+    (root / "modules/sd_schedulers.py").write_text("def uniform(n):\n    pass\n")
+    code, report, _ = run_doctor(capsys, "--webui", root)
+    assert code == 0
+    statuses = {c["item"]: c["status"] for c in report["checks"] if c["section"] == "patch targets"}
+    assert statuses.pop("schedulers") == WARN
+    assert set(statuses.values()) == {OK}
+
+
+def test_not_a_checkout_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "launch.py").write_text("")  # a launch.py alone is not A1111
+    for path in (tmp_path, tmp_path / "nowhere"):
+        code, report, err = run_doctor(capsys, "--webui", path)
+        assert code == 2 and report is None
+        assert len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+@pytest.mark.parametrize("state, source, module", [
+    ("dev", SD3_COND_DEV, "modules.models.sd3.sd3_cond"),
+    ("early", SD3_MODEL_EARLY, "modules.models.sd3.sd3_model"),
+    ("none", None, None),
+])
+def test_a1111_state_rule_is_the_same_as_the_running_webuis(fake_webui, tmp_path, state, source, module):
+    """The doctor reading source and capabilities() inspecting the imported class agree."""
+    from lib_sd3.webui import capabilities
+
+    root = make_webui(tmp_path / state, state)
+    if source:
+        namespace = {"torch": type("torch", (), {"nn": type("nn", (), {"Module": object})})}
+        exec(compile(source, module, "exec"), namespace)
+        fake_webui.module(module, SD3Cond=namespace["SD3Cond"])
+    assert doctor.sd3_state_of(root)[0] == capabilities.a1111_state()
+
+
+# --- text-encoder files ---------------------------------------------------------------------------
+
+def write_safetensors(path, values=8):
+    save_file({"w": np.arange(values, dtype=np.float32), "b": np.ones(3, dtype=np.float16)}, str(path))
+    return path.read_bytes()
+
+
+def loads(path):
+    try:
+        with safe_open(str(path), "np") as f:
+            return len(list(f.keys())) > 0
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def tiny_known(monkeypatch, tmp_path):
+    """Replace the table with files small enough to write: same shape, our own sizes and digests."""
+    data = write_safetensors(tmp_path / "reference.safetensors")
+    digest = hashlib.sha256(data).hexdigest()
+    table = (known_files.KnownFile("clip_l.safetensors", "clip_l", len(data), digest, True, ()),
+             known_files.KnownFile("clip_g.safetensors", "clip_g", len(data), digest, False, ()),
+             known_files.KnownFile("t5xxl_fp16.safetensors", "t5xxl", len(data), digest, True, ()))
+    monkeypatch.setattr(known_files, "KNOWN_FILES", table)
+    return data
+
+
+def test_text_encoder_verdicts_agree_with_the_safetensors_loader(tmp_path, hub, capsys, tiny_known):
+    root = make_webui(tmp_path / "webui", "dev")
+    clip = root / "models" / "CLIP"
+    (clip / "clip_l.safetensors").write_bytes(tiny_known)  # the published file
+    (clip / "clip_g.safetensors").write_bytes(tiny_known[:-5])  # cut short: a dropped download
+    code, report, _ = run_doctor(capsys, "--webui", root)
+    rows = by_item(report)
+    assert rows[("text encoders", "clip_l.safetensors")]["status"] == OK
+    assert loads(clip / "clip_l.safetensors")
+    g = rows[("text encoders", "clip_g.safetensors")]
+    assert g["status"] == FAIL and "truncated" in g["detail"] and f"{len(tiny_known) - 5:,} of {len(tiny_known):,}" in g["detail"]
+    assert not loads(clip / "clip_g.safetensors")
+    assert rows[("text encoders", "t5xxl_fp16.safetensors")]["status"] == INFO  # no T5 is allowed
+    assert code == 1 and report["sd3_can_work"] is False
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "not a safetensors file"),
+    (b"\0" * 4096, "not a safetensors file"),  # a pre-allocated file never written
+    (b"\x10\0", "shorter than a safetensors header"),
+])
+def test_not_safetensors_at_all_is_corrupt(tmp_path, content, words):
+    path = tmp_path / "clip_l.safetensors"
+    path.write_bytes(content)
+    check = doctor.check_text_encoder(tmp_path, known_files.BY_NAME["clip_l.safetensors"], False)
+    assert check.status == FAIL and words in check.detail
+    assert not loads(path)
+
+
+def test_trailing_bytes_are_corrupt_like_the_loader_says(tmp_path, tiny_known):
+    path = tmp_path / "clip_l.safetensors"
+    path.write_bytes(tiny_known + b"\0" * 7)
+    check = doctor.check_text_encoder(tmp_path, known_files.KNOWN_FILES[0], False)
+    assert check.status == FAIL and "7 bytes beyond" in check.detail
+    assert not loads(path)
+
+
+def test_unreadable_file_is_reported_not_raised(tmp_path, tiny_known, monkeypatch):
+    (tmp_path / "clip_l.safetensors").write_bytes(tiny_known)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(doctor, "safetensors_extent", denied)
+    check = doctor.check_text_encoder(tmp_path, known_files.KNOWN_FILES[0], False)
+    assert check.status == FAIL and "Permission denied" in check.detail
+
+
+def test_broken_sd3_source_is_reported(tmp_path):
+    root = make_webui(tmp_path / "webui", "dev")
+    (root / "modules/models/sd3/sd3_cond.py").write_text("class SD3Cond(:\n")
+    state, detail = doctor.sd3_state_of(root)
+    assert state == "no-sd3" and "does not parse" in detail and "line 1" in detail
+
+
+def test_safetensors_extent_is_the_file_size_of_a_valid_file(tmp_path):
+    for values in (1, 100, 12345):
+        data = write_safetensors(tmp_path / f"{values}.safetensors", values)
+        assert doctor.safetensors_extent(tmp_path / f"{values}.safetensors") == len(data)
+
+
+def test_hash_verdicts(tmp_path, tiny_known):
+    clip = tmp_path
+    flipped = bytearray(tiny_known)
+    flipped[-1] ^= 0xFF  # same size, header intact, one tensor byte wrong
+    l_file, g_file = known_files.KNOWN_FILES[0], known_files.KNOWN_FILES[1]
+    (clip / "clip_l.safetensors").write_bytes(tiny_known)
+    assert doctor.check_text_encoder(clip, l_file, True).status == OK
+    assert "sha256 matches" in doctor.check_text_encoder(clip, l_file, True).detail
+    (clip / "clip_l.safetensors").write_bytes(bytes(flipped))
+    assert doctor.check_text_encoder(clip, l_file, False).status == OK  # size alone cannot see it
+    bad = doctor.check_text_encoder(clip, l_file, True)
+    assert bad.status == FAIL and hashlib.sha256(flipped).hexdigest()[:12] in bad.detail
+    (clip / "clip_g.safetensors").write_bytes(bytes(flipped))
+    unconfirmed = doctor.check_text_encoder(clip, g_file, True)
+    assert unconfirmed.status == WARN and "unconfirmed" in unconfirmed.detail  # never FAIL on an unconfirmed digest
+
+
+def test_a_different_but_valid_file_is_a_warning(tmp_path, tiny_known):
+    write_safetensors(tmp_path / "clip_l.safetensors", values=20)
+    check = doctor.check_text_encoder(tmp_path, known_files.KNOWN_FILES[0], True)
+    assert check.status == WARN and "not the published file" in check.detail
+
+
+def test_known_files_table_is_well_formed():
+    names = [f.filename for f in known_files.KNOWN_FILES]
+    assert sorted(names) == sorted(["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
+                                    "t5xxl_fp8_e4m3fn.safetensors"])
+    for f in known_files.KNOWN_FILES:
+        assert len(f.sha256) == 64 and int(f.sha256, 16) >= 0 and f.size > 0 and f.sources
+    # the fp8 file is about half the fp16 one (1 byte vs 2 per weight, same header)
+    fp16, fp8 = known_files.BY_NAME["t5xxl_fp16.safetensors"], known_files.BY_NAME["t5xxl_fp8_e4m3fn.safetensors"]
+    assert abs(fp8.size / fp16.size - 0.5) < 0.01
+    assert not known_files.BY_NAME["clip_g.safetensors"].digest_confirmed
+    # A1111 downloads from this URL; the table must produce it exactly
+    assert known_files.BY_NAME["clip_g.safetensors"].sources[0].url() == (
+        "https://huggingface.co/AUTOMATIC/stable-diffusion-3-medium-text-encoders/resolve/main/clip_g.safetensors")
+    assert known_files.Source("a/b", "x/y.bin").url("https://hf-mirror.com/") == (
+        "https://hf-mirror.com/a/b/resolve/main/x/y.bin")
+
+
+# --- tokenizer caches -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "HOME/.cache/huggingface/hub"),
+    ({"XDG_CACHE_HOME": "/xdg"}, "/xdg/huggingface/hub"),
+    ({"HF_HOME": "/hf", "XDG_CACHE_HOME": "/xdg"}, "/hf/hub"),
+    ({"HF_HUB_CACHE": "/hub", "HF_HOME": "/hf"}, "/hub"),
+    ({"HUGGINGFACE_HUB_CACHE": "/legacy", "HF_HOME": "/hf"}, "/legacy"),
+    ({"TRANSFORMERS_CACHE": "/tc", "HF_HUB_CACHE": "/hub"}, "/tc"),
+])
+def test_hub_cache_dir_precedence(tmp_path, env, expected):
+    assert str(doctor.hub_cache_dir(env, tmp_path)) == expected.replace("HOME", str(tmp_path))
+
+
+def cache_repo(cache, repo, files, revision="0123456789abcdef", blobs=True):
+    base = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = base / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (base / "blobs").mkdir(exist_ok=True)
+    for name in files:
+        blob = base / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        if blobs:
+            blob.write_text(name)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)  # as huggingface_hub lays it out
+
+
+def test_tokenizer_cache_complete_incomplete_and_offline(tmp_path, hub, capsys, monkeypatch):
+    root = make_webui(tmp_path / "webui", "dev")
+    cache_repo(hub, "openai/clip-vit-large-patch14", ["vocab.json", "merges.txt", "tokenizer_config.json"])
+    cache_repo(hub, "google/t5-v1_1-xxl", ["spiece.model"], blobs=False)  # snapshot links to blobs never written
+    code, report, _ = run_doctor(capsys, "--webui", root)
+    rows = by_item(report)
+    assert rows[("tokenizers", "openai/clip-vit-large-patch14")]["status"] == OK
+    t5 = rows[("tokenizers", "google/t5-v1_1-xxl")]
+    assert t5["status"] == WARN and "incomplete" in t5["detail"] and str(hub) in t5["detail"]
+    assert code == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, report, _ = run_doctor(capsys, "--webui", root)
+    assert by_item(report)[("tokenizers", "google/t5-v1_1-xxl")]["status"] == FAIL and code == 1
+
+
+def test_tokenizer_files_are_ones_the_tokenizers_read():
+    """Required files are among those transformers' tokenizer classes read (oracle: their own tables).
+
+    A1111 uses the slow CLIPTokenizer (vocab.json + merges.txt) and T5TokenizerFast, which builds
+    itself from spiece.model when the repo has no tokenizer.json (google/t5-v1_1-xxl has none).
+    """
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip = set(known_files.TOKENIZER_REPOS["openai/clip-vit-large-patch14"])
+    assert clip == {"vocab.json", "merges.txt"} and clip <= set(CLIPTokenizer.vocab_files_names.values())
+    t5 = set(known_files.TOKENIZER_REPOS["google/t5-v1_1-xxl"])
+    assert t5 == {"spiece.model"} and t5 <= set(T5TokenizerFast.vocab_files_names.values())
+
+
+# --- IC-Light --------------------------------------------------------------------------------------
+
+ICLIGHT_OLD = textwrap.dedent("""
+    class ICLightScript(scripts.Script):
+        def process(self, p, *args, **kwargs):
+            if self.backend_type != BackendType.A1111:
+                return
+            self.apply_ic_light(p, ICLightArgs.fetch_from(p))
+
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            assert self.backend_type == BackendType.Forge
+            args = ICLightArgs.fetch_from(p)
+            if not args.enabled:
+                return
+            self.apply_ic_light(p, args)
+""")
+ICLIGHT_NEW = textwrap.dedent("""
+    class ICLightScript(scripts.Script):
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            if self.backend_type == BackendType.A1111:
+                return
+            if (self.args is None) or (not self.args.enabled):
+                return
+            self.apply_ic_light(p, self.args)
+""")
+ICLIGHT_HAOMING = textwrap.dedent("""
+    backend_type, apply_ic_light = detect_backend()
+
+    class ICLightScript(scripts.Script):
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            if self.args is not None:
+                apply_ic_light(p, self.args)
+""")
+
+
+def add_extension(root, name, scripts=None, packages=()):
+    folder = root / "extensions" / name
+    (folder / "scripts").mkdir(parents=True)
+    for file, source in (scripts or {}).items():
+        (folder / "scripts" / file).write_text(source)
+    for package in packages:
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text("")
+
+
+@pytest.mark.parametrize("name, scripts, packages, status, words", [
+    ("sd-webui-ic-light", {"ic_light_script.py": ICLIGHT_OLD}, ("libiclight",), WARN, "asserts Forge"),
+    ("sd-forge-ic-light", {"ic_light_script.py": ICLIGHT_NEW}, ("libiclight",), OK, "new version"),
+    ("sd-forge-ic-light", {"ic_light_script.py": ICLIGHT_HAOMING}, ("lib_iclight",), OK, "new version"),
+    ("my-relight", {"relight.py": ICLIGHT_OLD}, ("lib_iclight",), WARN, "asserts Forge"),  # renamed folder
+])
+def test_iclight_shapes(tmp_path, name, scripts, packages, status, words):
+    root = make_webui(tmp_path / "webui", "dev")
+    add_extension(root, name, scripts, packages)
+    add_extension(root, "sd-webui-controlnet", {"controlnet.py": ICLIGHT_NEW.replace("apply_ic_light", "x")})
+    checks = {c.item: c for c in doctor.check_iclight(root)}
+    assert set(checks) == {name, "sd-webui-model-patcher"}  # controlnet is not mistaken for IC-Light
+    assert checks[name].status == status and words in checks[name].detail
+    assert checks["sd-webui-model-patcher"].status == WARN
+
+
+def test_iclight_absent_patcher_present_and_disabled(tmp_path):
+    root = make_webui(tmp_path / "webui", "dev")
+    assert [dataclasses.astuple(c) for c in doctor.check_iclight(root)] == [
+        ("IC-Light", "IC-Light", INFO, "not installed")]
+    add_extension(root, "sd-webui-ic-light", {"ic_light_script.py": ICLIGHT_OLD}, ("libiclight",))
+    add_extension(root, "sd-webui-model-patcher", {}, ("lib_modelpatcher",))
+    (root / "config.json").write_text(json.dumps({"disabled_extensions": ["sd-webui-ic-light"]}))
+    checks = {c.item: c for c in doctor.check_iclight(root)}
+    assert checks["sd-webui-model-patcher"].status == OK
+    assert "disabled in config.json" in checks["sd-webui-ic-light"].detail
+
+
+def test_iclight_shape_parses_only_the_hook():
+    assert doctor.iclight_shape(ICLIGHT_OLD) == doctor.ICLIGHT_OLD
+    assert doctor.iclight_shape(ICLIGHT_NEW) == doctor.ICLIGHT_NEW
+    assert doctor.iclight_shape("class S:\n    def process(self, p):\n        assert Forge\n") is None
+    assert doctor.iclight_shape("class S:\n    def process_before_every_sampling(self, p):\n        pass\n") == (
+        doctor.ICLIGHT_UNKNOWN)

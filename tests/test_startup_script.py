@@ -1,0 +1,261 @@
+"""startup.install() and scripts/sd3.py against the stand-in A1111: callbacks, features, patches, the script."""
+
+import importlib.util
+import logging
+import sys
+import types
+
+import pytest
+from conftest import ROOT
+
+from lib_sd3 import LOGGER_NAME
+from lib_sd3.webui import hooks, script_args, settings, startup
+from lib_sd3.webui.registry import REGISTRY
+
+# Two feature modules as a helper would write them: one registers an SD3-only patch on the token
+# counter, a global patch, hooks and a route; the other raises on import (a missing package, say).
+FEATURE_OK = '''
+from lib_sd3.patching import AttributeSwap, Patch
+from lib_sd3.webui import hooks
+from lib_sd3.webui.registry import REGISTRY
+from modules import sd_hijack
+
+
+def _sd3_lengths(original):
+    def get_prompt_lengths(self, text):
+        return "sd3", "counted"
+    return get_prompt_lengths
+
+
+def _detect():
+    return None if hasattr(sd_hijack.StableDiffusionModelHijack, "get_prompt_lengths") else "no get_prompt_lengths"
+
+
+REGISTRY.add(Patch.from_swaps("test_token_counter", "test feature", _detect,
+    lambda: [AttributeSwap(sd_hijack.StableDiffusionModelHijack, "get_prompt_lengths", _sd3_lengths)], sd3_only=True))
+REGISTRY.add(Patch.from_swaps("test_global", "test feature", lambda: None,
+    lambda: [AttributeSwap(sd_hijack, "helper", lambda original: lambda: "patched")]))
+
+SEEN = []
+hooks.PROCESS.append(lambda p, args: SEEN.append(("process", p, args)))
+hooks.BEFORE_EVERY_SAMPLING.append(lambda p, args: SEEN.append(("before_every_sampling", p, args)))
+hooks.POSTPROCESS.append(lambda p, processed, args: SEEN.append(("postprocess", p, processed, args)))
+hooks.UI.append(lambda is_img2img: SEEN.append(("ui", is_img2img)))
+hooks.MODEL_LOADED.append(lambda model: SEEN.append(("model_loaded", model)))
+hooks.ROUTES.append(lambda router: router.add_api_route("/test", lambda: {"hello": "sd3"}, methods=["GET"]))
+hooks.STATUS["test feature"] = lambda: {"extra": 1}
+'''
+FEATURE_BROKEN = "import sd3_package_that_is_not_installed  # noqa\n"
+
+
+class StableDiffusionModelHijack:
+    def get_prompt_lengths(self, text):
+        return 1, 75
+
+
+def _helper():
+    return "original"
+
+
+class Script:
+    """Like A1111's ``modules.scripts.Script``: the attributes A1111 sets and the hooks' defaults."""
+
+    filename = None
+    args_from = None
+    args_to = None
+    alwayson = False
+    is_txt2img = False
+    is_img2img = False
+    infotext_fields = None
+    paste_field_names = None
+
+    def title(self):
+        raise NotImplementedError
+
+    def show(self, is_img2img):
+        return True
+
+    def ui(self, is_img2img):
+        return []
+
+
+@pytest.fixture
+def webui(fake_webui, monkeypatch, tmp_path):
+    """The stand-in A1111 plus an isolated extension state (registry, hooks, features) per test."""
+    fake_webui.module("modules.scripts", Script=Script, AlwaysVisible=object())
+    fake_webui.module("modules.sd_hijack", StableDiffusionModelHijack=StableDiffusionModelHijack, helper=_helper)
+    monkeypatch.setattr(REGISTRY, "_patches", {})
+    monkeypatch.setattr(REGISTRY, "_logged", set())
+    for name in ("PROCESS", "BEFORE_EVERY_SAMPLING", "POSTPROCESS", "ROUTES", "UI", "MODEL_LOADED"):
+        monkeypatch.setattr(hooks, name, [])
+    monkeypatch.setattr(hooks, "STATUS", {})
+    monkeypatch.setattr(startup, "_FAILED_FEATURES", {})
+    (tmp_path / "sd3_test_feature_ok.py").write_text(FEATURE_OK)
+    (tmp_path / "sd3_test_feature_broken.py").write_text(FEATURE_BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(startup, "FEATURE_MODULES", ("sd3_test_feature_broken", "sd3_test_feature_ok"))
+    monkeypatch.delitem(sys.modules, "sd3_test_feature_ok", raising=False)
+    yield fake_webui
+    REGISTRY.undo_all()
+    sys.modules.pop("sd3_test_feature_ok", None)
+
+
+@pytest.fixture
+def sd3_log(caplog):
+    """The extension's logger does not propagate (A1111 configures the root logger), so hook in directly."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def load_script():
+    """Load scripts/sd3.py by path, the way A1111's script loader does."""
+    spec = importlib.util.spec_from_file_location("sd3_script_under_test", ROOT / "scripts" / "sd3.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def a1111(name):
+    return sys.modules[name]
+
+
+def feature():
+    import sd3_test_feature_ok
+
+    return sd3_test_feature_ok
+
+
+def model(is_sd3):
+    return types.SimpleNamespace(is_sd3=is_sd3, sd_checkpoint_info=None)
+
+
+# --- start-up ----------------------------------------------------------------------------------------
+
+def test_broken_feature_is_one_log_line_and_start_up_continues(webui, sd3_log):
+    load_script()  # runs startup.install()
+    warnings = [r for r in sd3_log.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "sd3_test_feature_broken" in warnings[0].getMessage()
+    assert "sd3_package_that_is_not_installed" in warnings[0].getMessage()
+    assert any("sd-webui-sd3 ready" in r.getMessage() for r in sd3_log.records)
+    assert {"test_token_counter", "test_global"} <= {p.name for p in REGISTRY}  # the good feature loaded
+    assert startup._FAILED_FEATURES.keys() == {"sd3_test_feature_broken"}
+    startup.install()  # A1111 reloads scripts on "Reload UI": still one line for the broken feature
+    assert len([r for r in sd3_log.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_callbacks_registered_once_per_install(webui):
+    load_script()
+    assert {name: len(cbs) for name, cbs in webui.callbacks.items()} == {
+        "ui_settings": 1, "app_started": 1, "model_loaded": 1, "script_unloaded": 1}
+
+
+def test_global_patch_applied_at_start_sd3_only_waits_for_a_model(webui):
+    load_script()
+    hijack = StableDiffusionModelHijack()
+    assert a1111("modules.sd_hijack").helper() == "patched"
+    assert hijack.get_prompt_lengths("a cat") == (1, 75)  # no model loaded: A1111's own
+    assert REGISTRY.get("test_token_counter").state.value == "pending"
+
+
+def test_model_loaded_applies_and_undoes_sd3_only_patches(webui):
+    load_script()
+    original = StableDiffusionModelHijack.__dict__["get_prompt_lengths"]
+    hijack = StableDiffusionModelHijack()
+    webui.fire("model_loaded", model(True))
+    assert hijack.get_prompt_lengths("a cat") == ("sd3", "counted")
+    assert REGISTRY.get("test_token_counter").state.value == "applied"
+    webui.fire("model_loaded", model(False))  # user switches to SD1.5 / SDXL
+    assert StableDiffusionModelHijack.__dict__["get_prompt_lengths"] is original
+    assert hijack.get_prompt_lengths("a cat") == (1, 75)
+    assert a1111("modules.sd_hijack").helper() == "patched"  # global patches stay
+    assert [e[0] for e in feature().SEEN] == ["model_loaded", "model_loaded"]
+
+
+def test_failing_model_loaded_hook_is_logged_and_the_rest_run(webui, sd3_log):
+    load_script()
+
+    def broken(_model):
+        raise RuntimeError("boom")
+
+    hooks.MODEL_LOADED.insert(0, broken)
+    webui.fire("model_loaded", model(True))
+    assert any("broken" in r.getMessage() and r.levelno == logging.ERROR for r in sd3_log.records)
+    assert feature().SEEN[-1][0] == "model_loaded"
+    assert REGISTRY.get("test_token_counter").state.value == "applied"
+
+
+def test_script_unloaded_undoes_everything(webui):
+    load_script()
+    webui.fire("model_loaded", model(True))
+    webui.fire("script_unloaded")
+    assert a1111("modules.sd_hijack").helper() == "original"
+    assert StableDiffusionModelHijack().get_prompt_lengths("x") == (1, 75)
+
+
+def test_ui_settings_and_status_route(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    load_script()
+    webui.fire("ui_settings")
+    assert set(webui.shared.opts.data_labels) == {s.key for s in settings.SETTINGS}
+    app = FastAPI()
+    webui.fire("app_started", None, app)
+    client = TestClient(app)
+    assert client.get("/sd3/test").json() == {"hello": "sd3"}
+    body = client.get("/sd3/status").json()
+    assert body["features"]["test feature"]["extra"] == 1
+    assert body["features"]["test feature"]["patches"] == {"test_token_counter": "pending", "test_global": "applied"}
+    assert "sd3_test_feature_broken" in body["features"]["startup"]["failed_features"]
+
+
+# --- the script ------------------------------------------------------------------------------------
+
+def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
+    module = load_script()
+    gradio = __import__("gradio")
+    accordions = []
+
+    class Accordion(gradio.Accordion):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            accordions.append(self)
+
+    monkeypatch.setattr(gradio, "Accordion", Accordion)
+    script = module.SD3Script()
+    assert script.title() == "SD3"
+    assert script.show(False) is a1111("modules.scripts").AlwaysVisible
+    for is_img2img, tab in ((False, "txt2img"), (True, "img2img")):
+        components = script.ui(is_img2img)
+        assert accordions[-1].args == ("SD3",) and accordions[-1].kwargs["elem_id"] == f"sd3_accordion_{tab}"
+        assert [c.kwargs["label"] for c in components] == [a.label for a in script_args.ARGS]
+        assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in script_args.ARGS]
+        assert all(c.value == script_args.USE_SETTING for c in components)
+    assert [e for e in feature().SEEN if e[0] == "ui"] == [("ui", False), ("ui", True)]
+
+
+def test_process_takes_ui_values_and_the_api_dict(webui):
+    script = load_script().SD3Script()
+    webui.shared.opts.data.update(sd3_flow_samplers=False, sd3_nan_guard=True, sd3_mixdq="w4a8")
+    p = object()
+    script.process(p, "on", "off", "w8a8")  # from the UI: component values in order
+    script.process(p, {"nan_guard": False})  # from alwayson_scripts: one dict, the rest from settings
+    script.process_before_every_sampling(p, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
+    script.postprocess(p, "processed", {"mixdq": "w8a8"})
+    seen = [e for e in feature().SEEN if e[0] != "ui"]
+    assert seen == [
+        ("process", p, {"flow_samplers": True, "nan_guard": False, "mixdq": "w8a8"}),
+        ("process", p, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),
+        ("before_every_sampling", p, {"flow_samplers": False, "nan_guard": True, "mixdq": "off"}),
+        ("postprocess", p, "processed", {"flow_samplers": False, "nan_guard": True, "mixdq": "w8a8"}),
+    ]
+
+
+def test_process_rejects_bad_api_args_with_a_clear_error(webui):
+    script = load_script().SD3Script()
+    with pytest.raises(script_args.ScriptArgError, match="mixdq"):
+        script.process(object(), {"mixdq": "w2a2"})
