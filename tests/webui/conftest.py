@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from webui_support import T5_FILE, T5_REPO
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -41,8 +42,6 @@ START_TIMEOUT_S = 240.0
 """Server start plus model load; ~25 s measured on this 2-core machine, generous for a loaded one."""
 STOP_TIMEOUT_S = 30.0
 BUILD_TIMEOUT_S = 600.0
-T5_REPO = "AUTOMATIC/stable-diffusion-3-medium-text-encoders"
-T5_FILE = "t5xxl_fp16.safetensors"
 
 LAUNCH_FLAGS = (
     "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
@@ -55,7 +54,7 @@ def configured_states() -> list[str]:
     return [state for state, var in STATES.items() if os.environ.get(var)]
 
 
-RUN_LAST = ("test_t5_fetch.py",)
+RUN_LAST = ("test_real_t5_fetch.py",)
 """Cases that change the server for good (T5 switched on) run after the others of their state."""
 
 
@@ -351,34 +350,3 @@ def webui(request, tmp_path_factory):
     after = _git_status(root)
     if before != after:
         pytest.fail(f"{state}: the checkout changed during the run:\nbefore:\n{before}\nafter:\n{after}")
-
-
-STANDIN_MARK = "sd3-test-iclight"
-"""Folder prefix of the stand-in IC-Light extensions; their errors belong to the IC-Light cases only."""
-
-
-def _error_blocks(text: str) -> list[str]:
-    """A1111's ``*** message`` + indented traceback + ``---`` blocks, and bare Python tracebacks."""
-    blocks: list[str] = []
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith("*** ") or line.startswith("Traceback (most recent call last)"):
-            if current:
-                blocks.append("\n".join(current))
-            current = [line]
-        elif current is not None:
-            if line.startswith((" ", "\t")):
-                current.append(line)
-                continue
-            if current[0].startswith("Traceback") and line.strip() != "---":
-                current.append(line)  # the exception line ends a bare traceback
-            blocks.append("\n".join(current))
-            current = None
-    if current:
-        blocks.append("\n".join(current))
-    return blocks
-
-
-def tracebacks_in(text: str, include_standins: bool = False) -> list[str]:
-    """Error blocks in a server-log slice; the stand-in IC-Light's own errors only when asked for."""
-    return [b for b in _error_blocks(text) if include_standins or STANDIN_MARK not in b]

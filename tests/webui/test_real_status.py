@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import browser_page
+from webui_support import browser_page
 
 from lib_sd3.webui.capabilities import STATE_DEV, STATE_EARLY
 

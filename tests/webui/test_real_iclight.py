@@ -9,16 +9,15 @@ request). The API's ``alwayson_scripts["IC Light"]`` reaches the first by load o
 from __future__ import annotations
 
 import pytest
-from conftest import tracebacks_in
-from helpers import txt2img
+from webui_support import find_feature, tracebacks_in, txt2img
 
 
 def _require_shim(webui) -> dict:
     status = webui.status()
-    feature = status.get("features", {}).get("iclight")
-    if feature is None:
-        pytest.skip("no 'iclight' feature in /sd3/status: this build lacks issue 7's IC-Light shim")
-    return feature
+    name = find_feature(status, "iclight")
+    if name is None:
+        pytest.skip("no IC-Light feature in /sd3/status: this build lacks issue 7's IC-Light shim")
+    return status["features"][name]
 
 
 def _iclight_errors(log: str) -> list[str]:

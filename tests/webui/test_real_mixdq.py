@@ -7,8 +7,7 @@ the unquantized image back exactly (weights restored bit for bit, so the same se
 from __future__ import annotations
 
 import numpy as np
-from conftest import tracebacks_in
-from helpers import txt2img
+from webui_support import tracebacks_in, txt2img
 
 W8A8_MIN_PSNR_DB = 25.0
 """8-bit weights and activations on a random 2-block MMDiT: differences of a few levels at most."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from conftest import T5_FILE, tracebacks_in
-from helpers import txt2img
+from webui_support import T5_FILE, tracebacks_in, txt2img
 
 FETCH_TIMEOUT_S = 240.0
 DONE_WORDS = ("done", "ready", "complete", "completed", "loaded", "present", "enabled", "active")

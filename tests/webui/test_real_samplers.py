@@ -13,8 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tracebacks_in
-from helpers import decode_image, txt2img
+from webui_support import decode_image, find_feature, tracebacks_in, txt2img
 
 NAN_MARKS = ("invalid value encountered", "NansException", "A tensor with NaNs", "A tensor with all NaNs")
 """What A1111 or numpy print when a latent or image went non-finite (numpy warns casting NaN to uint8)."""
@@ -32,8 +31,7 @@ of the two code paths, seen through the 8-bit PNG: at most a couple of levels pe
 
 
 def flow_feature(status: dict) -> str | None:
-    names = [name for name in status.get("features", {}) if "sampl" in name or "flow" in name]
-    return names[0] if names else None
+    return find_feature(status, "sampler", "flow")
 
 
 def _names(webui, route: str) -> list[str]:

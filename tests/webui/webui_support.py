@@ -1,4 +1,4 @@
-"""Small helpers shared by the real-WebUI cases: images from the API, a headless browser."""
+"""Helpers shared by the real-WebUI cases and their fixture: server-log errors, API images, a headless browser."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
+T5_REPO = "AUTOMATIC/stable-diffusion-3-medium-text-encoders"
+T5_FILE = "t5xxl_fp16.safetensors"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -39,6 +41,15 @@ def txt2img(webui, **overrides) -> tuple[np.ndarray, dict, str]:
     return decode_image(body["images"][0]), info, log
 
 
+def find_feature(status: dict, *words: str) -> str | None:
+    """The name of the /sd3/status feature whose letters contain one of ``words`` ("IC-Light shim" ~ "iclight")."""
+    for name in status.get("features", {}):
+        letters = "".join(ch for ch in name.lower() if ch.isalnum())
+        if any(word in letters for word in words):
+            return name
+    return None
+
+
 @contextlib.contextmanager
 def browser_page(webui):
     """A headless Debian Chromium page on the WebUI, driven by Playwright; skips when either is missing."""
@@ -55,3 +66,34 @@ def browser_page(webui):
             yield page
         finally:
             browser.close()
+
+
+STANDIN_MARK = "sd3-test-iclight"
+"""Folder prefix of the stand-in IC-Light extensions; their errors belong to the IC-Light cases only."""
+
+
+def _error_blocks(text: str) -> list[str]:
+    """A1111's ``*** message`` + indented traceback + ``---`` blocks, and bare Python tracebacks."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*** ") or line.startswith("Traceback (most recent call last)"):
+            if current:
+                blocks.append("\n".join(current))
+            current = [line]
+        elif current is not None:
+            if line.startswith((" ", "\t")):
+                current.append(line)
+                continue
+            if current[0].startswith("Traceback") and line.strip() != "---":
+                current.append(line)  # the exception line ends a bare traceback
+            blocks.append("\n".join(current))
+            current = None
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+def tracebacks_in(text: str, include_standins: bool = False) -> list[str]:
+    """Error blocks in a server-log slice; the stand-in IC-Light's own errors only when asked for."""
+    return [b for b in _error_blocks(text) if include_standins or STANDIN_MARK not in b]

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import tracebacks_in
-from helpers import browser_page
+from webui_support import browser_page, tracebacks_in
 
 PROMPT = "a photo of a cat wearing an orange hoodie"
 BAD_INPUTS = ["", "x " * 10_000, "陆", "🦘🕶️", "a\x00b\x07c", "((unbalanced [ (", "<lora:never closed",
