@@ -335,6 +335,8 @@ def webui(request, tmp_path_factory):
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             ready = _wait_ready(process, f"http://127.0.0.1:{port}", log_path, state)
+            if "[sd3-test-support]" not in log_path.read_text(errors="replace"):
+                pytest.fail(f"{state}: the test-support extension did not load:\n{log_path.read_text()[-4000:]}")
             print(f"\n[webui {state}] {root}: assets+start {time.monotonic() - started:.1f} s "
                   f"(server ready {ready:.1f} s); T5 tokenizer is a small stand-in sentencepiece model, "
                   f"so T5 counts are not real T5's; T5 weights are reduced to {t5_config}")
