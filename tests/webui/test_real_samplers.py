@@ -110,8 +110,7 @@ def test_ddim_eta0_matches_euler(webui):
     feature = flow_feature(webui.status())
     if feature is None:
         pytest.skip("no flow-sampler feature in /sd3/status: this build lacks issue 5's samplers")
-    common = {"steps": 8, "scheduler": "simple", "alwayson_scripts": {"SD3": {"args": [{"flow_samplers": "on"}]}},
-              "override_settings": {"eta_ddim": 0.0}}
+    common = {"steps": 8, "scheduler": "simple", "override_settings": {"eta_ddim": 0.0}}
     euler, euler_info, _ = txt2img(webui, sampler_name="Euler", **common)
     ddim, info, log = txt2img(webui, sampler_name="DDIM", **common)
     other_seed, _, _ = txt2img(webui, sampler_name="Euler", **dict(common, seed=4321))

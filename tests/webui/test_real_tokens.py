@@ -84,12 +84,13 @@ def test_ui_token_counter(webui):
         box = page.locator("#txt2img_prompt textarea")
         box.click()
         box.type(PROMPT, delay=20)
-        counter = page.locator("#txt2img_token_counter")
-        page.wait_for_function(
-            "n => (document.querySelector('#txt2img_token_counter')?.innerText || '').includes(n + '/')",
-            arg=str(expected_clip), timeout=60_000)
+        # A1111 dev renders two elements with this id (one hidden); read whichever shows the count.
+        texts_js = "() => [...document.querySelectorAll('#txt2img_token_counter')].map(e => e.innerText || '')"
+        page.wait_for_function(f"n => ({texts_js})().some(t => t.includes(n + '/'))",
+                               arg=str(expected_clip), timeout=60_000)
         page.wait_for_timeout(1500)  # let A1111's debounce fire any last request
-        text = counter.inner_text()
+        texts = page.evaluate(texts_js)
+        text = next(t for t in texts if f"{expected_clip}/" in t)
         log = webui.log_since(mark)
     print(f"\n[{webui.state}] UI counter shows {text!r} for {PROMPT!r}")
     assert re.search(rf"\b{expected_clip}/75\b", text), text
