@@ -138,7 +138,7 @@ def _gb(size: int) -> str:
 def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash: bool) -> Check:
     path = clip_dir / known.filename
     if not path.is_file():
-        why = ("SD3 runs without T5 (CLIP only); the extension can fetch it" if known.encoder == "t5xxl"
+        why = ("SD3 runs without T5 (CLIP only); the extension can fetch it" if known.filename.startswith("t5xxl")
                else "A1111 downloads it when an SD3 model loads (needs the network)")
         return Check("text encoders", known.filename, INFO, f"missing: {why}")
     try:
@@ -165,7 +165,7 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
         return Check("text encoders", known.filename, FAIL, f"cannot be read: {error.strerror or error}")
     if digest == known.sha256:
         return Check("text encoders", known.filename, OK, f"{_gb(size)}, sha256 matches")
-    if known.digest_confirmed:
+    if known.confirmed:
         return Check("text encoders", known.filename, FAIL,
                      f"corrupt: sha256 {digest[:12]}... is not the published {known.sha256[:12]}...; delete it")
     return Check("text encoders", known.filename, WARN,
@@ -210,7 +210,7 @@ def check_tokenizers(env: Mapping[str, str], home: Path) -> list[Check]:
     cache = hub_cache_dir(env, home)
     offline = any(env.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in OFFLINE_VARS)
     checks = []
-    for repo, needed in known_files.TOKENIZER_REPOS.items():
+    for repo, needed in known_files.TOKENIZER_ESSENTIALS.items():
         revision, complete = cached_snapshot(cache, repo, needed)
         if complete:
             checks.append(Check("tokenizers", repo, OK, f"cached in {cache} (snapshot {revision[:12]})"))
@@ -325,7 +325,8 @@ def diagnose(root: Path, models_dir: Path | None = None, verify_hash: bool = Fal
     env = os.environ if env is None else env
     home = Path.home() if home is None else home
     checks = [check_state(root)]
-    checks += [check_text_encoder(clip_dir, known, verify_hash) for known in known_files.KNOWN_FILES]
+    checks += [check_text_encoder(clip_dir, known_files.sources(name)[0], verify_hash)
+               for name in known_files.TEXT_ENCODER_FILES]
     checks += check_tokenizers(env, home)
     checks += check_iclight(root)
     checks += check_targets(root)

@@ -212,9 +212,9 @@ def tiny_known(monkeypatch, tmp_path):
     """Replace the table with files small enough to write: same shape, our own sizes and digests."""
     data = write_safetensors(tmp_path / "reference.safetensors")
     digest = hashlib.sha256(data).hexdigest()
-    table = (known_files.KnownFile("clip_l.safetensors", "clip_l", len(data), digest, True, ()),
-             known_files.KnownFile("clip_g.safetensors", "clip_g", len(data), digest, False, ()),
-             known_files.KnownFile("t5xxl_fp16.safetensors", "t5xxl", len(data), digest, True, ()))
+    table = tuple(known_files.KnownFile(name, "org/repo", name, len(data), digest, confirmed)
+                  for name, confirmed in (("clip_l.safetensors", True), ("clip_g.safetensors", False),
+                                          ("t5xxl_fp16.safetensors", True), ("t5xxl_fp8_e4m3fn.safetensors", True)))
     monkeypatch.setattr(known_files, "KNOWN_FILES", table)
     return data
 
@@ -243,7 +243,7 @@ def test_text_encoder_verdicts_agree_with_the_safetensors_loader(tmp_path, hub, 
 def test_not_safetensors_at_all_is_corrupt(tmp_path, content, words):
     path = tmp_path / "clip_l.safetensors"
     path.write_bytes(content)
-    check = doctor.check_text_encoder(tmp_path, known_files.BY_NAME["clip_l.safetensors"], False)
+    check = doctor.check_text_encoder(tmp_path, known_files.sources("clip_l.safetensors")[0], False)
     assert check.status == FAIL and words in check.detail
     assert not loads(path)
 
@@ -304,20 +304,18 @@ def test_a_different_but_valid_file_is_a_warning(tmp_path, tiny_known):
 
 
 def test_known_files_table_is_well_formed():
-    names = [f.filename for f in known_files.KNOWN_FILES]
-    assert sorted(names) == sorted(["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
-                                    "t5xxl_fp8_e4m3fn.safetensors"])
-    for f in known_files.KNOWN_FILES:
-        assert len(f.sha256) == 64 and int(f.sha256, 16) >= 0 and f.size > 0 and f.sources
+    assert set(known_files.TEXT_ENCODER_FILES) == {"clip_l.safetensors", "clip_g.safetensors",
+                                                   "t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors"}
+    for name in known_files.TEXT_ENCODER_FILES:
+        rows = known_files.sources(name)
+        assert len({(f.size, f.sha256) for f in rows}) == 1, f"{name}: sources disagree on the bytes"
+        assert len(rows[0].sha256) == 64 and int(rows[0].sha256, 16) >= 0 and rows[0].size > 0
     # the fp8 file is about half the fp16 one (1 byte vs 2 per weight, same header)
-    fp16, fp8 = known_files.BY_NAME["t5xxl_fp16.safetensors"], known_files.BY_NAME["t5xxl_fp8_e4m3fn.safetensors"]
+    fp16, fp8 = known_files.sources("t5xxl_fp16.safetensors")[0], known_files.sources("t5xxl_fp8_e4m3fn.safetensors")[0]
     assert abs(fp8.size / fp16.size - 0.5) < 0.01
-    assert not known_files.BY_NAME["clip_g.safetensors"].digest_confirmed
-    # A1111 downloads from this URL; the table must produce it exactly
-    assert known_files.BY_NAME["clip_g.safetensors"].sources[0].url() == (
-        "https://huggingface.co/AUTOMATIC/stable-diffusion-3-medium-text-encoders/resolve/main/clip_g.safetensors")
-    assert known_files.Source("a/b", "x/y.bin").url("https://hf-mirror.com/") == (
-        "https://hf-mirror.com/a/b/resolve/main/x/y.bin")
+    assert not any(f.confirmed for f in known_files.sources("clip_g.safetensors"))
+    # A1111 downloads from this repo first; the table must name it first
+    assert known_files.sources("clip_g.safetensors")[0].repo == "AUTOMATIC/stable-diffusion-3-medium-text-encoders"
 
 
 # --- tokenizer caches -------------------------------------------------------------------------------
@@ -369,9 +367,9 @@ def test_tokenizer_files_are_ones_the_tokenizers_read():
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    clip = set(known_files.TOKENIZER_REPOS["openai/clip-vit-large-patch14"])
+    clip = set(known_files.TOKENIZER_ESSENTIALS["openai/clip-vit-large-patch14"])
     assert clip == {"vocab.json", "merges.txt"} and clip <= set(CLIPTokenizer.vocab_files_names.values())
-    t5 = set(known_files.TOKENIZER_REPOS["google/t5-v1_1-xxl"])
+    t5 = set(known_files.TOKENIZER_ESSENTIALS["google/t5-v1_1-xxl"])
     assert t5 == {"spiece.model"} and t5 <= set(T5TokenizerFast.vocab_files_names.values())
 
 

@@ -15,7 +15,11 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("startup")
 
-FEATURE_MODULES: tuple[str, ...] = ("lib_sd3.webui.iclight",)
+FEATURE_MODULES: tuple[str, ...] = (
+    "lib_sd3.webui.iclight",
+    "lib_sd3.webui.t5",
+    "lib_sd3.webui.samplers",
+)
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
 _FAILED_FEATURES: dict[str, str] = {}

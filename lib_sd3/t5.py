@@ -1,0 +1,305 @@
+"""T5-XXL for SD3: which precision fits, fp8 weights that stay fp8, a finite-output guard, tokenizers.
+
+Pure: no A1111 imports. :mod:`lib_sd3.webui.t5` wires these into A1111's ``SD3Cond``.
+
+Memory facts this rests on (T5-XXL encoder: d_model 4096, d_ff 10240, 24 blocks, vocab 32128):
+the Linear weights are 24 x (4 x 4096^2 + 3 x 4096 x 10240) = 4.63 G parameters, the token
+embedding 0.13 G. The fp16 file is 9.79 GB; the fp8 file (Linear weights in float8_e4m3fn, the
+rest fp16) 4.89 GB. A1111 builds T5 in ``devices.dtype`` and copies the file into it, so on a CPU
+(fp32) T5 takes 19.6 GB whatever the file: that is what got a 24 GB machine killed. Loading
+with ``assign`` instead keeps each weight in the file's dtype, and A1111's ``AutocastLinear``
+already casts its weight to the activation dtype per layer, so fp8 weights are upcast one layer
+at a time and never all at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lib_sd3 import get_logger
+from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
+
+log = get_logger("t5")
+
+MODES = ("auto", "fp16", "fp8", "off")
+FILES = {"fp16": T5_FP16, "fp8": T5_FP8}
+XXL_LINEAR_PARAMS = 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240)  # q, k, v, o + wi_0, wi_1, wo per block
+XXL_EMBED_PARAMS = 32128 * 4096  # A1111 builds the embedding without a dtype: fp32
+RESIDENT_BYTES = {"fp16": XXL_LINEAR_PARAMS * 2 + XXL_EMBED_PARAMS * 4, "fp8": XXL_LINEAR_PARAMS + XXL_EMBED_PARAMS * 4}
+"""T5-XXL's weights in memory once attached: 9.79 GB (fp16), 5.16 GB (fp8)."""
+HEADROOM_BYTES = 2 << 30  # activations, CUDA context, the rest of the WebUI: never plan to the last byte
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------------- mode choice
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    mode: str  # fp16 | fp8 | off
+    reason: str
+
+
+def choose_mode(requested: str, free_ram: int, free_vram: int | None) -> Choice:
+    """Pick T5's precision: the requested one if it fits, ``auto``: fp16, else fp8, else off.
+
+    T5 is built and loaded in RAM, then moved to the GPU when there is one, so it must fit in
+    free RAM and (on a GPU) in free VRAM, each with :data:`HEADROOM_BYTES` to spare. A mode that
+    does not fit is never switched on, requested or not: a WebUI killed for lack of memory is
+    worse than a prompt encoded without T5, and the reason says what to free.
+    """
+    if requested not in MODES:
+        raise ValueError(f"T5 mode {requested!r}; allowed: {list(MODES)}")
+    if requested == "off":
+        return Choice("off", "T5 switched off in settings")
+    where = f"{free_ram / GB:.1f} GB free RAM" + (f", {free_vram / GB:.1f} GB free VRAM" if free_vram is not None else "")
+
+    def fits(mode: str) -> bool:
+        need = RESIDENT_BYTES[mode] + HEADROOM_BYTES
+        return free_ram >= need and (free_vram is None or free_vram >= need)
+
+    candidates = ("fp16", "fp8") if requested == "auto" else (requested,)
+    for mode in candidates:
+        if fits(mode):
+            return Choice(mode, f"{mode}: needs {RESIDENT_BYTES[mode] / GB:.1f} GB (+{HEADROOM_BYTES / GB:.0f} GB "
+                                f"headroom), {where}")
+    smallest = candidates[-1]
+    return Choice("off", f"T5 off: {smallest} needs {(RESIDENT_BYTES[smallest] + HEADROOM_BYTES) / GB:.1f} GB "
+                         f"with headroom, only {where}" + ("; try fp8" if requested == "fp16" else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePlan:
+    load: str | None  # file to load now (None: T5 stays off for now)
+    fp8: bool  # keep Linear weights in fp8 when loading
+    fetch: str | None  # file to download in the background
+
+
+def plan_files(mode: str, present: set[str]) -> FilePlan:
+    """Which file to load and which to fetch for a chosen mode, given the files on disk.
+
+    fp8 is as good from the fp16 file (rounded at load) as from the fp8 file, so an fp16 file on
+    disk serves fp8 without a download. fp16 needs the fp16 file; while it downloads, an fp8 file
+    on disk is used rather than nothing.
+    """
+    if mode == "off":
+        return FilePlan(None, False, None)
+    if mode == "fp8":
+        for name in (T5_FP8, T5_FP16):
+            if name in present:
+                return FilePlan(name, True, None)
+        return FilePlan(None, True, T5_FP8)
+    if mode == "fp16":
+        if T5_FP16 in present:
+            return FilePlan(T5_FP16, False, None)
+        if T5_FP8 in present:
+            return FilePlan(T5_FP8, True, T5_FP16)
+        return FilePlan(None, False, T5_FP16)
+    raise ValueError(f"T5 mode {mode!r}; expected fp16, fp8 or off")
+
+
+def free_memory() -> tuple[int, int | None]:
+    """(available RAM, free VRAM or None without CUDA) in bytes."""
+    try:
+        import psutil
+
+        ram = int(psutil.virtual_memory().available)
+    except ImportError:  # /proc/meminfo is all Linux needs
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        ram = info.get("MemAvailable", info.get("MemFree", 0))
+    vram = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            vram = int(torch.cuda.mem_get_info()[0])
+    except Exception:  # a broken CUDA set-up must not stop the choice: plan for CPU
+        vram = None
+    return ram, vram
+
+
+# ------------------------------------------------------------------------------------------ fp8 weights
+def _upcast_linear_forward(self, x):
+    """nn.Linear.forward with the weight cast to the input's dtype first: one layer at a time."""
+    import torch
+
+    bias = self.bias.to(x.dtype) if self.bias is not None else None
+    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict: bool = False):
+    """Load ``state_dict`` into ``model``; Linear weights keep the file's dtype (or become fp8).
+
+    With ``fp8``, every ``nn.Linear`` weight is stored as float8_e4m3fn (converted if the file
+    has fp16; except layers the model lists in ``_keep_in_fp32_modules``); every Linear's forward
+    casts its weight to the input's dtype per call; every other tensor (embeddings, layer norms,
+    relative attention bias) takes the model's own dtype, because embedding lookups and norms
+    have no fp8 kernels and are a small share of the bytes. Returns ``load_state_dict``'s result.
+    """
+    import torch
+
+    # transformers' T5 names layers that must stay in full precision (its FF casts activations to
+    # wo's dtype, which for an fp8 wo would quantize the activations too); A1111's T5 names none.
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    linear_weights = {f"{name}.weight" if name else "weight": module
+                      for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    kept = {key for key in linear_weights if (key.split(".")[-2:-1] or [""])[0] in keep}
+    narrow = {key for key in linear_weights if fp8 and key not in kept}
+    own = model.state_dict()
+    prepared = {}
+    for key, tensor in state_dict.items():
+        if key not in own:
+            prepared[key] = tensor  # reported as unexpected by load_state_dict
+        elif key in narrow:
+            prepared[key] = tensor.to(torch.float8_e4m3fn)
+        elif key in linear_weights and key not in kept:
+            prepared[key] = tensor  # the file's dtype, upcast per layer
+        else:
+            prepared[key] = tensor.to(own[key].dtype)
+    aliases: dict[int, list[str]] = {}  # tied parameters (transformers' shared / embed_tokens)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    result = model.load_state_dict(prepared, strict=strict, assign=True)
+    for names in aliases.values():  # assign replaced each alias by its own tensor: tie them again
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+    for module in linear_weights.values():
+        module.weight.requires_grad_(False)
+        # Every Linear casts its weight to the activations' dtype: A1111's early T5 uses plain
+        # nn.Linear and runs fp32 activations (or autocast) against whatever the file held.
+        module.forward = types.MethodType(_upcast_linear_forward, module)
+    return result
+
+
+def parameter_bytes(model) -> int:
+    """Bytes held by parameters and buffers: the resident size of a loaded encoder."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------- finite-output guard
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    output: Any
+    recomputed_in: str | None  # None: the first pass was finite; else "bf16" / "fp32"
+
+
+def precision(device_type: str, dtype_name: str):
+    """An autocast context that runs matmuls in bf16, or with autocast off (fp32 activations)."""
+    import torch
+
+    # cache_enabled=False: inside an outer fp16 autocast, the cached fp16 weight casts would be reused.
+    if dtype_name == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+    if dtype_name == "fp32":
+        return torch.autocast(device_type, enabled=False, cache_enabled=False)
+    raise ValueError(f"unknown precision {dtype_name!r}")
+
+
+def encode_finite(encode: Callable[[], Any], device_type: str,
+                  fallbacks: Sequence[str] = ("bf16", "fp32")) -> Encoded:
+    """Run ``encode``; if the output has inf/NaN (T5 in fp16 overflows on some prompts), run it
+    again in each of ``fallbacks`` until it is finite. bf16 has fp32's range at fp16's cost;
+    fp32 is the last resort. The caller writes ``recomputed_in`` into the infotext.
+    """
+    import torch
+
+    def finite(out: Any) -> bool:
+        tensor = out[0] if isinstance(out, tuple | list) else out
+        return bool(torch.isfinite(tensor).all())
+
+    output = encode()
+    if finite(output):
+        return Encoded(output, None)
+    for name in fallbacks:
+        if name == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            continue
+        with precision(device_type, name):
+            output = encode()
+        if finite(output):
+            log.warning("T5 output was not finite; recomputed in %s", name)
+            return Encoded(output, name)
+    raise FloatingPointError(f"T5 output is not finite even in {fallbacks[-1]}")
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+def hub_cache_dir() -> Path:
+    """Where transformers' ``from_pretrained`` looks: huggingface_hub's own answer, then its defaults."""
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):
+        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+        return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+
+
+def repo_folder(cache: Path, repo: str) -> Path:
+    """The Hub cache's folder for a model repo: ``models--org--name``."""
+    return Path(cache) / ("models--" + repo.replace("/", "--"))
+
+
+def cached_snapshot(cache: Path, repo: str, files: Iterable[KnownFile], revision: str = "main") -> Path | None:
+    """The snapshot folder that ``refs/<revision>`` names, if every file is in it."""
+    folder = repo_folder(cache, repo)
+    ref = folder / "refs" / revision
+    if not ref.is_file():
+        return None
+    snapshot = folder / "snapshots" / ref.read_text().strip()
+    return snapshot if all((snapshot / f.path).is_file() for f in files) else None
+
+
+def local_commit(repo: str) -> str:
+    """A stable commit-shaped name for a snapshot when the server did not send ``X-Repo-Commit``."""
+    return hashlib.sha1(f"sd-webui-sd3:{repo}".encode()).hexdigest()
+
+
+def fetch_tokenizer(repo: str, *, endpoints: Sequence[str], offline: bool = False, cache: Path | None = None,
+                    revision: str = "main", **fetch_kwargs: Any) -> Path:
+    """Put ``repo``'s tokenizer files into the Hub cache layout, so that
+    ``from_pretrained(repo)`` works afterwards with no network (``HF_HUB_OFFLINE=1`` or none at all).
+
+    Files go to ``models--org--name/snapshots/<commit>/`` and ``refs/<revision>`` names the commit
+    last, so a half-fetched snapshot is never advertised. Returns the snapshot folder.
+    """
+    from lib_sd3.fetch import fetch
+
+    cache = hub_cache_dir() if cache is None else Path(cache)
+    files = tokenizer_files(repo)
+    existing = cached_snapshot(cache, repo, files, revision)
+    if existing is not None:
+        return existing
+    commit = local_commit(repo) if offline else _remote_commit(repo, files[0], endpoints, revision)
+    snapshot = repo_folder(cache, repo) / "snapshots" / commit
+    for known in files:
+        fetch([known], snapshot / known.path, endpoints=endpoints, offline=offline, revision=revision,
+              **fetch_kwargs)
+    ref = repo_folder(cache, repo) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(ref.name + ".tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+    return snapshot
+
+
+def _remote_commit(repo: str, first: KnownFile, endpoints: Sequence[str], revision: str) -> str:
+    """The commit the endpoint serves (``X-Repo-Commit``), so our snapshot is named like the Hub's."""
+    import requests
+
+    from lib_sd3.fetch import probe, resolve_url
+
+    with requests.Session() as session:
+        for endpoint in endpoints:
+            with contextlib.suppress(Exception):  # an endpoint that fails here fails again in fetch()
+                remote = probe(session, resolve_url(endpoint, repo, first.path, revision), (10.0, 30.0))
+                if remote.commit and len(remote.commit) == 40:
+                    return remote.commit
+    return local_commit(repo)

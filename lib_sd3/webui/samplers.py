@@ -1,0 +1,310 @@
+"""Flow-correct samplers, schedules and the NaN guard in A1111 while an SD3 model is loaded.
+
+Three sd3_only patches (SD1.5 / SDXL keep A1111's original functions, the registry undoes them):
+
+- ``sd_samplers.create_sampler``: DDIM, DDIM CFG++, PLMS and UniPC (A1111's timestep samplers, which
+  feed SD3 integer timesteps and read x0 as eps) become k-diffusion samplers running our flow forms;
+  every noise-injecting k-diffusion sampler runs in EDM space, where its VE noise formulas are exact;
+  the deterministic ones (Euler, Heun, LMS, DPM2, DPM++ 2M) are already right and stay as they are.
+- ``sd_schedulers`` functions: every scheduler in the dropdown returns flow levels in (0, 1], with
+  Align Your Steps mapped from SD1.5's levels by log-SNR.
+- ``SD3Denoiser.forward``: the NaN guard (recompute a non-finite step in bf16 / fp32, else a named error).
+
+The setting ``sd3_flow_samplers`` / ``sd3_nan_guard`` or the script args ``flow_samplers`` /
+``nan_guard`` decide per generation; the infotext records what was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from lib_sd3 import flow, get_logger
+from lib_sd3 import samplers as flow_samplers
+from lib_sd3.patching import AttributeSwap, Patch
+from lib_sd3.webui import hooks, settings
+from lib_sd3.webui.capabilities import model_is_sd3
+from lib_sd3.webui.registry import REGISTRY
+
+log = get_logger("samplers")
+
+FEATURE = "flow samplers"
+CFGPP_SCALE = 1 / 12.5  # A1111's DDIM CFG++ maps CFG scale 0..12.5 to guidance 0..1
+
+TIMESTEP_ROUTES: dict[str, Callable[..., Any]] = {
+    "DDIM": flow_samplers.sample_flow_ddim,
+    "DDIM CFG++": flow_samplers.sample_flow_ddim_cfgpp,
+    "PLMS": flow_samplers.sample_flow_plms,
+    "UniPC": flow_samplers.sample_flow_unipc,
+}
+"""A1111's timestep samplers and the flow sampler each one runs on SD3."""
+
+MODEL_SCHEDULE = "model's own shifted schedule"
+"""Infotext for "Automatic" without a scheduler option: A1111 takes the model's 1000 flow levels."""
+
+ETA_FIELDS = {"DDIM": ("eta_ddim", "Eta DDIM", 0.0), "DDIM CFG++": ("eta_ddim", "Eta DDIM", 0.0)}
+"""DDIM's eta comes from the DDIM eta option, as in A1111, not from the ancestral one."""
+
+
+@dataclasses.dataclass
+class Generation:
+    """This generation's choices (from the PROCESS hook) and what happened during sampling."""
+
+    flow: bool
+    guard_on: bool
+    guard: flow_samplers.NanGuard = dataclasses.field(default_factory=flow_samplers.NanGuard)
+    sampler: str = ""
+    sigmas: Any = None
+    schedule: str = ""
+
+    def describe(self, sigma: Any) -> str:
+        if self.sigmas is not None:
+            return flow_samplers.describe_step(self.sampler, self.sigmas, sigma)
+        return f"sigma {float(sigma.flatten()[0]):.4g}"
+
+
+_generation: Generation | None = None
+
+
+def current() -> Generation:
+    """The running generation's state; outside a generation, the settings' defaults."""
+    global _generation
+    if _generation is None:
+        _generation = Generation(bool(settings.get("sd3_flow_samplers")), bool(settings.get("sd3_nan_guard")))
+    return _generation
+
+
+def on_process(p: Any, args: dict[str, Any]) -> None:
+    """Start a generation: record the flow/guard choice and put it into the infotext."""
+    global _generation
+    _generation = Generation(bool(args["flow_samplers"]), bool(args["nan_guard"]))
+    if model_is_sd3(getattr(p, "sd_model", None)):
+        p.extra_generation_params.update(settings.infotext_params(
+            {"sd3_flow_samplers": _generation.flow, "sd3_nan_guard": _generation.guard_on}))
+
+
+# --- which flow form a sampler gets ------------------------------------------------------------------------
+
+
+def injects_noise(func: Callable[..., Any], label: str) -> bool:
+    """Noise-injecting samplers take eta or a noise sampler (Euler a, DPM2 a, DPM++ SDE ..., DPM fast /
+    adaptive, LCM); Restart injects noise between restarts."""
+    params = inspect.signature(func).parameters
+    return label == "Restart" or "eta" in params or "noise_sampler" in params
+
+
+def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callable[..., Any]:
+    """Euler / Heun / DPM2: exact as they are, but s_churn > 0 adds VE noise, so churn runs in EDM space."""
+    in_edm = flow_samplers.in_edm_space(func, second_order)
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return (in_edm if kwargs.get("s_churn", 0) > 0 else func)(*args, **kwargs)
+
+    return run
+
+
+def flow_form(func: Callable[..., Any], label: str, second_order: bool = False) -> tuple[Callable[..., Any], str]:
+    """(the sampler to run on SD3, a short description for the infotext)."""
+    if injects_noise(func, label):
+        return flow_samplers.in_edm_space(func, second_order), f"{label} in EDM space"
+    if "s_churn" in inspect.signature(func).parameters:
+        return churn_aware(func, second_order), f"{label} (flow ODE; churn in EDM space)"
+    return func, f"{label} (flow ODE)"
+
+
+def unipc_from_opts(opts: Any) -> Callable[..., Any]:
+    """A1111's UniPC options (order, variant, lower-order final) applied to the flow UniPC."""
+    variant = getattr(opts, "uni_pc_variant", "bh1")
+
+    @functools.wraps(flow_samplers.sample_flow_unipc)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("order", int(getattr(opts, "uni_pc_order", 3)))
+        kwargs.setdefault("variant", variant if variant in ("bh1", "bh2") else "bh2")  # vary_coeff has no flow form
+        kwargs.setdefault("lower_order_final", bool(getattr(opts, "uni_pc_lower_order_final", True)))
+        return flow_samplers.sample_flow_unipc(*args, **kwargs)
+
+    return run
+
+
+def _first_sigma(kwargs: dict[str, Any]) -> float:
+    return float(kwargs["sigmas"][0]) if "sigmas" in kwargs else float(kwargs["sigma_max"])
+
+
+def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str) -> Callable[..., Any]:
+    """Run ``func`` for ``sampler`` with SD3's bookkeeping around it.
+
+    - img2img on A1111s that noise with x + sigma * noise (no ``add_noise_to_latent``, the early SD3
+      branch): subtract sigma * x so the start is the flow latent (1 - s) x + s noise;
+    - the step context for the NaN guard's error, and the infotext afterwards.
+    Fresh noise needs nothing here: our samplers, like k-diffusion's, draw it from
+    ``k_diffusion.sampling.torch``, which A1111 points at its per-image seeded generator.
+    """
+    from modules import shared
+
+    @functools.wraps(func)
+    def run(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        generation = current()
+        flow_run = generation.flow and ("sigmas" in kwargs or "sigma_max" in kwargs)
+        init = getattr(getattr(sampler, "model_wrap_cfg", None), "init_latent", None)
+        if flow_run and init is not None and not hasattr(shared.sd_model, "add_noise_to_latent"):
+            x = x - _first_sigma(kwargs) * init
+        generation.sampler = label
+        generation.sigmas = kwargs.get("sigmas")
+        try:
+            return func(model, x, *args, **kwargs)
+        finally:
+            p = getattr(sampler, "p", None)
+            if p is not None:
+                write_infotext(p, generation, note)
+            generation.sigmas = None
+
+    return run
+
+
+def write_infotext(p: Any, generation: Generation, note: str) -> None:
+    params = p.extra_generation_params
+    if generation.flow:
+        params["SD3 flow sampler"] = note
+        params["SD3 flow schedule"] = generation.schedule or MODEL_SCHEDULE
+    if generation.guard.recoveries:
+        params["SD3 NaN recovery"] = generation.guard.summary()
+
+
+# --- patches --------------------------------------------------------------------------------------------
+
+
+def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_sampler(name: str, model: Any) -> Any:
+        if not model_is_sd3(model):
+            return original(name, model)
+        from modules import sd_samplers, sd_samplers_kdiffusion, shared
+
+        config = sd_samplers.find_sampler_config(name)
+        label = getattr(config, "name", name)
+        if current().flow and label in TIMESTEP_ROUTES:
+            route = unipc_from_opts(shared.opts) if label == "UniPC" else TIMESTEP_ROUTES[label]
+            sampler = sd_samplers_kdiffusion.KDiffusionSampler(route, model)
+            sampler.config = config
+            if label in ETA_FIELDS:
+                sampler.eta_option_field, sampler.eta_infotext_field, sampler.eta_default = ETA_FIELDS[label]
+            if label == "DDIM CFG++":
+                sampler.model_wrap_cfg.cond_scale_miltiplier = CFGPP_SCALE
+                sampler.model_wrap_cfg.need_last_noise_uncond = True
+            note = f"{label} -> flow {label}"
+        else:
+            sampler = original(name, model)
+            func = getattr(sampler, "func", None)
+            if func is None:
+                return sampler
+            note = label
+            if current().flow and label not in TIMESTEP_ROUTES:
+                func, note = flow_form(func, label, bool(getattr(config, "options", {}).get("second_order")))
+            sampler.func = func
+        sampler.func = in_generation(sampler, sampler.func, label, note)
+        return sampler
+
+    return create_sampler
+
+
+def _shift(inner_model: Any) -> float:
+    """The loaded model's time shift (3 for SD3 Medium), read from its ModelSamplingDiscreteFlow."""
+    from modules import shared
+
+    for owner in (getattr(inner_model, "inner_model", None), shared.sd_model):
+        shift = getattr(owner, "shift", None) or getattr(getattr(getattr(owner, "model", None), "model_sampling", None),
+                                                        "shift", None)
+        if shift:
+            return float(shift)
+    return flow.SD3_SHIFT
+
+
+def make_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def function(*args: Any, **kwargs: Any) -> Any:
+            generation = current()
+            if not generation.flow:
+                return original(*args, **kwargs)
+            from modules import shared
+
+            bound = dict(zip(("n", "sigma_min", "sigma_max"), args, strict=False)) | kwargs
+            sigmas = flow.schedule(name, int(bound["n"]), float(bound["sigma_min"]), float(bound["sigma_max"]),
+                                   shift=_shift(bound.get("inner_model")), rho=bound.get("rho"),
+                                   beta_alpha=float(getattr(shared.opts, "beta_dist_alpha", 0.6)),
+                                   beta_beta=float(getattr(shared.opts, "beta_dist_beta", 0.6)))
+            generation.schedule = flow.describe_schedule(name)
+            return sigmas.to(bound.get("device", "cpu"))
+
+        return function
+
+    return make
+
+
+def make_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: Any, input: Any, sigma: Any, **kwargs: Any) -> Any:
+        generation = current()
+        if not generation.guard_on:
+            return original(self, input, sigma, **kwargs)
+        return generation.guard(original, self, input, sigma, what="SD3 denoiser",
+                                where=lambda: generation.describe(sigma), **kwargs)
+
+    return forward
+
+
+def _missing(module_name: str, *attrs: str) -> str | None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        return f"{module_name} not importable ({error!r})"
+    for attr in attrs:
+        if not hasattr(module, attr):
+            return f"{module_name}.{attr} not found"
+        module = getattr(module, attr)
+    return None
+
+
+def _detect_create_sampler() -> str | None:
+    return (_missing("modules.sd_samplers", "create_sampler") or _missing("modules.sd_samplers", "find_sampler_config")
+            or _missing("modules.sd_samplers_kdiffusion", "KDiffusionSampler"))
+
+
+def _scheduler_swaps() -> list[AttributeSwap]:
+    from modules import sd_schedulers
+
+    return [AttributeSwap(s, "function", make_schedule(s.name)) for s in sd_schedulers.schedulers
+            if getattr(s, "function", None) is not None and s.name in flow.SCHEDULE_NAMES]
+
+
+def _create_sampler_swaps() -> list[AttributeSwap]:
+    from modules import sd_samplers
+
+    return [AttributeSwap(sd_samplers, "create_sampler", make_create_sampler)]
+
+
+def _forward_swaps() -> list[AttributeSwap]:
+    from modules.models.sd3 import sd3_model
+
+    return [AttributeSwap(sd3_model.SD3Denoiser, "forward", make_forward)]
+
+
+PATCHES = (
+    Patch.from_swaps("samplers.create_sampler", FEATURE, _detect_create_sampler, _create_sampler_swaps, sd3_only=True),
+    Patch.from_swaps("samplers.schedulers", FEATURE, lambda: _missing("modules.sd_schedulers", "schedulers"),
+                     _scheduler_swaps, sd3_only=True),
+    Patch.from_swaps("samplers.nan_guard", "NaN guard", lambda: _missing("modules.models.sd3.sd3_model", "SD3Denoiser"),
+                     _forward_swaps, sd3_only=True),
+)
+
+for _patch in PATCHES:
+    REGISTRY.add(_patch)
+hooks.PROCESS.append(on_process)
+hooks.STATUS[FEATURE] = lambda: {
+    "timestep_routes": {k: v.__name__ for k, v in TIMESTEP_ROUTES.items()},
+    "schedules": list(flow.SCHEDULE_NAMES),
+    "ays": flow.AYS_DESCRIPTION,
+}

@@ -1,0 +1,435 @@
+"""lib_sd3.fetch against a local resolve-scheme server with faults (tests/hf_mirror.py).
+
+Every test checks the one invariant that matters most: the final path holds either nothing or
+exactly the right bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hf_mirror import HFMirror
+
+from lib_sd3 import fetch as fetch_mod
+from lib_sd3.fetch import (
+    CHUNK_BYTES,
+    DEFAULT_ENDPOINT,
+    FetchCancelled,
+    FetchError,
+    FetchOffline,
+    FileLock,
+    NotEnoughSpace,
+    NotWritable,
+    endpoints_in_order,
+    fetch,
+    is_offline,
+    resolve_url,
+)
+from lib_sd3.known_files import KnownFile
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO, PATH = "org/text-encoders", "sub dir/t5.safetensors"
+SIZE = 2_000_000
+FAST = {"backoff": 0.01, "timeout": (2.0, 2.0)}
+
+
+def payload(size: int = SIZE, seed: int = 0) -> bytes:
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"x" * (size % 32)
+
+
+DATA = payload()
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def known(confirmed: bool = True, sha256: str | None = SHA, size: int | None = SIZE, repo: str = REPO) -> KnownFile:
+    return KnownFile("t5.safetensors", repo, PATH, size, sha256, confirmed)
+
+
+@pytest.fixture
+def mirror():
+    with HFMirror() as m:
+        m.add(REPO, PATH, DATA)
+        yield m
+
+
+@pytest.fixture
+def mirror2():
+    with HFMirror() as m:
+        m.add(REPO, PATH, DATA)
+        yield m
+
+
+def assert_good_or_absent(dest: Path) -> None:
+    if dest.exists():
+        assert dest.read_bytes() == DATA
+
+
+def test_resolve_url_quotes_path_and_endpoint_slash():
+    assert resolve_url("https://hf-mirror.com/", "a/b", "x y/z.bin", "main") == \
+        "https://hf-mirror.com/a/b/resolve/main/x%20y/z.bin"
+
+
+def test_endpoint_order_flag_setting_env_then_hub():
+    env = {"HF_ENDPOINT": "https://env.example/"}
+    got = endpoints_in_order("https://a.example, https://b.example", "https://c.example https://a.example", env)
+    assert got == ["https://a.example", "https://b.example", "https://c.example", "https://env.example",
+                   DEFAULT_ENDPOINT]
+    assert endpoints_in_order(None, "", {}) == [DEFAULT_ENDPOINT]
+    assert is_offline({"HF_HUB_OFFLINE": "1"}) and is_offline({"HF_HUB_OFFLINE": "True"})
+    assert not is_offline({"HF_HUB_OFFLINE": "0"}) and not is_offline({})
+
+
+@pytest.mark.parametrize("lfs, source, how", [
+    (True, known(), "table sha256"),
+    (True, known(confirmed=False, sha256=None, size=None), "server sha256"),
+    (False, known(confirmed=False, sha256=None, size=None), "git blob id"),
+])
+def test_download_verifies_by_best_available_digest(tmp_path, mirror, lfs, source, how):
+    mirror.faults.lfs = lfs
+    seen = []
+    result = fetch([source], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], progress=seen.append, **FAST)
+    assert (tmp_path / "t5.safetensors").read_bytes() == DATA
+    assert result.verified_by == how and result.sha256 == SHA
+    assert not (tmp_path / "t5.safetensors.part").exists() and not (tmp_path / "t5.safetensors.lock").exists()
+    assert seen[-1].done == SIZE and seen[-1].total == SIZE and seen[-1].rate > 0 and seen[-1].eta == 0
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
+def test_dropped_connection_resumes_where_it_stopped(tmp_path, mirror, fraction):
+    mirror.faults.drop_at = (fraction,)
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA
+    ranged = [r for m, _, r in mirror.requests if m == "GET" and r]
+    if fraction * SIZE >= CHUNK_BYTES:  # below one chunk nothing was saved yet: no Range to ask for
+        assert ranged, "the second GET must ask for a Range"
+    # Re-downloaded: at most what was in flight when the connection dropped (one chunk).
+    assert mirror.bytes_sent - SIZE <= CHUNK_BYTES
+    assert result.downloaded == SIZE
+
+
+def test_stalled_stream_times_out_and_resumes(tmp_path, mirror):
+    mirror.faults.stall_at, mirror.faults.stall_s = (0.5,), 3.0
+    dest = tmp_path / "t5.safetensors"
+    started = time.monotonic()
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], backoff=0.01, timeout=(1.0, 0.3))
+    assert dest.read_bytes() == DATA and time.monotonic() - started < 2.5, "the read timeout cut the stall short"
+    assert any(r for m, _, r in mirror.requests if m == "GET" and r), "resumed with a Range"
+    assert result.downloaded == SIZE
+
+
+def test_repeated_drops_still_finish(tmp_path, mirror):
+    mirror.faults.drop_at = (0.2, 0.4, 0.6, 0.8)
+    dest = tmp_path / "t5.safetensors"
+    fetch([known()], dest, endpoints=[mirror.endpoint], max_attempts=2, **FAST)
+    assert dest.read_bytes() == DATA
+
+
+def test_mirror_without_head_still_downloads_and_verifies(tmp_path, mirror):
+    mirror.faults.head = False
+    mirror.faults.drop_at = (0.5,)
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.verified_by == "table sha256"
+
+
+def test_server_without_range_support_restarts_from_zero(tmp_path, mirror):
+    mirror.faults.range = False
+    mirror.faults.drop_at = (0.5,)
+    dest = tmp_path / "t5.safetensors"
+    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA
+    assert mirror.bytes_sent >= SIZE * 1.5 - 1  # half, then all of it again
+
+
+@pytest.mark.parametrize("status", [404, 403, 401])
+def test_permanent_http_errors_move_to_next_endpoint(tmp_path, mirror, mirror2, status):
+    mirror.faults.status = status
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
+    assert len(mirror.requests) == 1, "a permanent error is not retried"
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503])
+def test_transient_http_errors_retry_same_endpoint(tmp_path, mirror, status):
+    mirror.faults.status, mirror.faults.status_times, mirror.faults.retry_after = status, 2, 0.05
+    dest = tmp_path / "t5.safetensors"
+    started = time.monotonic()
+    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA
+    assert time.monotonic() - started >= 0.1  # Retry-After was honoured twice
+
+
+def test_persistent_5xx_gives_up_with_manual_path(tmp_path, mirror):
+    mirror.faults.status = 503
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(FetchError) as info:
+        fetch([known()], dest, endpoints=[mirror.endpoint], max_attempts=3, **FAST)
+    assert len(mirror.requests) == 4  # 1 + 3 retries, then stop
+    message = str(info.value)
+    assert "HTTP 503" in message
+    assert resolve_url(mirror.endpoint, REPO, PATH) in message and str(dest) in message and SHA in message
+    assert not dest.exists()
+
+
+def test_html_error_page_from_mirror_is_never_saved(tmp_path, mirror, mirror2):
+    mirror.faults.html = True
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
+    mirror2.faults.html = True
+    dest.unlink()
+    with pytest.raises(FetchError, match="HTML page"):
+        fetch([known()], dest, endpoints=[mirror2.endpoint], **FAST)
+    assert not dest.exists()
+
+
+def test_wrong_bytes_deleted_then_next_endpoint(tmp_path, mirror, mirror2, caplog):
+    mirror.faults.corrupt = True
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
+    assert mirror2.requests[-1][2] is None, "the next endpoint starts from zero, not from the bad bytes"
+
+
+def test_wrong_bytes_everywhere_leaves_nothing(tmp_path, mirror):
+    mirror.faults.corrupt = True
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(FetchError, match="digest mismatch"):
+        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert not dest.exists() and not (tmp_path / "t5.safetensors.part").exists()
+
+
+def test_unconfirmed_digest_checked_against_server_etag(tmp_path, mirror):
+    mirror.faults.advertise_sha256 = "0" * 64  # the server claims another file
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(FetchError, match="digest mismatch"):
+        fetch([known(confirmed=False)], dest, endpoints=[mirror.endpoint], **FAST)
+    assert not dest.exists()
+    # A confirmed table digest wins over what a mirror advertises.
+    result = fetch([known(confirmed=True)], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.verified_by == "table sha256"
+
+
+def test_server_size_differs_from_table_tries_next_source(tmp_path, mirror):
+    mirror.add("other/repo", PATH, DATA[:-10])
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known(repo="other/repo"), known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and f"/{REPO}/" in result.url
+
+
+def test_truncated_file_at_destination_is_resumed(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    dest.write_bytes(DATA[:SIZE // 3])
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA
+    assert result.resumed_from == SIZE // 3 and mirror.bytes_sent == SIZE - SIZE // 3
+
+
+def test_longer_file_at_destination_is_left_alone(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    dest.write_bytes(DATA + b"more")  # someone's other T5 variant under the same name
+    with pytest.raises(FetchError, match="different file"):
+        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA + b"more" and mirror.requests == []
+
+
+def test_part_from_crashed_run_is_resumed(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    (tmp_path / "t5.safetensors.part").write_bytes(DATA[:1234567])
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.resumed_from == 1234567
+    assert mirror.bytes_sent == SIZE - 1234567
+
+
+def test_garbage_part_is_discarded_and_downloaded_again(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    (tmp_path / "t5.safetensors.part").write_bytes(b"\0" * 1000)
+    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA
+
+
+def test_present_file_is_not_downloaded(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    dest.write_bytes(DATA)
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert result.verified_by == "present" and mirror.requests == []
+
+
+def test_present_but_corrupt_file_replaced_when_verifying(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    dest.write_bytes(bytes(SIZE))
+    fetch([known()], dest, endpoints=[mirror.endpoint], verify_existing=True, **FAST)
+    assert dest.read_bytes() == DATA and (tmp_path / "t5.safetensors.bad").exists()
+
+
+def test_offline_never_touches_network(tmp_path, mirror):
+    with pytest.raises(FetchOffline) as info:
+        fetch([known()], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], offline=True)
+    assert mirror.requests == [] and SHA in str(info.value)
+
+
+def test_not_enough_disk_checked_before_downloading(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(NotEnoughSpace, match="disk space"):
+        fetch([known()], dest, endpoints=[mirror.endpoint], free_bytes=lambda _p: SIZE // 2, **FAST)
+    assert all(method == "HEAD" for method, _, _ in mirror.requests)
+    assert not dest.exists()
+
+
+def test_disk_full_mid_stream_keeps_part_then_resumes(tmp_path, mirror, monkeypatch):
+    limit = {"left": SIZE // 2}
+
+    def full_disk(fh, data):
+        if len(data) > limit["left"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        limit["left"] -= len(data)
+        fh.write(data)
+
+    monkeypatch.setattr(fetch_mod, "_write", full_disk)
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(NotEnoughSpace, match="disk full") as info:
+        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert SHA in info.value.manual
+    part = tmp_path / "t5.safetensors.part"
+    assert not dest.exists() and 0 < part.stat().st_size <= SIZE // 2
+    kept = part.stat().st_size
+    monkeypatch.setattr(fetch_mod, "_write", lambda fh, data: fh.write(data))
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.resumed_from == kept
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_on_a_real_small_tmpfs(tmp_path, mirror):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "size=1m"):
+        pytest.skip("cannot mount a tmpfs here (not root); the injected-ENOSPC test covers this")
+    try:
+        dest = small / "t5.safetensors"
+        with pytest.raises(NotEnoughSpace):  # the pre-check
+            fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+        with pytest.raises(NotEnoughSpace, match="disk full"):  # the real ENOSPC, pre-check fooled
+            fetch([known()], dest, endpoints=[mirror.endpoint], free_bytes=lambda _p: 1 << 40, **FAST)
+        assert not dest.exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_read_only_models_dir(tmp_path, mirror):
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "ro,size=1m"):
+        pytest.skip("cannot mount a read-only tmpfs here; the injected EROFS test covers this")
+    try:
+        with pytest.raises(NotWritable, match="cannot write") as info:
+            fetch([known()], ro / "CLIP" / "t5.safetensors", endpoints=[mirror.endpoint], **FAST)
+        assert SHA in str(info.value) and mirror.requests == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_read_only_models_dir_injected(tmp_path, mirror, monkeypatch):
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+
+    monkeypatch.setattr(FileLock, "_try_acquire", read_only)
+    with pytest.raises(NotWritable):
+        fetch([known()], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], **FAST)
+
+
+def test_cancel_keeps_part_for_resume(tmp_path, mirror):
+    mirror.faults.rate = 2_000_000
+    cancel = threading.Event()
+    dest = tmp_path / "t5.safetensors"
+
+    def stop_halfway(progress):
+        if progress.done > SIZE // 4:
+            cancel.set()
+
+    with pytest.raises(FetchCancelled):
+        fetch([known()], dest, endpoints=[mirror.endpoint], cancel=cancel, progress=stop_halfway, **FAST)
+    part = tmp_path / "t5.safetensors.part"
+    assert not dest.exists() and part.stat().st_size > 0
+    mirror.faults.rate = None
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.resumed_from > 0
+
+
+def test_exclusive_lock_fallback_waits_then_clears_stale_lock(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    lock = tmp_path / "t5.safetensors.lock"
+    lock.write_text("12345\n")  # a live holder (fresh mtime)
+    with pytest.raises(FetchError, match="waiting for another download"):
+        fetch([known()], dest, endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=0.5, **FAST)
+    old = time.time() - 3600
+    os.utime(lock, (old, old))  # the holder died an hour ago
+    fetch([known()], dest, endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=5, **FAST)
+    assert dest.read_bytes() == DATA and not lock.exists()
+
+
+_CHILD = textwrap.dedent("""
+    import sys, hashlib
+    sys.path[:0] = [{root!r}]
+    from lib_sd3.fetch import fetch
+    from lib_sd3.known_files import KnownFile
+    src = KnownFile("t5.safetensors", {repo!r}, {path!r}, {size}, {sha!r}, True)
+    result = fetch([src], {dest!r}, endpoints=[{endpoint!r}], backoff=0.01,
+                   progress=lambda p: print("progress", p.done, flush=True))
+    print("done", result.verified_by, result.downloaded, flush=True)
+""")
+
+
+def _child(dest: Path, endpoint: str) -> subprocess.Popen:
+    code = _CHILD.format(root=str(ROOT), repo=REPO, path=PATH, size=SIZE, sha=SHA, dest=str(dest), endpoint=endpoint)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_never_write_the_same_file(tmp_path, mirror):
+    mirror.faults.rate = 4_000_000  # ~0.5 s per download: the two overlap
+    dest = tmp_path / "t5.safetensors"
+    children = [_child(dest, mirror.endpoint) for _ in range(2)]
+    outputs = [c.communicate(timeout=60) for c in children]
+    assert [c.returncode for c in children] == [0, 0], outputs
+    assert dest.read_bytes() == DATA
+    assert mirror.bytes_sent == SIZE, "the second process waited and used the first one's file"
+    finals = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
+    assert finals == ["done present 0", f"done table sha256 {SIZE}"]
+
+
+def test_ctrl_c_mid_download_then_resume(tmp_path, mirror):
+    mirror.faults.rate = 1_000_000  # 2 s for the whole file
+    dest = tmp_path / "t5.safetensors"
+    part = tmp_path / "t5.safetensors.part"
+    child = _child(dest, mirror.endpoint)
+    deadline = time.monotonic() + 20
+    while not (part.exists() and part.stat().st_size >= CHUNK_BYTES) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=20)
+    assert child.returncode != 0 and "KeyboardInterrupt" in err
+    assert not dest.exists() and not (tmp_path / "t5.safetensors.lock").exists()
+    kept = part.stat().st_size
+    assert 0 < kept < SIZE
+    mirror.faults.rate = None
+    sent_before = mirror.bytes_sent
+    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    assert dest.read_bytes() == DATA and result.resumed_from == kept
+    assert mirror.bytes_sent - sent_before == SIZE - kept

@@ -1,0 +1,491 @@
+"""lib_sd3.webui.t5 against stand-ins shaped like A1111's SD3 text encoders (dev and early state).
+
+The stand-ins keep what our code touches, with A1111's names and shapes: ``SD3Cond`` builds
+``T5XXLModel(T5_CONFIG, device="cpu", dtype=devices.dtype)`` only when ``opts.sd3_enable_t5`` is
+on; on dev an ``Sd3T5`` wrapper also holds ``t5xxl`` and returns zeros without it; the T5 module's
+``transformer`` holds ``encoder.*`` weights in ``AutocastLinear`` layers (weight cast to the input's
+dtype on every call), the embedding is built without a dtype, and the output is ``(z.float(), None)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hf_mirror import HFMirror
+
+from lib_sd3 import fetch as fetcher
+from lib_sd3 import t5 as t5_lib
+from lib_sd3.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
+
+T5_CONFIG = {"d_model": 16, "num_layers": 3, "vocab_size": 50}
+TOKENS = 6
+GIB = 1 << 30
+
+
+# ------------------------------------------------------------------------------------- A1111 stand-ins
+class AutocastLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+class T5Stack(torch.nn.Module):
+    def __init__(self, config, dtype, device):
+        super().__init__()
+        d = config["d_model"]
+        self.embed_tokens = torch.nn.Embedding(config["vocab_size"], d, device=device)
+        self.block = torch.nn.ModuleList(
+            [AutocastLinear(d, d, bias=False, dtype=dtype, device=device) for _ in range(config["num_layers"])])
+        self.final_layer_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype, device=device))
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids).to(torch.float32)
+        for layer in self.block:
+            x = x + torch.tanh(layer(x))
+        return x * self.final_layer_norm.to(x.dtype)
+
+
+class T5(torch.nn.Module):
+    def __init__(self, config, dtype, device):
+        super().__init__()
+        self.encoder = T5Stack(config, dtype, device)
+
+
+class T5XXLModel(torch.nn.Module):
+    def __init__(self, config, device="cpu", layer="last", layer_idx=None, dtype=None):
+        super().__init__()
+        self.transformer = T5(config, dtype, device)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+
+    def forward(self, tokens):
+        embeds = self.transformer.encoder.embed_tokens
+        tokens = torch.asarray(tokens, dtype=torch.int64, device=embeds.weight.device)
+        return self.transformer.encoder(tokens).float(), None
+
+
+def tokenize(texts):
+    return [[(ord(c) % 49) + 1 for c in text[:TOKENS]] + [0] * (TOKENS - len(text[:TOKENS])) for text in texts]
+
+
+def make_dev_cond(shared):
+    class Sd3T5(torch.nn.Module):
+        def __init__(self, t5xxl):
+            super().__init__()
+            self.t5xxl = t5xxl
+
+        def forward(self, texts, *, token_count):
+            if not self.t5xxl or not shared.opts.sd3_enable_t5:
+                return torch.zeros((len(texts), token_count, T5_CONFIG["d_model"]))
+            return self.t5xxl(tokenize(texts))[0]
+
+    class SD3Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip_l = torch.nn.Linear(2, 2)
+            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
+            self.model_t5 = Sd3T5(self.t5xxl)
+
+        def forward(self, prompts):
+            return self.model_t5(prompts, token_count=TOKENS)
+
+        def get_token_count(self, text):
+            return len(text)
+
+    return SD3Cond
+
+
+def make_early_cond(shared):
+    class SD3Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip_l = torch.nn.Linear(2, 2)
+            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
+
+        def forward(self, prompts):
+            if self.t5xxl and shared.opts.sd3_enable_t5:
+                return self.t5xxl(tokenize(prompts))[0]
+            return torch.zeros((len(prompts), TOKENS, T5_CONFIG["d_model"]))
+
+    return SD3Cond
+
+
+# ------------------------------------------------------------------------------------------ test files
+def reference_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.to(torch.float16) for k, v in T5XXLModel(T5_CONFIG).transformer.state_dict().items()}
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+FP16_STATE = reference_state()
+FP8_STATE = {k: (v.to(torch.float8_e4m3fn) if ".block." in k else v) for k, v in FP16_STATE.items()}
+FILES = {T5_FP16: safetensors_bytes(FP16_STATE), T5_FP8: safetensors_bytes(FP8_STATE), CLIP_L: b"clip-l" * 1000}
+
+
+def expected_output(state: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    """An independent T5: a plain fp32 model loaded the ordinary way from the same tensors."""
+    model = T5XXLModel(T5_CONFIG)
+    model.transformer.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        return model(tokenize(prompts))[0]
+
+
+def known(name: str) -> tuple[KnownFile, ...]:
+    data = FILES[name]
+    return (KnownFile(name, A1111_TEXT_ENCODERS, name, len(data), hashlib.sha256(data).hexdigest(), True),)
+
+
+# -------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(params=["dev", "early"])
+def webui(request, fake_webui, tmp_path, monkeypatch):
+    shared = fake_webui.shared
+    shared.models_path = str(tmp_path / "models")
+    shared.opts.data.update({"sd3_enable_t5": True, "sd3_t5_mode": "auto", "sd3_fetch": True, "sd3_mirrors": ""})
+    shared.cmd_opts = types.SimpleNamespace(sd3_t5=None, sd3_no_fetch=False, sd3_mirror=None)
+    fake_webui.module("modules.devices", dtype=torch.float32, device=torch.device("cpu"))
+    fake_webui.module("modules.models.sd3.other_impls", T5XXLModel=T5XXLModel)
+    if request.param == "dev":
+        fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=make_dev_cond(shared), T5_CONFIG=T5_CONFIG)
+    else:
+        fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=make_early_cond(shared), T5_CONFIG=T5_CONFIG)
+    calls = []
+    fake_webui.module("modules.modelloader", load_file_from_url=lambda url, **kw: calls.append((url, kw)) or "orig")
+    fake_webui.original_downloads = calls
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(fetcher, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")  # the real Hub is never asked
+    monkeypatch.setattr(t5_lib, "free_memory", lambda: (64 * GIB, None))
+
+    from lib_sd3.webui import t5 as t5_webui
+    from lib_sd3.webui.registry import REGISTRY
+
+    monkeypatch.setattr(t5_webui, "SOURCES", {name: known(name) for name in FILES})
+    monkeypatch.setattr(t5_webui, "FETCH_OPTIONS", {"backoff": 0.01})
+    tokenizer_calls = []
+    monkeypatch.setattr(t5_webui, "ensure_tokenizers", lambda: tokenizer_calls.append(1))
+    monkeypatch.setattr(t5_webui, "STATUS", t5_webui.T5Status())
+    fake_webui.tokenizer_calls = tokenizer_calls
+    assert REGISTRY.apply("t5_managed_by_sd3").value == "applied", REGISTRY.get("t5_managed_by_sd3").reason
+    yield types.SimpleNamespace(ui=fake_webui, shared=shared, t5=t5_webui, state=request.param,
+                                clip=Path(shared.models_path) / "CLIP")
+    t5_webui.cancel()
+    t5_webui.wait(10)
+    REGISTRY.undo("t5_managed_by_sd3")
+
+
+@pytest.fixture
+def mirror(webui):
+    with HFMirror() as m:
+        for name, data in FILES.items():
+            m.add(A1111_TEXT_ENCODERS, name, data)
+        webui.shared.opts.data["sd3_mirrors"] = m.endpoint
+        yield m
+
+
+def load_sd3(webui):
+    """What A1111 does: build SD3Cond (our patch inside), then fire on_model_loaded."""
+    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
+                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    model = types.SimpleNamespace(is_sd3=True, cond_stage_model=cond_class())
+    webui.shared.sd_model = model
+    webui.t5.refresh(model)
+    return model
+
+
+class Processing:
+    """Like A1111's StableDiffusionProcessing as far as we use it (and weak-referenceable like it)."""
+
+    def __init__(self, sd_model):
+        self.sd_model, self.extra_generation_params = sd_model, {}
+
+
+def generate(webui, model, prompts=("a cat", "sign")):
+    p = Processing(model)
+    webui.t5.process(p, {})
+    with torch.no_grad():
+        return model.cond_stage_model(list(prompts)), p.extra_generation_params["SD3 T5"]
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_a1111_never_builds_t5_itself(webui):
+    model = load_sd3_without_refresh(webui)
+    assert model.cond_stage_model.t5xxl is None, "A1111 would have built (and downloaded) T5 here"
+    assert webui.shared.opts.data["sd3_enable_t5"] is True, "the user's option is put back"
+    assert webui.ui.tokenizer_calls == [1], "tokenizers are ensured before A1111 loads them"
+
+
+def load_sd3_without_refresh(webui):
+    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
+                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    return types.SimpleNamespace(is_sd3=True, cond_stage_model=cond_class())
+
+
+def test_missing_t5_fetched_in_background_then_switched_on(webui, mirror):
+    mirror.faults.rate = 10_000  # ~0.4 s: slow enough to generate while it downloads
+    model = load_sd3(webui)
+    status = webui.t5.status()
+    assert status["fetch_state"] == "fetching" and status["fetching"] == T5_FP16
+
+    out, infotext = generate(webui, model)
+    assert infotext.startswith("off (downloading")
+    assert torch.count_nonzero(out) == 0, "meanwhile generations run without T5"
+
+    assert webui.t5.wait(30)
+    assert (webui.clip / T5_FP16).read_bytes() == FILES[T5_FP16]
+    cond = model.cond_stage_model
+    assert cond.t5xxl is not None and webui.shared.opts.data["sd3_enable_t5"] is True
+    if webui.state == "dev":
+        assert cond.model_t5.t5xxl is cond.t5xxl
+    out, infotext = generate(webui, model)
+    assert infotext == "fp16"
+    torch.testing.assert_close(out, expected_output(FP16_STATE, ["a cat", "sign"]))
+    weights = {p.dtype for n, p in cond.t5xxl.named_parameters() if ".block." in n}
+    assert weights == {torch.float16}, "kept in the file's fp16, not devices.dtype's fp32"
+    assert webui.ui.original_downloads == [], "A1111's own downloader was never asked for T5"
+
+
+def test_auto_picks_fp8_when_memory_is_short(webui, mirror, monkeypatch):
+    monkeypatch.setattr(t5_lib, "free_memory", lambda: (8 * GIB, None))
+    model = load_sd3(webui)
+    assert webui.t5.wait(30)
+    assert (webui.clip / T5_FP8).exists() and not (webui.clip / T5_FP16).exists()
+    out, infotext = generate(webui, model)
+    assert infotext == "fp8"
+    weights = {p.dtype for n, p in model.cond_stage_model.t5xxl.named_parameters() if ".block." in n}
+    assert weights == {torch.float8_e4m3fn}
+    torch.testing.assert_close(out, expected_output(FP8_STATE, ["a cat", "sign"]))
+    reference = expected_output(FP16_STATE, ["a cat", "sign"])
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_t5_never_switched_on_where_it_cannot_fit(webui, mirror, monkeypatch):
+    monkeypatch.setattr(t5_lib, "free_memory", lambda: (4 * GIB, None))
+    model = load_sd3(webui)
+    assert webui.t5.status()["fetch_state"] == "idle" and mirror.requests == [], "no 5 GB download for nothing"
+    out, infotext = generate(webui, model)
+    assert infotext == "off" and "needs" in webui.t5.status()["reason"]
+
+
+def test_failed_fetch_degrades_to_no_t5_with_manual_path(webui, mirror):
+    mirror.faults.status = 404
+    model = load_sd3(webui)
+    assert webui.t5.wait(30)
+    status = webui.t5.status()
+    assert status["fetch_state"] == "failed"
+    assert f"{mirror.endpoint}/{A1111_TEXT_ENCODERS}/resolve/main/{T5_FP16}" in status["manual"]
+    assert str(webui.clip / T5_FP16) in status["manual"] and known(T5_FP16)[0].sha256 in status["manual"]
+    out, infotext = generate(webui, model)
+    assert infotext == "off (download failed)" and torch.count_nonzero(out) == 0
+
+
+def test_no_fetch_flag_never_touches_network(webui, mirror):
+    webui.shared.cmd_opts.sd3_no_fetch = True
+    model = load_sd3(webui)
+    assert mirror.requests == []
+    assert webui.t5.status()["fetch_state"] == "offline"
+    assert generate(webui, model)[1] == "off (missing; downloads off)"
+
+
+def test_hf_hub_offline_never_touches_network(webui, mirror, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_sd3(webui)
+    assert mirror.requests == [] and webui.t5.status()["fetch_state"] == "offline"
+
+
+def test_present_file_is_used_without_network_and_off_mode_detaches(webui, mirror):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    model = load_sd3(webui)
+    assert mirror.requests == [] and generate(webui, model)[1] == "fp16"
+    webui.shared.opts.data["sd3_t5_mode"] = "off"
+    webui.t5.refresh(model)
+    assert model.cond_stage_model.t5xxl is None and generate(webui, model)[1] == "off"
+
+
+def test_corrupt_file_on_disk_costs_t5_not_the_model(webui, mirror):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(b"\0" * len(FILES[T5_FP16]))  # right size, not a safetensors file
+    model = load_sd3(webui)
+    status = webui.t5.status()
+    assert status["mode"] == "off" and "loading" in status["error"]
+    out, infotext = generate(webui, model)
+    assert infotext == "off" and torch.count_nonzero(out) == 0
+
+
+def test_fp16_file_serves_fp8_without_download(webui, mirror, monkeypatch):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    webui.shared.cmd_opts.sd3_t5 = "fp8"  # the flag overrides the setting
+    model = load_sd3(webui)
+    assert mirror.requests == [] and generate(webui, model)[1] == "fp8"
+
+
+def test_routes(webui, mirror):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_sd3.webui import routes
+
+    app = FastAPI()
+    routes.mount(app)
+    client = TestClient(app)
+    body = client.get("/sd3/t5").json()
+    assert body["fetch_state"] == "idle" and body["files"] == {T5_FP16: False, T5_FP8: False}
+    assert body["endpoints"][0] == mirror.endpoint
+    body = client.post("/sd3/t5/fetch").json()
+    assert body["fetch_state"] in ("fetching", "done")
+    assert webui.t5.wait(30)
+    assert client.get("/sd3/t5").json()["files"][T5_FP16] is True
+    assert client.get("/sd3/status").json()["features"]["t5"]["fetch_state"] == "done"
+
+
+def test_clip_downloads_go_through_the_fetcher(webui, mirror):
+    from modules import modelloader
+
+    url = f"https://huggingface.co/{A1111_TEXT_ENCODERS}/resolve/main/{CLIP_L}"
+    path = modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
+    assert Path(path).read_bytes() == FILES[CLIP_L] and webui.ui.original_downloads == []
+    assert modelloader.load_file_from_url("https://example.com/x.pth", model_dir="/tmp") == "orig"
+    (webui.clip / CLIP_L).write_bytes(b"a user's own clip_l")  # used as is, like A1111 does
+    assert Path(modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)).read_bytes() == \
+        b"a user's own clip_l"
+    mirror.faults.status = 404
+    (webui.clip / CLIP_L).unlink()
+    with pytest.raises(RuntimeError, match="SD3 needs clip_l.safetensors"):
+        modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
+
+
+def test_file_with_only_shared_embedding_key_loads(webui, mirror):
+    """ComfyUI-made files may store the embedding only as ``shared.weight``."""
+    state = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in FP16_STATE.items()}
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(safetensors_bytes(state))
+    webui.t5.SOURCES[T5_FP16] = (dataclasses.replace(known(T5_FP16)[0], size=None),)
+    model = load_sd3(webui)
+    out, infotext = generate(webui, model)
+    assert infotext == "fp16"
+    torch.testing.assert_close(out, expected_output(FP16_STATE, ["a cat", "sign"]))
+
+
+def test_changing_the_setting_applies_at_next_generation(webui, mirror):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    model = load_sd3(webui)
+    assert generate(webui, model)[1] == "fp16"
+    webui.shared.opts.data["sd3_t5_mode"] = "fp8"
+    out, infotext = generate(webui, model)
+    assert infotext == "fp8" and mirror.requests == [], "the fp16 file serves fp8 without a download"
+    assert webui.t5.status()["requested"] == "fp8"
+    webui.shared.opts.data["sd3_t5_mode"] = "off (downloading 42%)"  # as pasted from an infotext
+    out, infotext = generate(webui, model)
+    assert infotext == "off" and torch.count_nonzero(out) == 0
+    webui.shared.opts.data["sd3_t5_mode"] = "garbage"
+    assert webui.t5.requested_mode() == "auto"
+
+
+def test_ui_builds_in_accordion(webui):
+    webui.t5.build_ui(False)
+    webui.t5.build_ui(True)
+
+
+def test_nonfinite_t5_output_recomputed_and_in_infotext(webui, mirror, monkeypatch):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    model = load_sd3(webui)
+    t5 = model.cond_stage_model.t5xxl
+    encoder = t5.transformer.encoder
+    real = encoder.forward
+
+    def overflow_in_low_precision(ids):  # what fp16 T5 does on some prompts: inf unless recomputed wider
+        out = real(ids)
+        return out if torch.is_autocast_enabled("cpu") else out + float("inf")
+
+    encoder.forward = overflow_in_low_precision
+    out, infotext = generate(webui, model)
+    assert torch.isfinite(out).all() and infotext == "fp16 (recomputed in bf16)"
+    assert webui.t5.status()["recomputed"] == 1
+
+
+def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path, monkeypatch):
+    from lib_sd3.known_files import TOKENIZER_REPOS, tokenizer_files
+    from lib_sd3.webui import t5 as t5_webui
+
+    fake_webui.shared.opts.data.update({"sd3_fetch": True})
+    fake_webui.shared.cmd_opts = types.SimpleNamespace(sd3_t5=None, sd3_no_fetch=False, sd3_mirror=None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(fetcher, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(t5_lib, "hub_cache_dir", lambda: tmp_path / "hub")
+    with HFMirror() as m:
+        m.faults.lfs = False
+        fake_webui.shared.opts.data["sd3_mirrors"] = m.endpoint
+        m.faults.status = 503  # a broken mirror at model load: warnings, no exception, no long wait
+        t5_webui.ensure_tokenizers()
+        assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.json"))
+        m.faults.status = None
+        for repo in TOKENIZER_REPOS:
+            for known_file in tokenizer_files(repo):
+                m.add(repo, known_file.path, f"{repo}/{known_file.path}".encode())
+        t5_webui.ensure_tokenizers()
+    for repo in TOKENIZER_REPOS:
+        snapshot = t5_lib.cached_snapshot(tmp_path / "hub", repo, tokenizer_files(repo))
+        assert snapshot is not None
+        assert (snapshot / "tokenizer_config.json").read_bytes() == f"{repo}/tokenizer_config.json".encode()
+
+
+@pytest.mark.webui
+@pytest.mark.parametrize("env", ["WEBUI_ROOT", "WEBUI_ROOT_EARLY"])
+def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
+    """Opt-in: our meta-build + dtype-keeping load on A1111's own T5XXLModel (its other_impls.py,
+    run as is with a stand-in sd_hijack): fp16 must equal A1111's own loading exactly."""
+    import importlib.util
+    import os
+
+    from safetensors.torch import save_file
+
+    root = os.environ.get(env)
+    if not root:
+        pytest.skip(f"opt-in: set {env} to an A1111 checkout")
+    fake_webui.module("modules.sd_hijack", TextualInversionEmbeddings=lambda *a, textual_inversion_key=None, **k:
+                      torch.nn.Embedding(*a, **k))
+    fake_webui.module("modules.devices", dtype=torch.float16, device=torch.device("cpu"))
+    fake_webui.module("modules.models.sd3")
+    spec = importlib.util.spec_from_file_location("modules.models.sd3.other_impls",
+                                                  f"{root}/modules/models/sd3/other_impls.py")
+    other = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = other
+    spec.loader.exec_module(other)
+    config = {"d_ff": 64, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 100}
+    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=type("SD3Cond", (), {}), T5_CONFIG=config)
+    torch.manual_seed(0)
+    reference = other.T5XXLModel(config, device="cpu", dtype=torch.float32)
+    for parameter in reference.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    state = {k: v.half() for k, v in reference.transformer.state_dict().items()}
+    save_file(state, str(tmp_path / T5_FP16))
+    reference.transformer.load_state_dict({k: v.float() for k, v in state.items()})
+
+    from lib_sd3.webui import t5 as t5_webui
+
+    tokens = [[5, 6, 7, 1, 0, 0]]
+    with torch.no_grad():
+        want = reference(tokens)[0]
+        fp16 = t5_webui.build_t5(tmp_path / T5_FP16, fp8=False)
+        torch.testing.assert_close(fp16(tokens)[0], want, rtol=0, atol=0)
+        fp8 = t5_webui.build_t5(tmp_path / T5_FP16, fp8=True)
+        assert {p.dtype for n, p in fp8.named_parameters() if n.endswith(".q.weight")} == {torch.float8_e4m3fn}
+        cosine = torch.nn.functional.cosine_similarity(fp8(tokens)[0].flatten(), want.flatten(), dim=0)
+        assert cosine > 0.99
+        assert t5_lib.parameter_bytes(fp8) < t5_lib.parameter_bytes(fp16)
