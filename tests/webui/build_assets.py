@@ -14,7 +14,8 @@ test session runs this as a subprocess. Written under DIR:
 - ``VAE-approx/vaeapprox-sd3.pt``: the live-preview model, in torch's legacy (non-zip) pickle format,
   which A1111's restricted unpickler accepts.
 - ``hf/hub/...``: an offline Hugging Face cache for ``openai/clip-vit-large-patch14`` (vocab and merges
-  derived exactly from open-clip-torch's bundled BPE file, as OpenAI's CLIP tokenizer is) and for
+  derived exactly from open-clip-torch's bundled BPE file, as OpenAI's CLIP tokenizer is; its
+  ``tokenizer.json`` converted from them; a default ``config.json``, so the snapshot is complete) and for
   ``google/t5-v1_1-xxl`` (a SMALL sentencepiece model trained here: T5 counts from it are not real T5's).
 - ``t5-reduced/t5xxl_fp16.safetensors``: a random T5 encoder with A1111's T5 layout at a reduced size
   (``T5_REDUCED``), for the fetch case; the real one (4096 wide, 24 layers) does not fit in fp32 here.
@@ -246,6 +247,10 @@ def build_clip_tokenizer(hf_home: Path) -> Path:
     config = dict(special, model_max_length=77, do_lower_case=True, errors="replace",
                   tokenizer_class="CLIPTokenizer", add_prefix_space=False)
     (snapshot / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    from transformers import CLIPConfig, CLIPTokenizerFast  # the files a complete Hub snapshot also has
+
+    (snapshot / "config.json").write_text(json.dumps(CLIPConfig().to_dict()), encoding="utf-8")
+    CLIPTokenizerFast.from_pretrained(str(snapshot)).backend_tokenizer.save(str(snapshot / "tokenizer.json"))
     return snapshot
 
 

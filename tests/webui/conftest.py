@@ -295,8 +295,10 @@ def _make_data_dir(data_dir: Path, assets: Path) -> None:
     # "new" sorts before "old": the API's alwayson_scripts {"IC Light": ...} reaches the first one.
     shutil.copytree(HERE / "standins" / "iclight_new", extensions / "sd3-test-iclight-a-new")
     shutil.copytree(HERE / "standins" / "iclight_old", extensions / "sd3-test-iclight-b-old")
-    # No live previews from the API; keeps the CPU for the cases.
-    (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False}), encoding="utf-8")
+    # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
+    # before it sees a download start by itself.
+    (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),
+                                          encoding="utf-8")
 
 
 @pytest.fixture(scope="session", params=configured_states() or ["unset"])
@@ -319,11 +321,13 @@ def webui(request, tmp_path_factory):
     port = _free_port()
     with t5_mirror(assets, manifest) as mirror:
         env = dict(os.environ)
-        for var in ("PYTHONPATH", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
+        for var in ("PYTHONPATH", "VIRTUAL_ENV", "COMMANDLINE_ARGS", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE"):
             env.pop(var, None)
         rel = f"t5-reduced/{T5_FILE}"
         env.update({
-            "HF_HOME": str(assets / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            # TRANSFORMERS_OFFLINE keeps transformers (and huggingface_hub, which reads it too) on the cache;
+            # HF_HUB_OFFLINE stays unset because the extension's own fetcher honours it (the fetch case).
+            "HF_HOME": str(assets / "hf"), "TRANSFORMERS_OFFLINE": "1",
             "HF_ENDPOINT": mirror.url, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(os.cpu_count() or 2),
             "SD3_TEST_T5": json.dumps({"config": t5_config, "filename": T5_FILE,
                                        "size": manifest[rel]["bytes"], "sha256": manifest[rel]["sha256"]}),
