@@ -301,6 +301,53 @@ def _make_data_dir(data_dir: Path, assets: Path) -> None:
                                           encoding="utf-8")
 
 
+MIXDQ_SHIPPED = REPO / "lib_sd3" / "mixdq" / "configs" / "w8a8.yaml"
+MMDIT_PREFIX = "model.diffusion_model."
+
+
+def tiny_mixdq_config(data_dir: Path) -> Path | None:
+    """The shipped W8A8 config cut down to the layers the tiny MMDiT has (None without MixDQ in this build).
+
+    The shipped configs name SD3 Medium's 24 blocks; on the depth-2 test model they are, rightly, a
+    config error. The extension's ``--sd3-mixdq PATH`` makes this file the one "w8a8" means.
+    """
+    if not MIXDQ_SHIPPED.exists():
+        return None
+    import yaml
+    from safetensors import safe_open
+
+    checkpoint = data_dir / "models" / "Stable-diffusion" / "sd3-tiny.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as f:
+        linears = {key[len(MMDIT_PREFIX):-len(".weight")] for key in f.keys()
+                   if key.startswith(MMDIT_PREFIX) and key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2}
+    config = yaml.safe_load(MIXDQ_SHIPPED.read_text(encoding="utf-8"))
+    config["name"] = "tiny-w8a8"
+    for key, value in list(config.items()):
+        if isinstance(value, dict) and key != "name":
+            config[key] = {layer: bits for layer, bits in value.items() if layer in linears}
+        elif isinstance(value, list):
+            config[key] = [layer for layer in value if layer in linears]
+    path = data_dir / "models" / "sd3_mixdq" / "tiny-w8a8.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _extension_flags(data_dir: Path) -> list[str]:
+    """Flags of this build of the extension the run needs (A1111 refuses flags nobody declared)."""
+    declared = (REPO / "preload.py").read_text(encoding="utf-8") if (REPO / "preload.py").exists() else ""
+    mixdq = tiny_mixdq_config(data_dir)
+    return ["--sd3-mixdq", str(mixdq)] if mixdq is not None and "--sd3-mixdq" in declared else []
+
+
+def _start_float(url: str) -> None:
+    """``--sd3-mixdq PATH`` turns MixDQ on for the session; every case starts from the float model."""
+    import httpx
+
+    if httpx.get(url + "/sd3/mixdq", timeout=60).status_code == 200:
+        httpx.post(url + "/sd3/mixdq", json={"config": "off"}, timeout=300).raise_for_status()
+
+
 @pytest.fixture(scope="session", params=configured_states() or ["unset"])
 def webui(request, tmp_path_factory):
     state = request.param
@@ -333,7 +380,8 @@ def webui(request, tmp_path_factory):
                                        "size": manifest[rel]["bytes"], "sha256": manifest[rel]["sha256"]}),
         })
         command = [str(python), "launch.py", "--data-dir", str(data_dir), *LAUNCH_FLAGS, "--port", str(port),
-                   "--ckpt", str(data_dir / "models" / "Stable-diffusion" / "sd3-tiny.safetensors")]
+                   "--ckpt", str(data_dir / "models" / "Stable-diffusion" / "sd3-tiny.safetensors"),
+                   *_extension_flags(data_dir)]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
@@ -341,6 +389,7 @@ def webui(request, tmp_path_factory):
             ready = _wait_ready(process, f"http://127.0.0.1:{port}", log_path, state)
             if "[sd3-test-support]" not in log_path.read_text(errors="replace"):
                 pytest.fail(f"{state}: the test-support extension did not load:\n{log_path.read_text()[-4000:]}")
+            _start_float(f"http://127.0.0.1:{port}")
             print(f"\n[webui {state}] {root}: assets+start {time.monotonic() - started:.1f} s "
                   f"(server ready {ready:.1f} s); T5 tokenizer is a small stand-in sentencepiece model, "
                   f"so T5 counts are not real T5's; T5 weights are reduced to {t5_config}")
