@@ -23,10 +23,15 @@ schedules left a 6x latent on the random model (a coarse-step effect, not a NaN)
 the same (the tiny MMDiT is cheap; per-request overhead dominates)."""
 LATENT_KEY = "SD3 test latent"
 """Infotext entry written by tests/webui/support_extension (final latent, before the VAE)."""
-LATENT_STD_BAND = (0.25, 4.0)
+LATENT_STD_BAND = (0.1, 8.0)
 """Allowed ratio of a cell's final-latent std to Euler's on the same seed. A1111's broken paths on SD3
-measured 17x (AYS's SD1.5 levels) and 100-190x (DDIM / PLMS / UniPC read as eps); correct samplers
-land near 1x after the same number of steps."""
+measured here: 11.5x (AYS's SD1.5 levels), 122-375x (DDIM, DDIM CFG++, PLMS, UniPC read as eps),
+182x (DPM fast at 3 steps). Correct solvers on the random model land within 0.7-2x at 6 steps, but
+multistep ones on end-heavy schedules reach ~5x (LMS/PLMS on beta: a coarse-step effect of the random
+model, not a NaN), hence the wide band: it is a guard against the 10-100x class, not an accuracy test
+(the oracle tests in tests/ measure accuracy)."""
+
+
 SCHEDULE_FREE = ("DPM fast", "DPM adaptive")
 """k-diffusion samplers that take only (sigma_min, sigma_max) from the schedule and pick their own levels;
 one cell each unless WEBUI_SD3_FULL_MATRIX is set (DPM adaptive alone costs ~10 s a cell here)."""
