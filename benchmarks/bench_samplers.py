@@ -105,7 +105,7 @@ def guard_overhead() -> float:
         v = net(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=s * 1000).sample
         return x - s.reshape(-1, 1, 1, 1) * v
 
-    guard = S.NanGuard()
+    guard = S.denoiser_guard()
     s = torch.full((2,), 0.7)
     plain_times, guarded_times = [], []
     with torch.no_grad():

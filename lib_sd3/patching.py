@@ -205,8 +205,15 @@ class PatchRegistry:
                 self.apply(patch.name)
 
     def undo_all(self) -> None:
+        """Undo every patch and forget "unavailable"/"failed" verdicts.
+
+        Called when A1111 unloads our script (a UI reload): until the next :meth:`sync` detects
+        every target afresh, ``/sd3/status`` must not report verdicts from before the reload.
+        """
         for patch in reversed(list(self)):
             self.undo(patch.name)
+            if patch.state is not PatchState.APPLIED:
+                patch.state, patch.reason = PatchState.PENDING, ""
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {

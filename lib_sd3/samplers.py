@@ -1,4 +1,4 @@
-"""Samplers that are correct on SD3's rectified flow, and a NaN guard for model calls.
+"""Samplers that are correct on SD3's rectified flow, and the NaN guard around the denoiser.
 
 Every sampler takes k-diffusion's arguments ``(model, x, sigmas, extra_args, callback, disable, ...)``
 with flow levels s in [0, 1] as ``sigmas`` and a ``model(x, s)`` that returns the denoised x0, so
@@ -15,8 +15,6 @@ exactly, which makes every VE noise formula exact.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import inspect
 import math
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma, half_log_snr
+from lib_sd3.nan_guard import NanGuard
 
 EDM_CAP = 1e-4
 """s = 1 is sigma_edm = inf; EDM-space samplers start at s = 1 - EDM_CAP instead (sigma_edm ~ 1e4).
@@ -354,129 +353,16 @@ def sample_flow_unipc(model, x, sigmas, extra_args=None, callback=None, disable=
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN guard
-
-
-class NonFiniteError(RuntimeError):
-    """A model output stayed NaN/inf after recomputing at higher precision."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """One rung of the guard's ladder: a context to recompute in, and the dtype for float inputs."""
-
-    name: str
-    context: Callable[[torch.device], contextlib.AbstractContextManager]
-    input_dtype: torch.dtype | None = None
-
-
-BF16_AUTOCAST = Precision("bf16 autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
-"""bf16 has fp32's exponent range, so the fp16 overflows that become NaN do not happen."""
-
-FP32 = Precision("fp32", lambda device: torch.autocast(device.type, enabled=False), torch.float32)
-"""Autocast off and float inputs in fp32: full precision wherever the weights are fp32."""
-
-DEFAULT_LADDER = (BF16_AUTOCAST, FP32)
+# The NaN guard (lib_sd3.nan_guard) around the denoiser
 
 DENOISER_HINT = ("Try: the --no-half command-line flag (or Settings > Stable Diffusion > upcast options), a lower "
                  "CFG scale, another sampler or schedule, or check the checkpoint file. Turning the SD3 NaN guard off "
                  "gives A1111's own NansException instead.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Recovery:
-    """A model call whose non-finite output was replaced by a finite recompute."""
-
-    what: str
-    where: str
-    precision: str
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensors(item)]
-    if isinstance(out, dict):
-        return [t for item in out.values() for t in _tensors(item)]
-    return []
-
-
-def all_finite(out: Any) -> bool:
-    """One isfinite reduction per floating tensor in ``out`` (one for a plain denoiser output)."""
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(out) if t.is_floating_point())
-
-
-def _cast(value: Any, dtype: torch.dtype | None) -> Any:
-    if dtype is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
-
-
-def _promote(recovered: Any, original: Any) -> Any:
-    """Return the recompute in a dtype at least as wide as both, so a fp16 caller cannot overflow it again."""
-    if isinstance(recovered, torch.Tensor) and isinstance(original, torch.Tensor) and recovered.is_floating_point():
-        return recovered.to(torch.promote_types(recovered.dtype, original.dtype))  # bf16 + fp16 -> fp32
-    if isinstance(recovered, (tuple, list)) and isinstance(original, (tuple, list)):
-        return type(recovered)(_promote(r, o) for r, o in zip(recovered, original, strict=True))
-    if isinstance(recovered, dict) and isinstance(original, dict):
-        return {k: _promote(v, original.get(k)) for k, v in recovered.items()}
-    return recovered
-
-
-class NanGuard:
-    """Call a model; if its output is non-finite, recompute it up a precision ladder, else raise.
-
-    Cost without NaNs: one ``isfinite(...).all()`` per call. Used for the SD3 denoiser and for T5
-    (fp16 T5 overflows); ``recoveries`` records each rescue for the infotext. For a text encoder::
-
-        guard = NanGuard(hint="Try the T5 setting fp8 or off, or --no-half.")
-        hidden = guard(t5_encode, tokens, what="T5", where=f"prompt {i}")
-
-    Tensors, tuples, lists and dicts of tensors are all checked; the recompute comes back in a dtype
-    at least as wide as the original (bf16 next to fp16 becomes fp32, so it cannot overflow again).
-    """
-
-    def __init__(self, ladder: Sequence[Precision] = DEFAULT_LADDER, hint: str = DENOISER_HINT) -> None:
-        self.ladder = tuple(ladder)
-        self.hint = hint
-        self.recoveries: list[Recovery] = []
-
-    def __call__(self, fn: Callable[..., Any], *args: Any, what: str = "model",
-                 where: str | Callable[[], str] = "", **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        if all_finite(out):
-            return out
-        tensors = _tensors(args) + _tensors(kwargs) + _tensors(out)
-        device = tensors[0].device if tensors else torch.device("cpu")
-        tried = []
-        for precision in self.ladder:
-            try:
-                with precision.context(device):
-                    again = fn(*_cast(args, precision.input_dtype), **_cast(kwargs, precision.input_dtype))
-            except Exception as error:  # e.g. bf16 unsupported on this GPU: try the next rung
-                tried.append(f"{precision.name} (failed: {error})")
-                continue
-            if all_finite(again):
-                self.recoveries.append(Recovery(what, where() if callable(where) else where, precision.name))
-                return _promote(again, out)
-            tried.append(f"{precision.name} (still non-finite)")
-        place = where() if callable(where) else where
-        raise NonFiniteError(f"{what} produced NaN/inf values{' at ' + place if place else ''}; recomputed with "
-                             f"{', '.join(tried) or 'nothing'}. {self.hint}")
-
-    def summary(self) -> str:
-        """Infotext form, e.g. ``2 recovered (bf16 autocast)``; empty when nothing was recovered."""
-        if not self.recoveries:
-            return ""
-        names = sorted({r.precision for r in self.recoveries})
-        return f"{len(self.recoveries)} recovered ({', '.join(names)})"
+def denoiser_guard() -> NanGuard:
+    """A fresh guard for one generation's denoiser calls, whose error says what to try."""
+    return NanGuard(hint=DENOISER_HINT)
 
 
 def describe_step(sampler: str, sigmas: torch.Tensor, sigma: torch.Tensor | float) -> str:

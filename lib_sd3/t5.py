@@ -1,6 +1,7 @@
-"""T5-XXL for SD3: which precision fits, fp8 weights that stay fp8, a finite-output guard, tokenizers.
+"""T5-XXL for SD3: which precision fits, fp8 weights that stay fp8, tokenizers.
 
-Pure: no A1111 imports. :mod:`lib_sd3.webui.t5` wires these into A1111's ``SD3Cond``.
+Pure: no A1111 imports. :mod:`lib_sd3.webui.t5` wires these into A1111's ``SD3Cond``, behind the
+NaN guard of :mod:`lib_sd3.nan_guard` (fp16 T5 overflows on some prompts).
 
 Memory facts this rests on (T5-XXL encoder: d_model 4096, d_ff 10240, 24 blocks, vocab 32128):
 the Linear weights are 24 x (4 x 4096^2 + 3 x 4096 x 10240) = 4.63 G parameters, the token
@@ -19,14 +20,11 @@ import dataclasses
 import hashlib
 import os
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lib_sd3 import get_logger
 from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
-
-log = get_logger("t5")
 
 MODES = ("auto", "fp16", "fp8", "off")
 FILES = {"fp16": T5_FP16, "fp8": T5_FP8}
@@ -183,51 +181,6 @@ def parameter_bytes(model) -> int:
     """Bytes held by parameters and buffers: the resident size of a loaded encoder."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# ----------------------------------------------------------------------------------- finite-output guard
-@dataclasses.dataclass(frozen=True)
-class Encoded:
-    output: Any
-    recomputed_in: str | None  # None: the first pass was finite; else "bf16" / "fp32"
-
-
-def precision(device_type: str, dtype_name: str):
-    """An autocast context that runs matmuls in bf16, or with autocast off (fp32 activations)."""
-    import torch
-
-    # cache_enabled=False: inside an outer fp16 autocast, the cached fp16 weight casts would be reused.
-    if dtype_name == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
-    if dtype_name == "fp32":
-        return torch.autocast(device_type, enabled=False, cache_enabled=False)
-    raise ValueError(f"unknown precision {dtype_name!r}")
-
-
-def encode_finite(encode: Callable[[], Any], device_type: str,
-                  fallbacks: Sequence[str] = ("bf16", "fp32")) -> Encoded:
-    """Run ``encode``; if the output has inf/NaN (T5 in fp16 overflows on some prompts), run it
-    again in each of ``fallbacks`` until it is finite. bf16 has fp32's range at fp16's cost;
-    fp32 is the last resort. The caller writes ``recomputed_in`` into the infotext.
-    """
-    import torch
-
-    def finite(out: Any) -> bool:
-        tensor = out[0] if isinstance(out, tuple | list) else out
-        return bool(torch.isfinite(tensor).all())
-
-    output = encode()
-    if finite(output):
-        return Encoded(output, None)
-    for name in fallbacks:
-        if name == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            continue
-        with precision(device_type, name):
-            output = encode()
-        if finite(output):
-            log.warning("T5 output was not finite; recomputed in %s", name)
-            return Encoded(output, name)
-    raise FloatingPointError(f"T5 output is not finite even in {fallbacks[-1]}")
 
 
 # ------------------------------------------------------------------------------------------- tokenizers

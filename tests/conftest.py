@@ -16,6 +16,10 @@ def fake_webui():
     """A stand-in A1111 ``modules`` package (see tests/fakewebui.py), removed after the test."""
     from fakewebui import FakeWebUI
 
+    from lib_sd3.webui.registry import REGISTRY
+
+    REGISTRY.undo_all()  # verdicts from another test's stand-ins do not hold for this one's
     webui = FakeWebUI()
     yield webui
+    REGISTRY.undo_all()
     webui.close()

@@ -119,3 +119,14 @@ def test_duplicate_names_rejected():
     registry.add(Patch("p", "F", lambda: None, lambda: None, lambda: None))
     with pytest.raises(ValueError):
         registry.add(Patch("p", "F", lambda: None, lambda: None, lambda: None))
+
+
+def test_undo_all_forgets_verdicts_so_status_starts_afresh():
+    present = {"target": False}
+    registry = PatchRegistry()
+    registry.add(Patch("p", "F", lambda: None if present["target"] else "target missing", lambda: None, lambda: None))
+    assert registry.apply("p") is PatchState.UNAVAILABLE
+    registry.undo_all()
+    assert registry.get("p").state is PatchState.PENDING and registry.get("p").reason == ""
+    present["target"] = True
+    assert registry.apply("p") is PatchState.APPLIED

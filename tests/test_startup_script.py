@@ -149,8 +149,9 @@ def test_broken_feature_is_one_log_line_and_start_up_continues(webui, sd3_log):
 
 def test_callbacks_registered_once_per_install(webui):
     load_script()
-    assert {name: len(cbs) for name, cbs in webui.callbacks.items()} == {
-        "ui_settings": 1, "app_started": 1, "model_loaded": 1, "script_unloaded": 1}
+    core = ("ui_settings", "app_started", "model_loaded", "script_unloaded")
+    # feature modules imported by other tests may add their own callbacks (e.g. before_token_counter)
+    assert {name: len(webui.callbacks.get(name, [])) for name in core} == dict.fromkeys(core, 1)
 
 
 def test_global_patch_applied_at_start_sd3_only_waits_for_a_model(webui):

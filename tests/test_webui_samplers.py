@@ -6,7 +6,7 @@ from fake_a1111_sampling import FakeP, install
 from oracle import data_scale, make_oracle, rms
 
 from lib_sd3 import flow
-from lib_sd3 import samplers as flow_samplers
+from lib_sd3.nan_guard import NonFiniteError
 from lib_sd3.webui import samplers as feature
 from lib_sd3.webui.registry import REGISTRY
 
@@ -168,7 +168,7 @@ def test_ddim_cfgpp_and_unipc_options(webui):
 def test_nan_guard_error_names_sampler_step_and_sigma(webui):
     p = load_sd3(webui, p=FakeP(steps=6))
     webui.model.apply_model = lambda x, sigma, cond: x * float("nan")
-    with pytest.raises(flow_samplers.NonFiniteError, match=r"sampler Heun, step 1/6, sigma 1\b"):
+    with pytest.raises(NonFiniteError, match=r"sampler Heun, step 1/6, sigma 1\b"):
         txt2img(webui, "Heun", p)
     p = load_sd3(webui, guard_on=False, p=FakeP(steps=6))
     _, out = txt2img(webui, "Heun", p)  # guard off: A1111 sees the NaN (and raises NansException itself)

@@ -398,22 +398,48 @@ def test_ui_builds_in_accordion(webui):
     webui.t5.build_ui(True)
 
 
-def test_nonfinite_t5_output_recomputed_and_in_infotext(webui, mirror, monkeypatch):
+@pytest.mark.parametrize("wide_enough, recomputed_in", [
+    (lambda call: torch.is_autocast_enabled("cpu"), "bf16"),  # what fp16 T5 does on some prompts: fine in bf16
+    (lambda call: call == 3 and not torch.is_autocast_enabled("cpu"), "fp32"),  # only the last rung helps
+])
+def test_nonfinite_t5_output_recomputed_and_in_infotext(webui, mirror, wide_enough, recomputed_in):
     webui.clip.mkdir(parents=True)
     (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
     model = load_sd3(webui)
     t5 = model.cond_stage_model.t5xxl
     encoder = t5.transformer.encoder
     real = encoder.forward
+    calls = []
 
-    def overflow_in_low_precision(ids):  # what fp16 T5 does on some prompts: inf unless recomputed wider
+    def overflow_in_low_precision(ids):  # inf unless recomputed wide enough
         out = real(ids)
-        return out if torch.is_autocast_enabled("cpu") else out + float("inf")
+        calls.append(wide_enough(len(calls) + 1))
+        return out if calls[-1] else out + float("inf")
 
     encoder.forward = overflow_in_low_precision
     out, infotext = generate(webui, model)
-    assert torch.isfinite(out).all() and infotext == "fp16 (recomputed in bf16)"
+    assert torch.isfinite(out).all() and infotext == f"fp16 (recomputed in {recomputed_in})"
+    assert calls[-1] and not any(calls[:-1]) and len(calls) == {"bf16": 2, "fp32": 3}[recomputed_in]
     assert webui.t5.status()["recomputed"] == 1
+    calls.clear()
+    encoder.forward = real
+    out, infotext = generate(webui, model)
+    assert infotext == "fp16" and torch.isfinite(out).all() and webui.t5.status()["recomputed"] == 1
+
+
+def test_t5_output_non_finite_even_in_fp32_is_a_named_error(webui, mirror):
+    from lib_sd3.nan_guard import NonFiniteError
+
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    model = load_sd3(webui)
+    encoder = model.cond_stage_model.t5xxl.transformer.encoder
+    real = encoder.forward
+    encoder.forward = lambda ids: real(ids) * float("nan")  # e.g. a corrupt file
+    with pytest.raises(NonFiniteError, match=r"^T5 produced NaN/inf values; recomputed with bf16 autocast \(still "
+                                             r"non-finite\), fp32 \(still non-finite\)\. Check the T5 file.*--sd3-t5"):
+        generate(webui, model)
+    assert webui.t5.status()["recomputed"] == 0
 
 
 def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path, monkeypatch):

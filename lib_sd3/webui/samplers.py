@@ -24,6 +24,7 @@ from typing import Any
 
 from lib_sd3 import flow, get_logger
 from lib_sd3 import samplers as flow_samplers
+from lib_sd3.nan_guard import NanGuard
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import model_is_sd3
@@ -55,7 +56,7 @@ class Generation:
 
     flow: bool
     guard_on: bool
-    guard: flow_samplers.NanGuard = dataclasses.field(default_factory=flow_samplers.NanGuard)
+    guard: NanGuard = dataclasses.field(default_factory=flow_samplers.denoiser_guard)
     sampler: str = ""
     sigmas: Any = None
     schedule: str = ""

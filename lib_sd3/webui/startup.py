@@ -19,6 +19,8 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.iclight",
     "lib_sd3.webui.t5",
     "lib_sd3.webui.samplers",
+    "lib_sd3.webui.tokens",
+    "lib_sd3.webui.mixdq",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
@@ -65,5 +67,10 @@ def install() -> None:
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
+    for register in hooks.INSTALL:
+        try:
+            register(script_callbacks)
+        except Exception:
+            log.exception("registering callbacks of %s failed", getattr(register, "__module__", register))
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())

@@ -31,6 +31,7 @@ from lib_sd3 import fetch as fetcher
 from lib_sd3 import get_logger
 from lib_sd3 import t5 as t5_lib
 from lib_sd3.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS, KnownFile, sources
+from lib_sd3.nan_guard import NanGuard, first_finite
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import model_is_sd3, sd3_cond_class
@@ -261,23 +262,30 @@ def _to_device(output: Any, device: Any) -> Any:
     return output.to(device) if hasattr(output, "to") else output
 
 
+NAN_HINT = ("Check the T5 file: `python -m lib_sd3 doctor --webui <A1111 folder> --hash` verifies it; delete a bad "
+            "one from models/CLIP and it is fetched again. Or set the SD3 setting 'T5-XXL text encoder' (or --sd3-t5) "
+            "to off.")
+"""What the T5 guard's error says to try: T5 non-finite even in fp32 is a broken file, not fp16 overflow."""
+
+
 def _guard_finite(model: Any) -> None:
-    """Recompute non-finite output wider (infotext notes it), and hand the output over on
-    ``devices.device``: with --medvram A1111's hooks do not know this late-attached T5, so it may
-    compute on the CPU while CLIP's output, which it is concatenated with, is on the GPU."""
+    """Recompute non-finite output wider (:class:`NanGuard`; the infotext notes it), and hand the
+    output over on ``devices.device``: with --medvram A1111's hooks do not know this late-attached T5,
+    so it may compute on the CPU while CLIP's output, which it is concatenated with, is on the GPU."""
     original = model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        device = next(model.parameters()).device.type
         target = getattr(_module("modules.devices"), "device", None)
-        encoded = t5_lib.encode_finite(lambda: original(*args, **kwargs), device)
-        if encoded.recomputed_in:
+        guard = NanGuard(hint=NAN_HINT, finite=first_finite)  # one per call: its recoveries are this prompt's
+        output = guard(original, *args, what="T5", **kwargs)
+        if guard.recoveries:
             with _lock:
                 STATUS.recomputed += 1
             p = _current_p() if _current_p is not None else None
             if p is not None:
-                p.extra_generation_params[INFOTEXT] = f"{infotext_value()} (recomputed in {encoded.recomputed_in})"
-        return _to_device(encoded.output, target)
+                p.extra_generation_params[INFOTEXT] = \
+                    f"{infotext_value()} (recomputed in {guard.recoveries[0].precision.short})"
+        return _to_device(output, target)
 
     model.forward = forward
 

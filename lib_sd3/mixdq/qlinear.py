@@ -1,0 +1,198 @@
+"""A Linear layer that really stores int8 or packed int4 weights and multiplies in int8.
+
+``y = x W^T + b`` becomes, with per-token activation scales ``s_x`` (M,) and per-channel weight
+scales ``s_w`` (N,):
+
+    y[m, n] = s_x[m] * s_w[n] * sum_k qx[m, k] * qw[k, n] + b[n]      (int32 accumulation)
+
+so the only float work left is quantizing X and one multiply-add per output. int4 weights are
+stored packed with group scales and re-expressed on a per-row int8 grid just before the GEMM
+(:func:`~lib_sd3.mixdq.quantizers.int4_to_int8`); that transient int8 copy lives for one
+call only, so the resident size is 4.25 bits per weight.
+
+The class deliberately is *not* an ``nn.Linear`` subclass: A1111's built-in Lora extension
+replaces ``nn.Linear.forward`` for every Linear and would try to merge float deltas into our
+integer codes. A quantized layer therefore ignores LoRA; turn MixDQ off to use LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_sd3 import get_logger
+from lib_sd3.mixdq import kernels, quantizers
+
+log = get_logger("mixdq")
+
+ActMode = Literal["dynamic", "static", "float"]
+WEIGHT_BITS = (4, 8)
+ACT_BITS = (8, 16)
+FP32_BYTES = 4
+FP16_BYTES = 2
+INT4_PER_BYTE = 2
+
+
+def layer_bytes(out_features: int, in_features: int, w_bits: int, bias: bool, dtype: torch.dtype,
+                group_size: int = quantizers.DEFAULT_GROUP_SIZE, static_act: bool = False) -> int:
+    """Resident bytes of one layer stored at ``w_bits`` (16 = the float original, in ``dtype``).
+
+    The integer programme budgets with this, so it must equal what :class:`QuantLinear` really
+    allocates (a test checks that, buffer by buffer).
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    bias_bytes = out_features * elem if bias else 0
+    if w_bits == 16:
+        return out_features * in_features * elem + bias_bytes
+    scales = out_features * FP32_BYTES + (FP32_BYTES if static_act else 0)
+    if w_bits == 8:
+        return out_features * in_features + scales + bias_bytes
+    if w_bits == 4:
+        groups = quantizers.int4_group_layout(in_features, group_size)
+        return out_features * in_features // INT4_PER_BYTE + out_features * groups * FP16_BYTES + scales + bias_bytes
+    raise ValueError(f"weight bits must be one of {WEIGHT_BITS} or 16, got {w_bits}")
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear(in_features, out_features)`` with integer weights.
+
+    ``act_mode``: ``dynamic`` quantizes each token (row) of X to int8 on the fly; ``static`` uses
+    one calibrated per-tensor scale; ``float`` keeps X in float and multiplies by the dequantized
+    weight (weight-only quantization: memory savings, no int8 GEMM). ``float_rows`` leading
+    sequence positions (CLIP's BOS token on SD3's text stream) always take the float path: that
+    token is a huge, prompt-independent outlier that would otherwise set the activation range.
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_bits: int, act_mode: ActMode = "dynamic",
+                 bias: bool = True, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 group_size: int = quantizers.DEFAULT_GROUP_SIZE, float_rows: int = 0) -> None:
+        super().__init__()
+        if w_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {w_bits}")
+        if act_mode not in ("dynamic", "static", "float"):
+            raise ValueError(f"act_mode must be dynamic, static or float, got {act_mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.act_mode, self.group_size = w_bits, act_mode, group_size
+        self.float_rows = float_rows
+        self.compute_dtype = dtype
+        n, k = out_features, in_features
+        if w_bits == 8:
+            self.register_buffer("qweight", torch.zeros(k, n, dtype=torch.int8, device=device))  # (K, N) for _int_mm
+        else:
+            groups = quantizers.int4_group_layout(k, group_size)
+            self.register_buffer("qweight", torch.zeros(k // INT4_PER_BYTE, n, dtype=torch.uint8, device=device))
+            self.register_buffer("group_ratio", torch.zeros(groups, n, dtype=torch.float16, device=device))
+        self.register_buffer("wscale", torch.zeros(n, dtype=torch.float32, device=device))
+        if act_mode == "static":
+            self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+
+    @property
+    def a_bits(self) -> int:
+        return 16 if self.act_mode == "float" else 8
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, w_bits: int, act_mode: ActMode = "dynamic",
+                    group_size: int = quantizers.DEFAULT_GROUP_SIZE, act_scale: float | None = None,
+                    float_rows: int = 0) -> QuantLinear:
+        weight = linear.weight.detach()
+        bias = linear.bias.detach() if linear.bias is not None else None
+        layer = cls(weight.shape[1], weight.shape[0], w_bits, act_mode, bias is not None, weight.dtype,
+                    weight.device, group_size, float_rows)
+        layer.set_weight(weight, bias)
+        if act_mode == "static":
+            if act_scale is None or not act_scale > 0:
+                raise ValueError("static activation quantization needs a calibrated positive act_scale")
+            layer.act_scale.fill_(act_scale)
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if self.w_bits == 8:
+            q, scale = quantizers.quantize_weight_int8(weight)
+            self.qweight.copy_(q.t())
+            self.wscale.copy_(scale)
+        else:
+            q, group_scale = quantizers.quantize_weight_int4(weight, self.group_size)
+            row_scale = quantizers.symmetric_scale((q.float().reshape(q.shape[0], group_scale.shape[1], -1).abs()
+                                                    * group_scale[:, :, None]).amax(dim=(1, 2)), 8)
+            self.qweight.copy_(quantizers.pack_int4(q.t()))
+            self.group_ratio.copy_((group_scale / row_scale[:, None]).t())
+            self.wscale.copy_(row_scale)
+        if bias is not None:
+            self.bias.copy_(bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the integer codes stand for, ``(N, K)`` in ``dtype`` (fallback and BOS path)."""
+        if self.w_bits == 8:
+            return (self.qweight.t().float() * self.wscale[:, None]).to(dtype)
+        group_scale = self.group_ratio.float() * self.wscale[None, :]
+        return quantizers.dequantize_int4(self.qweight, group_scale, dtype).t()
+
+    def int8_weight(self) -> torch.Tensor:
+        """int8 ``(K, N)`` operand of the GEMM, on the per-row grid ``wscale``."""
+        if self.w_bits == 8:
+            return self.qweight
+        return quantizers.int4_to_int8(self.qweight, self.group_ratio)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _float_linear(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _int8_linear(self, x2: torch.Tensor, plan: kernels.Plan) -> torch.Tensor:
+        if self.act_mode == "static":
+            qx, sx = quantizers.quantize_per_tensor(x2, self.act_scale), self.act_scale
+        else:
+            qx, sx = quantizers.quantize_per_token(x2)
+        acc = kernels.int8_matmul(qx, self.int8_weight(), plan)
+        bias = self.bias.float() if self.bias is not None else None
+        if acc.device.type != "cpu":
+            y = acc * sx
+            return (y.mul_(self.wscale) if bias is None else y.mul_(self.wscale).add_(bias)).to(x2.dtype)
+        # CPU: the fp32 output overwrites the int32 product in place (same size, element for element;
+        # a fresh (M, N) buffer costs page faults comparable to the rescale), a cache-sized row block
+        # at a time so the second pass reads from cache.
+        y = acc.view(torch.float32)
+        rows = max(1, quantizers.CPU_CHUNK_BYTES // (4 * y.shape[1]))
+        for start in range(0, y.shape[0], rows):
+            block, sx_block = y[start:start + rows], sx if sx.dim() == 0 else sx[start:start + rows]
+            torch.mul(acc[start:start + rows], sx_block, out=block)
+            if bias is None:
+                block.mul_(self.wscale)
+            else:
+                torch.addcmul(bias, block, self.wscale, out=block)
+        return y.to(x2.dtype)
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_mode == "float" or x2.shape[0] == 0:
+            return self._float_linear(x)
+        device = x2.device.type
+        plan = kernels.plan_int_mm(x2.shape[0], self.in_features, self.out_features, device,
+                                   kernels.int_mm_available(device))
+        if plan == "fallback":
+            return self._float_linear(x)
+        try:
+            return self._int8_linear(x2, plan).reshape(*x.shape[:-1], self.out_features)
+        except RuntimeError as error:  # e.g. a GPU whose cuBLAS has no int8 GEMM: dequantize from now on
+            kernels.mark_failed(device)
+            log.warning("int8 GEMM failed on %s (%s); MixDQ layers dequantize instead (memory is still saved)",
+                        device, error)
+            return self._float_linear(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.float_rows
+        if rows and x.dim() == 3 and x.shape[1] > rows:
+            head = self._float_linear(x[:, :rows])
+            return torch.cat((head, self._quantized(x[:, rows:])), dim=1)
+        return self._quantized(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"act={self.act_mode}, float_rows={self.float_rows}")

@@ -1,0 +1,133 @@
+"""Quantize in place and restore: bit-identical weights, memory back to baseline, disk cache."""
+
+import pytest
+import torch
+from tiny_mmdit import TinyMMDiT
+
+from lib_sd3.mixdq import config, layers, model, presets
+from lib_sd3.mixdq.qlinear import QuantLinear
+
+
+def inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(batch, 10, 48, generator=g)
+    ctx[:, 0] *= 30  # BOS outlier
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g) * 1000,
+            torch.randn(batch, 32, generator=g), ctx)
+
+
+def snapshot(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def test_ten_toggles_leave_weights_bit_identical_and_memory_at_baseline(tmp_path):
+    torch.manual_seed(0)
+    m = TinyMMDiT(depth=3)
+    names = [n for n, _ in layers.linear_layers(m)]
+    before = snapshot(m)
+    params_before = {n: p for n, p in m.named_parameters()}
+    qkv_class = type(m.joint_blocks[0].x_block.attn.qkv)
+    baseline = model.module_bytes(m)
+    x = inputs()
+    reference = m(*x)
+    for i in range(10):
+        kind = ("w8a8", "w4a8")[i % 2]
+        st = model.quantize(m, presets.preset(kind, names), cache_dir=tmp_path / "cache", spill_dir=tmp_path)
+        assert isinstance(m.joint_blocks[0].x_block.attn.qkv, QuantLinear)
+        assert model.module_bytes(m) == st.bytes_after < 0.45 * baseline
+        assert cosine(m(*x), reference) > (0.9999 if kind == "w8a8" else 0.999)
+        assert st.cache_hit == (i >= 2)
+        model.restore(m)
+        assert model.module_bytes(m) == baseline
+        assert model.state(m) is None
+    after = snapshot(m)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p for n, p in m.named_parameters()}.keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in m.named_parameters())  # the same Parameter objects come back
+    assert type(m.joint_blocks[0].x_block.attn.qkv) is qkv_class
+    assert torch.equal(m(*x), reference)
+    assert not list(tmp_path.glob("mixdq-originals-*"))  # spill files are removed on restore
+
+
+def test_originals_leave_ram_while_quantized_on_cpu(tmp_path):
+    m = TinyMMDiT(depth=2)
+    names = [n for n, _ in layers.linear_layers(m)]
+    original = m.joint_blocks[0].x_block.mlp.fc1
+    model.quantize(m, presets.preset("w8a8", names), spill_dir=tmp_path)
+    assert original.weight.numel() == 0  # spilled to disk, not held twice
+    assert len(list(tmp_path.glob("mixdq-originals-*.safetensors"))) == 1
+    model.restore(m)
+    assert original.weight.shape == (256, 64)
+
+
+def test_cache_gives_the_same_quantized_model(tmp_path):
+    m = TinyMMDiT(depth=2)
+    cfg = presets.preset("w4a8", [n for n, _ in layers.linear_layers(m)])
+    x = inputs()
+    first = model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
+    out_first = m(*x)
+    model.restore(m)
+    files = list(tmp_path.glob("mixdq-abc-*.safetensors"))
+    assert len(files) == 1 and cfg.digest() in files[0].name
+    second = model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
+    assert not first.cache_hit and second.cache_hit
+    assert torch.equal(m(*x), out_first)
+    model.restore(m)
+    files[0].write_bytes(b"garbage")  # a broken cache file is rebuilt, not fatal
+    third = model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
+    assert not third.cache_hit and torch.equal(m(*x), out_first)
+    model.restore(m)
+
+
+def test_fingerprint_changes_with_the_weights():
+    m = TinyMMDiT(depth=2)
+    before = model.fingerprint(m)
+    with torch.no_grad():
+        m.joint_blocks[1].x_block.mlp.fc2.weight.mul_(1.01)
+    assert model.fingerprint(m) != before
+
+
+def test_bad_config_leaves_the_model_untouched():
+    m = TinyMMDiT(depth=2)
+    before = snapshot(m)
+    with pytest.raises(config.ConfigError):
+        model.quantize(m, config.load("w8a8"))
+    assert model.state(m) is None and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_double_quantize_is_refused_and_restore_of_plain_model_is_noop():
+    m = TinyMMDiT(depth=2)
+    cfg = presets.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
+    assert model.restore(m) is None
+    model.quantize(m, cfg)
+    with pytest.raises(RuntimeError, match="already"):
+        model.quantize(m, cfg)
+    model.restore(m)
+
+
+def test_diffusers_transformer_quantizes_with_sd3_names():
+    from test_mixdq_config import tiny_diffusers
+
+    m = tiny_diffusers(depth=2)
+    sd3_names = sorted({layers.canonical_name(n) for n, _ in layers.linear_layers(m)})
+    cfg = presets.preset("w8a8", sd3_names)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 12, 64, generator=g)
+    ctx[:, 0] *= 30
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=ctx, pooled_projections=torch.randn(1, 64, generator=g), return_dict=False)
+    with torch.no_grad():
+        ref = m(**kwargs)[0]
+        before = snapshot(m)
+        st = model.quantize(m, cfg)
+        assert isinstance(m.transformer_blocks[0].attn.to_q, QuantLinear)
+        assert m.transformer_blocks[0].attn.add_k_proj.float_rows == 1
+        assert cosine(m(**kwargs)[0], ref) > 0.999
+        model.restore(m)
+    assert st.bytes_after < st.bytes_before
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
