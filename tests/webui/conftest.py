@@ -119,6 +119,9 @@ def build_assets(state: str, root: Path, python: Path) -> Path:
     if result.returncode != 0:
         pytest.fail(f"{state}: building assets in A1111's venv failed:\n{result.stderr[-4000:]}")
     partial.rename(out)
+    for stale in cache.glob(f"{state}-*"):  # builds for an older builder or older A1111 sources
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
