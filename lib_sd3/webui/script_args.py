@@ -36,7 +36,8 @@ class ScriptArgError(ValueError):
 
 def parse(args: tuple | list) -> dict[str, str]:
     """Turn positional UI values or one API dict into ``{name: value}`` with defaults filled in."""
-    if len(args) == 1 and isinstance(args[0], dict):
+    if args and isinstance(args[0], dict):
+        # A1111's API copies the request's args over the UI defaults: (our dict, default, default, ...).
         given = dict(args[0])
         unknown = sorted(set(given) - set(NAMES))
         if unknown:
