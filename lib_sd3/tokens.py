@@ -417,10 +417,10 @@ class CachedTokenizer:
             found.update(zip(rest, self._call(rest), strict=True))
         return [found[w] for w in words]
 
-    def _words(self, split: list[list[str]]) -> dict[str, list[int]]:
-        """The cache, with every unit of ``split`` in it (call with the lock held)."""
+    def _words(self, units: Iterable[str]) -> dict[str, list[int]]:
+        """The cache, with every non-empty one of ``units`` in it (call with the lock held)."""
         known = self._ids
-        missing = [w for w in dict.fromkeys(itertools.chain.from_iterable(split)) if w not in known]
+        missing = [w for w in dict.fromkeys(units) if w and w not in known]
         if missing:
             known.update(zip(missing, self._encode(missing), strict=True))
         return known
@@ -438,7 +438,7 @@ class CachedTokenizer:
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         split = [self.units(text) for text in texts]
         with self._lock:
-            known = self._words(split)
+            known = self._words(itertools.chain.from_iterable(split))
             out = [[i for w in words for i in known[w]] for words in split]
             self._trim()
         return out
@@ -447,15 +447,30 @@ class CachedTokenizer:
         """Token count per text: all counting needs where no token has to be looked at (cached per text)."""
         with self._lock:
             lengths = self._lengths
+            out = list(map(lengths.get, texts))
+            if None not in out:  # all counted before (the counts after a prefetch)
+                return out
             new = [t for t in dict.fromkeys(texts) if t not in lengths]
-            if new:
-                split = [self.units(text) for text in new]
-                known = self._words(split)
-                lengths.update((t, sum(map(len, map(known.__getitem__, words))))
-                               for t, words in zip(new, split, strict=True))
+            if self.by_words:
+                self._count_words(new)
+            else:
+                known = self._words(new)
+                lengths.update((t, len(known[t]) if t else 0) for t in new)
             out = [lengths[t] for t in texts]
             self._trim()
         return out
+
+    def _count_words(self, texts: list[str]) -> None:
+        """Count texts made of words: all their words split at once (one ``split`` of them joined, empty
+        strings where spaces repeat), each text's count a difference of running sums (with the lock held)."""
+        parts = " ".join(texts).split(" ")
+        known = self._words(parts)
+        running = list(itertools.accumulate(map(len, map(known.get, parts, itertools.repeat(()))), initial=0))
+        start = 0
+        for text in texts:
+            end = start + text.count(" ") + 1
+            self._lengths[text] = running[end] - running[start]
+            start = end
 
     def vocab_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
@@ -652,6 +667,10 @@ class _Alternate:
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
+_RUN = r"[^\\\[\]():|]*(?:\\.[^\\\[\]():|]*)*"
+_TEXT = re.compile(rf"(?:[^\\\[\]():|]+|\\.|\({_RUN}(?::{_RUN})?\)|\[{_RUN}\])+", re.S)
+"""Plain text and groups that hold only plain text -- ``(word)``, ``(word:1.2)``, ``[word]`` --, which
+parse to their own text: matched at once instead of group by group (3x faster on a typical prompt)."""
 
 
 class _NoParse(Exception):
@@ -675,8 +694,9 @@ class _ScheduleParser:
     def seq(self, i: int) -> tuple[list, int]:
         """Text, escapes and well-formed groups up to the first character that ends a sequence."""
         out: list = []
+        text = _TEXT if self.depth < self.MAX_DEPTH else _PLAIN  # deeper, a group is text anyway
         while i < len(self.s):
-            plain = _PLAIN.match(self.s, i)
+            plain = text.match(self.s, i)
             if plain:
                 out.append(plain.group())
                 i = plain.end()
@@ -776,6 +796,22 @@ def _walk(tree: list) -> Iterable[Any]:
                 yield from _walk(option)
 
 
+def _join_texts(tree: list) -> list:
+    """The tree with each run of adjacent texts as one string: rendered once per distinct step, it then has few items."""
+    out: list = []
+    for is_text, run in itertools.groupby(tree, key=lambda node: type(node) is str):
+        if is_text:
+            out.append("".join(run))
+            continue
+        for node in run:
+            if isinstance(node, _Scheduled):
+                node.before, node.after = _join_texts(node.before), _join_texts(node.after)
+            else:
+                node.options = [_join_texts(option) for option in node.options]
+            out.append(node)
+    return out
+
+
 def _render(tree: list, step: int) -> str:
     parts = []
     for node in tree:
@@ -796,6 +832,7 @@ def schedule_texts(prompt: str, steps: int) -> list[str]:
     tree = _ScheduleParser(prompt).tree()
     if tree is None:
         return [prompt]
+    tree = _join_texts(tree)
     switch_steps = {steps}
     nodes = list(_walk(tree))
     for node in nodes:
@@ -814,7 +851,8 @@ def schedule_texts(prompt: str, steps: int) -> list[str]:
     return list(dict.fromkeys(_render(tree, step) for step in choices.values()))
 
 
-_ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_ATTENTION = re.compile(r"(\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:)")
+"""A1111's emphasis tokens; ``findall`` gives (token, weight or "")."""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _ATTENTION_BRACKETS = re.compile(r"[\\()\[\]]")
 EMPHASIS_UP = 1.1
@@ -837,15 +875,14 @@ def parse_attention(text: str) -> list[Piece]:
         for piece in pieces[start:]:
             piece[1] *= factor
 
-    for match in _ATTENTION.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
-        elif token == "(":
+    for token, weight in _ATTENTION.findall(text):
+        if token == "(":
             round_open.append(len(pieces))
         elif token == "[":
             square_open.append(len(pieces))
-        elif weight is not None and round_open and _is_float(weight):
+        elif token[0] == "\\":
+            pieces.append([token[1:], 1.0])
+        elif weight and round_open and _is_float(weight):
             scale(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             scale(round_open.pop(), EMPHASIS_UP)
