@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import gzip
 import importlib.util
 import itertools
@@ -153,6 +154,14 @@ class PromptCount:
 # Tokenizers: loaded once, each text piece tokenized once
 
 
+@functools.lru_cache(maxsize=4)
+def _split_words(texts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The words of ``texts`` in order, '' where spaces repeat (one ``split`` of them joined), and the distinct
+    non-empty ones. Remembered for the next call: CLIP and T5 count the same new texts one after the other."""
+    parts = " ".join(texts).split(" ")
+    return parts, [w for w in dict.fromkeys(parts) if w]
+
+
 _LEARNT: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
 """What :meth:`CachedTokenizer._learnt` found per tokenizer object."""
 
@@ -187,14 +196,10 @@ class _Spelling:
         spelled = list(map(self.lengths.__getitem__, ids))
         if not spelled or 0 in spelled:
             return None
-        reached = list(itertools.accumulate(spelled))
-        ends = list(itertools.accumulate(map(len, words)))
-        if reached[-1] != ends[-1]:
-            return None
-        last = [bisect.bisect_left(reached, end) for end in ends]  # each word's last token
-        if [reached[k] for k in last] != ends:
-            return None
-        return [0, *(k + 1 for k in last)]
+        ends = set(itertools.accumulate(map(len, words)))  # characters up to each word's end
+        # after a word's last token the spelled characters reach its end; all ends reached: no token straddles
+        after = list(itertools.compress(itertools.count(1), map(ends.__contains__, itertools.accumulate(spelled))))
+        return [0, *after] if len(after) == len(words) and after[-1] == len(ids) else None
 
 
 class CachedTokenizer:
@@ -461,11 +466,12 @@ class CachedTokenizer:
         return out
 
     def _count_words(self, texts: list[str]) -> None:
-        """Count texts made of words: all their words split at once (one ``split`` of them joined, empty
-        strings where spaces repeat), each text's count a difference of running sums (with the lock held)."""
-        parts = " ".join(texts).split(" ")
-        known = self._words(parts)
-        running = list(itertools.accumulate(map(len, map(known.get, parts, itertools.repeat(()))), initial=0))
+        """Count texts made of words: each text's count a difference of running sums over all their words
+        (with the lock held)."""
+        parts, words = _split_words(tuple(texts))
+        known = self._words(words)
+        tokens = dict(zip(words, map(len, map(known.__getitem__, words)), strict=True), **{"": 0})
+        running = list(itertools.accumulate(map(tokens.__getitem__, parts), initial=0))
         start = 0
         for text in texts:
             end = start + text.count(" ") + 1
