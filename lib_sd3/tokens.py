@@ -210,12 +210,13 @@ class CachedTokenizer:
     4.30's T5 tokenizer (A1111's) does not -- a trailing space is a token of its own -- so there the
     unit is the whole piece. Which applies is checked once per tokenizer on probe texts. Caching
     units makes a keystroke tokenize one word (or piece) and lets schedule variants and AND
-    sub-prompts share the rest. Misses go to the tokenizer in one call: with a Rust tokenizer and
-    words as the unit, the words joined by single spaces, told apart by the tokens' character
-    offsets (no more text to tokenize than the prompt itself); otherwise as one string with a
-    separator token between the units (checked once to give each unit's own ids), which costs
-    about 1.5x that, where a batch of many short strings costs 2x (Rust) to 10x (transformers
-    4.30's Python CLIPTokenizer, A1111's) more. A lock, as A1111 uses several threads.
+    sub-prompts share the rest. Misses go to the tokenizer in one call. With a Rust tokenizer and
+    words as the unit: the words joined by single spaces (less text than the prompt: each word
+    once), told apart by what the tokens spell (printable ASCII, :class:`_Spelling`) or else by
+    their character offsets. Otherwise: one string with a separator token between the units
+    (checked once to give each unit's own ids), about 1.5x the time of the prompt; a batch of many
+    short strings costs 2x (Rust) to 10x (transformers 4.30's Python CLIPTokenizer, A1111's) more.
+    Each path is checked once per tokenizer on probe words. A lock, as A1111 uses several threads.
     """
 
     SEPARATOR_CHARS = ("§", "¶", "|", "~")
@@ -226,7 +227,7 @@ class CachedTokenizer:
     WORD_PROBES = PROBE_UNITS + ("a,b", "a\nb", "\t", "\u3000a", "e\u0301", "\x00")
     """Words (no spaces) on which telling words apart by offsets is checked."""
     ASCII_PROBES = ("a", "photo,", "(red", "1.2)", "a,b", "X's", "[x|y]", "~!@#$%^&*_+=`{}", "\\(\"q\")")
-    """Printable ASCII words on which telling words apart by word-start tokens is checked."""
+    """Printable ASCII words on which telling words apart by what the tokens spell is checked."""
 
     def __init__(self, tokenizer: Any, size: int = 16384) -> None:
         self.tokenizer = tokenizer
