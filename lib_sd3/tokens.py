@@ -803,22 +803,6 @@ def _walk(tree: list) -> Iterable[Any]:
                 yield from _walk(option)
 
 
-def _join_texts(tree: list) -> list:
-    """The tree with each run of adjacent texts as one string: rendered once per distinct step, it then has few items."""
-    out: list = []
-    for is_text, run in itertools.groupby(tree, key=lambda node: type(node) is str):
-        if is_text:
-            out.append("".join(run))
-            continue
-        for node in run:
-            if isinstance(node, _Scheduled):
-                node.before, node.after = _join_texts(node.before), _join_texts(node.after)
-            else:
-                node.options = [_join_texts(option) for option in node.options]
-            out.append(node)
-    return out
-
-
 def _render(tree: list, step: int) -> str:
     parts = []
     for node in tree:
@@ -839,7 +823,6 @@ def schedule_texts(prompt: str, steps: int) -> list[str]:
     tree = _ScheduleParser(prompt).tree()
     if tree is None:
         return [prompt]
-    tree = _join_texts(tree)
     switch_steps = {steps}
     nodes = list(_walk(tree))
     for node in nodes:
@@ -883,7 +866,9 @@ def parse_attention(text: str) -> list[Piece]:
             piece[1] *= factor
 
     for token, weight in _ATTENTION.findall(text):
-        if token == "(":
+        if token[0] not in "\\()[]:" and "BREAK" not in token:  # the common case: a run of text
+            pieces.append([token, 1.0])
+        elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":
             square_open.append(len(pieces))
