@@ -29,14 +29,18 @@ Nothing here raises on a prompt: a half-typed prompt is the normal case for a co
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import gzip
 import importlib.util
+import itertools
 import json
 import math
 import re
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,6 +154,54 @@ class PromptCount:
 # Tokenizers: loaded once, each text piece tokenized once
 
 
+@functools.lru_cache(maxsize=4)
+def _split_words(texts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The words of ``texts`` in order, '' where spaces repeat (one ``split`` of them joined), and the distinct
+    non-empty ones. Remembered for the next call: CLIP and T5 count the same new texts one after the other."""
+    parts = " ".join(texts).split(" ")
+    return parts, [w for w in dict.fromkeys(parts) if w]
+
+
+_LEARNT: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
+"""What :meth:`CachedTokenizer._learnt` found per tokenizer object."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spelling:
+    """How a Rust tokenizer's tokens spell printable ASCII words: enough to split one encoding of many words.
+
+    Offsets cost the Rust tokenizer about 15% more time than ids alone; for printable ASCII words
+    (no normalizer changes them, none is or holds a special token) the token texts tell the words
+    apart as well. Sentencepiece (T5) marks the start of each word ("▁a"), so each word begins at
+    the one token starting with that mark. Byte-level BPE (CLIP) spells every character and marks
+    the end of each pre-token ("a</w>"), so the characters the tokens spell, summed, reach each
+    word's end exactly at its last token.
+    """
+
+    starts: frozenset[int]  # ids of tokens that start with the word-start mark; empty: spelled lengths instead
+    lengths: tuple[int, ...]  # characters each id spells; 0 for special tokens
+    specials: str  # first characters of special tokens' texts: text holding one is not split here
+
+    def fits(self, text: str) -> bool:
+        return text.isascii() and text.isprintable() and not any(char in text for char in self.specials)
+
+    def bounds(self, ids: list[int], words: list[str]) -> list[int] | None:
+        """Where each word's tokens begin in ``ids``, and ``len(ids)``; None if the tokens do not tell."""
+        if self.starts:
+            starts = self.starts
+            bounds = [k for k, i in enumerate(ids) if i in starts]
+            if len(bounds) != len(words) or bounds[:1] != [0]:
+                return None
+            return [*bounds, len(ids)]
+        spelled = list(map(self.lengths.__getitem__, ids))
+        if not spelled or 0 in spelled:
+            return None
+        ends = set(itertools.accumulate(map(len, words)))  # characters up to each word's end
+        # after a word's last token the spelled characters reach its end; all ends reached: no token straddles
+        after = list(itertools.compress(itertools.count(1), map(ends.__contains__, itertools.accumulate(spelled))))
+        return [0, *after] if len(after) == len(words) and after[-1] == len(ids) else None
+
+
 class CachedTokenizer:
     """Token ids (no special tokens) of text pieces, remembered per unit: a word where that is exact.
 
@@ -158,10 +210,13 @@ class CachedTokenizer:
     4.30's T5 tokenizer (A1111's) does not -- a trailing space is a token of its own -- so there the
     unit is the whole piece. Which applies is checked once per tokenizer on probe texts. Caching
     units makes a keystroke tokenize one word (or piece) and lets schedule variants and AND
-    sub-prompts share the rest. Misses go to the tokenizer in one call, as one string with a
-    separator token between the units (checked once to give each unit's own ids): that costs about
-    one call on the prompt, where a batch of many short strings costs 2x (Rust) to 10x
-    (transformers 4.30's Python CLIPTokenizer, A1111's) more. A lock, as A1111 uses several threads.
+    sub-prompts share the rest. Misses go to the tokenizer in one call. With a Rust tokenizer and
+    words as the unit: the words joined by single spaces (less text than the prompt: each word
+    once), told apart by what the tokens spell (printable ASCII, :class:`_Spelling`) or else by
+    their character offsets. Otherwise: one string with a separator token between the units
+    (checked once to give each unit's own ids), about 1.5x the time of the prompt; a batch of many
+    short strings costs 2x (Rust) to 10x (transformers 4.30's Python CLIPTokenizer, A1111's) more.
+    Each path is checked once per tokenizer on probe words. A lock, as A1111 uses several threads.
     """
 
     SEPARATOR_CHARS = ("§", "¶", "|", "~")
@@ -169,6 +224,10 @@ class CachedTokenizer:
     SPACE_PROBES = ("a ", " a", "a  b", " a, b ", "a\nb ", "a \n", "\t a", " ", "  ", "陆 ", "a,b")
     """Texts whose tokens tell whether splitting at spaces changes a tokenizer's output."""
     PROBE_UNITS = ("a", "photo,", "陆", "(red", "1.2)")
+    WORD_PROBES = PROBE_UNITS + ("a,b", "a\nb", "\t", "\u3000a", "e\u0301", "\x00")
+    """Words (no spaces) on which telling words apart by offsets is checked."""
+    ASCII_PROBES = ("a", "photo,", "(red", "1.2)", "a,b", "X's", "[x|y]", "~!@#$%^&*_+=`{}", "\\(\"q\")")
+    """Printable ASCII words on which telling words apart by what the tokens spell is checked."""
 
     def __init__(self, tokenizer: Any, size: int = 16384) -> None:
         self.tokenizer = tokenizer
@@ -176,13 +235,34 @@ class CachedTokenizer:
         self._ids: dict[str, list[int]] = {}
         self._lengths: dict[str, int] = {}
         self._lock = threading.Lock()
+        learnt = self._learnt()
+        self.by_words, self._spelling, self._by_offsets, self._separator, self._separator_id = learnt
+
+    def _learnt(self) -> tuple[bool, _Spelling | None, bool, str | None, int | None]:
+        """What the probes tell about this tokenizer object, probed on its first wrapping only.
+
+        Probing reads the whole vocabulary (tens of milliseconds for CLIP's); a model load wraps
+        the same tokenizers again.
+        """
+        try:
+            return _LEARNT[self.tokenizer]
+        except (KeyError, TypeError):  # TypeError: not weakly referenceable or not hashable
+            pass
         self.by_words = self._splitting_is_exact()
+        self._spelling = self._learn_spelling() if self.by_words else None
+        self._by_offsets = self.by_words and self._offsets_split_words()
         self._separator, self._separator_id = self._joined_encoding_separator()
+        learnt = self.by_words, self._spelling, self._by_offsets, self._separator, self._separator_id
+        try:
+            _LEARNT[self.tokenizer] = learnt
+        except TypeError:
+            pass
+        return learnt
 
     def units(self, text: str) -> list[str]:
         """What a text is cached as: its words where that is exact, else the text itself."""
         if self.by_words:
-            return [w for w in text.split(" ") if w]
+            return list(filter(None, text.split(" ")))
         return [text] if text else []
 
     def _splitting_is_exact(self) -> bool:
@@ -220,6 +300,76 @@ class CachedTokenizer:
             log.debug("no joined encoding for %s", type(self.tokenizer).__name__, exc_info=True)
         return None, None
 
+    def _learn_spelling(self) -> _Spelling | None:
+        """How this tokenizer's tokens spell printable ASCII words (see :class:`_Spelling`); None if not told apart.
+
+        Learnt from the tokens of a lone "a" and checked once on probe words.
+        """
+        backend = self._backend()
+        fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.20: no offsets computed
+        added = getattr(backend, "get_added_tokens_decoder", None)
+        if fast is None or added is None:
+            return None
+        try:
+            prefix, a, suffix = "".join(map(backend.id_to_token, fast(["a"], add_special_tokens=False)[0].ids)).partition("a")
+            if not a or bool(prefix) == bool(suffix) or (prefix and prefix.isascii() and prefix.isprintable()):
+                return None
+            vocab = backend.get_vocab(with_added_tokens=False)
+            special = added()
+            lengths = [0] * (max([*vocab.values(), *special]) + 1)
+            for token, i in vocab.items():
+                lengths[i] = len(token) - len(suffix) if suffix and token.endswith(suffix) else len(token)
+            spelling = _Spelling(
+                starts=frozenset(i for token, i in vocab.items() if prefix and token.startswith(prefix)),
+                lengths=tuple(0 if i in special else n for i, n in enumerate(lengths)),
+                specials="".join({token.content[:1] for token in special.values()}),
+            )
+            probe = list(self.ASCII_PROBES)
+            if self._spelled(probe, spelling) == self._call(probe):
+                return spelling
+        except Exception:
+            log.debug("no spelling for %s", type(self.tokenizer).__name__, exc_info=True)
+        return None
+
+    def _spelled(self, words: list[str], spelling: _Spelling) -> list[list[int]] | None:
+        """Each word's ids from one encoding (no offsets) of the words joined by single spaces; None where unsure."""
+        text = " ".join(words)
+        backend = self._backend()
+        if backend is None or not spelling.fits(text):
+            return None
+        ids = backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        bounds = spelling.bounds(ids, words)
+        if bounds is None:
+            return None
+        return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _offsets_split_words(self) -> bool:
+        """Whether :meth:`_spaced` gives each unit its own ids here, checked once on probe units."""
+        try:
+            return self._spaced(list(self.WORD_PROBES)) == self._call(list(self.WORD_PROBES))
+        except Exception:
+            log.debug("no offsets for %s", type(self.tokenizer).__name__, exc_info=True)
+            return False
+
+    def _spaced(self, words: list[str]) -> list[list[int]] | None:
+        """Each word's ids from one encoding of the words joined by single spaces; None without a Rust tokenizer.
+
+        Exact where tokens never cross a space (``by_words``): then every token starts inside its
+        word, or on the space before it (where a tokenizer turns that space into a word-start mark),
+        so a word's tokens are those starting from one character before it up to the next word's.
+        """
+        backend = self._backend()
+        if backend is None:
+            return None
+        encoding = backend.encode_batch([" ".join(words)], add_special_tokens=False)[0]
+        ids, token_starts = encoding.ids, [start for start, _ in encoding.offsets]
+        bounds, start = [], 0
+        for word in words:
+            bounds.append(bisect.bisect_left(token_starts, start - 1))
+            start += len(word) + 1
+        bounds.append(len(ids))
+        return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def _run(self, text: str) -> list[int]:
         """One text's ids: straight through the Rust tokenizer where there is one and it is idle."""
         backend = self._backend()
@@ -252,6 +402,14 @@ class CachedTokenizer:
             start = end + 1
 
     def _encode(self, words: list[str]) -> list[list[int]]:
+        """Each unit's ids, in one tokenizer call where possible (units are distinct and non-empty)."""
+        found = self._spelled(words, self._spelling) if self._spelling else None
+        if found is None and self._by_offsets:
+            found = self._spaced(words)
+        return found if found is not None else self._joined(words)
+
+    def _joined(self, words: list[str]) -> list[list[int]]:
+        """Each unit's ids from one string with a separator token between the units."""
         marker = self._separator.strip() if self._separator else None
         plain = [w for w in words if marker and marker not in w and w.strip()]
         if not plain:
@@ -265,10 +423,10 @@ class CachedTokenizer:
             found.update(zip(rest, self._call(rest), strict=True))
         return [found[w] for w in words]
 
-    def _words(self, split: list[list[str]]) -> dict[str, list[int]]:
-        """The cache, with every unit of ``split`` in it (call with the lock held)."""
+    def _words(self, units: Iterable[str]) -> dict[str, list[int]]:
+        """The cache, with every non-empty one of ``units`` in it (call with the lock held)."""
         known = self._ids
-        missing = list(dict.fromkeys(w for words in split for w in words if w not in known))
+        missing = [w for w in dict.fromkeys(units) if w and w not in known]
         if missing:
             known.update(zip(missing, self._encode(missing), strict=True))
         return known
@@ -280,14 +438,13 @@ class CachedTokenizer:
                 del cache[next(iter(cache))]
 
     def prefetch(self, texts: Iterable[str]) -> None:
-        """Tokenize every new word of ``texts`` in one call, so that counting them later hits the cache."""
-        with self._lock:
-            self._words([self.units(text) for text in set(texts) if text not in self._lengths])
+        """Count every new text of ``texts``, their new units in one call, so that counting them later hits the cache."""
+        self.lengths(list(texts))
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         split = [self.units(text) for text in texts]
         with self._lock:
-            known = self._words(split)
+            known = self._words(itertools.chain.from_iterable(split))
             out = [[i for w in words for i in known[w]] for words in split]
             self._trim()
         return out
@@ -296,14 +453,31 @@ class CachedTokenizer:
         """Token count per text: all counting needs where no token has to be looked at (cached per text)."""
         with self._lock:
             lengths = self._lengths
+            out = list(map(lengths.get, texts))
+            if None not in out:  # all counted before (the counts after a prefetch)
+                return out
             new = [t for t in dict.fromkeys(texts) if t not in lengths]
-            if new:
-                split = [self.units(text) for text in new]
-                known = self._words(split)
-                lengths.update((t, sum(len(known[w]) for w in words)) for t, words in zip(new, split, strict=True))
+            if self.by_words:
+                self._count_words(new)
+            else:
+                known = self._words(new)
+                lengths.update((t, len(known[t]) if t else 0) for t in new)
             out = [lengths[t] for t in texts]
             self._trim()
         return out
+
+    def _count_words(self, texts: list[str]) -> None:
+        """Count texts made of words: each text's count a difference of running sums over all their words
+        (with the lock held)."""
+        parts, words = _split_words(tuple(texts))
+        known = self._words(words)
+        tokens = dict(zip(words, map(len, map(known.__getitem__, words)), strict=True), **{"": 0})
+        running = list(itertools.accumulate(map(tokens.__getitem__, parts), initial=0))
+        start = 0
+        for text in texts:
+            end = start + text.count(" ") + 1
+            self._lengths[text] = running[end] - running[start]
+            start = end
 
     def vocab_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
@@ -466,8 +640,9 @@ def strip_extra_networks(prompt: str) -> str:
     return _EXTRA_NETWORK.sub("", prompt)
 
 
-_AND = re.compile(r"\bAND\b")
-_SUBPROMPT_WEIGHT = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*$")
+_AND = re.compile(r"AND(?!\w)(?<!\wAND)")
+"""``\\bAND\\b``, written to start with its literal: Python's ``re`` then jumps to each "AND" (20x faster)."""
+_SUBPROMPT_WEIGHT = re.compile(r":\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*$")
 
 
 def split_and(prompt: str) -> list[str]:
@@ -475,7 +650,7 @@ def split_and(prompt: str) -> list[str]:
     texts = []
     for sub in _AND.split(prompt):
         match = _SUBPROMPT_WEIGHT.search(sub)
-        texts.append(sub[: match.start()] if match else sub.rstrip())
+        texts.append(sub[: match.start()].rstrip() if match else sub.rstrip())
     return list(dict.fromkeys(texts))
 
 
@@ -499,6 +674,10 @@ class _Alternate:
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
+_RUN = r"[^\\\[\]():|]*(?:\\.[^\\\[\]():|]*)*"
+_TEXT = re.compile(rf"(?:[^\\\[\]():|]+|\\.|\({_RUN}(?::{_RUN})?\)|\[{_RUN}\])+", re.S)
+"""Plain text and groups that hold only plain text -- ``(word)``, ``(word:1.2)``, ``[word]`` --, which
+parse to their own text: matched at once instead of group by group (3x faster on a typical prompt)."""
 
 
 class _NoParse(Exception):
@@ -522,8 +701,9 @@ class _ScheduleParser:
     def seq(self, i: int) -> tuple[list, int]:
         """Text, escapes and well-formed groups up to the first character that ends a sequence."""
         out: list = []
+        text = _TEXT if self.depth < self.MAX_DEPTH else _PLAIN  # deeper, a group is text anyway
         while i < len(self.s):
-            plain = _PLAIN.match(self.s, i)
+            plain = text.match(self.s, i)
             if plain:
                 out.append(plain.group())
                 i = plain.end()
@@ -661,9 +841,10 @@ def schedule_texts(prompt: str, steps: int) -> list[str]:
     return list(dict.fromkeys(_render(tree, step) for step in choices.values()))
 
 
-_ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_ATTENTION = re.compile(r"(\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:)")
+"""A1111's emphasis tokens; ``findall`` gives (token, weight or "")."""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_ATTENTION_SYNTAX = re.compile(r"[\\()\[\]]|\bBREAK\b")
+_ATTENTION_BRACKETS = re.compile(r"[\\()\[\]]")
 EMPHASIS_UP = 1.1
 """What ``(word)`` multiplies attention by; ``[word]`` divides by it."""
 
@@ -674,7 +855,7 @@ def parse_attention(text: str) -> list[Piece]:
     Only the piece boundaries matter for counting (each piece is tokenized on its own), but they
     depend on which weights are equal, so weights are computed the way A1111 computes them.
     """
-    if not _ATTENTION_SYNTAX.search(text):
+    if "BREAK" not in text and not _ATTENTION_BRACKETS.search(text):  # plain text: one run
         return [Piece(text)]
     pieces: list[list] = []
     round_open: list[int] = []
@@ -684,15 +865,16 @@ def parse_attention(text: str) -> list[Piece]:
         for piece in pieces[start:]:
             piece[1] *= factor
 
-    for match in _ATTENTION.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
+    for token, weight in _ATTENTION.findall(text):
+        if token[0] not in "\\()[]:" and "BREAK" not in token:  # the common case: a run of text
+            pieces.append([token, 1.0])
         elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":
             square_open.append(len(pieces))
-        elif weight is not None and round_open and _is_float(weight):
+        elif token[0] == "\\":
+            pieces.append([token[1:], 1.0])
+        elif weight and round_open and _is_float(weight):
             scale(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             scale(round_open.pop(), EMPHASIS_UP)
