@@ -199,7 +199,7 @@ def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype
                 fns["w8a8"] = lambda q=w8, x=x: q(x)
                 fns["w4a8"] = lambda q=w4, x=x: q(x)
                 qa, qb = torch.randint(-127, 128, (tokens, k), dtype=torch.int8, device=device), w8.qweight
-                fns["bare_int_mm"] = lambda a=qa, b=qb: torch._int_mm(a, b)
+                fns["bare_int_mm"] = lambda a=qa, b=qb: torch._int_mm(a, b.t())
         for key, seconds in timed(fns, repeats, sync).items():
             totals[key] = totals.get(key, 0.0) + seconds
     return totals

@@ -62,10 +62,10 @@ def test_matches_fp64_reference(w_bits, act_mode):
 
 
 def test_int4_pack_roundtrip_and_sign():
-    q = torch.randint(-7, 8, (64, 5), dtype=torch.int8)
+    q = torch.randint(-7, 8, (5, 64), dtype=torch.int8)  # (N, K): packed along K
     packed = quantizers.pack_int4(q)
-    assert packed.dtype == torch.uint8 and packed.shape == (32, 5)
-    assert int(packed[0, 0]) == (int(q[0, 0]) & 0xF) | ((int(q[1, 0]) & 0xF) << 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 32)
+    assert int(packed[3, 7]) == (int(q[3, 14]) & 0xF) | ((int(q[3, 15]) & 0xF) << 4)
     assert torch.equal(quantizers.unpack_int4(packed), q)
 
 
@@ -99,12 +99,12 @@ def test_int_mm_plan_rules():
 
 def test_padded_rows_give_the_same_product():
     a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
-    b = torch.randint(-127, 128, (64, 24), dtype=torch.int8)
-    exact = a.long() @ b.long()
-    assert torch.equal(kernels.int8_matmul(a, b, "int_mm").long(), exact)
-    assert torch.equal(kernels.int8_matmul(a, b, "pad_rows").long(), exact)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)  # (N, K), as QuantLinear stores it
+    exact = a.long() @ w.long().T
+    assert torch.equal(kernels.int8_matmul(a, w, "int_mm").long(), exact)
+    assert torch.equal(kernels.int8_matmul(a, w, "pad_rows").long(), exact)
     with pytest.raises(ValueError):
-        kernels.int8_matmul(a, b, "fallback")
+        kernels.int8_matmul(a, w, "fallback")
 
 
 def test_small_batch_and_fallback_paths_agree(monkeypatch):

@@ -3,7 +3,7 @@
 ``y = x W^T + b`` becomes, with per-token activation scales ``s_x`` (M,) and per-channel weight
 scales ``s_w`` (N,):
 
-    y[m, n] = s_x[m] * s_w[n] * sum_k qx[m, k] * qw[k, n] + b[n]      (int32 accumulation)
+    y[m, n] = s_x[m] * s_w[n] * sum_k qx[m, k] * qw[n, k] + b[n]      (int32 accumulation)
 
 so the only float work left is quantizing X and one multiply-add per output. int4 weights are
 stored packed with group scales and re-expressed on a per-row int8 grid just before the GEMM
@@ -80,11 +80,11 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype
         n, k = out_features, in_features
         if w_bits == 8:
-            self.register_buffer("qweight", torch.zeros(k, n, dtype=torch.int8, device=device))  # (K, N) for _int_mm
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))  # .t() feeds _int_mm
         else:
             groups = quantizers.int4_group_layout(k, group_size)
-            self.register_buffer("qweight", torch.zeros(k // INT4_PER_BYTE, n, dtype=torch.uint8, device=device))
-            self.register_buffer("group_ratio", torch.zeros(groups, n, dtype=torch.float16, device=device))
+            self.register_buffer("qweight", torch.zeros(n, k // INT4_PER_BYTE, dtype=torch.uint8, device=device))
+            self.register_buffer("group_ratio", torch.zeros(n, groups, dtype=torch.float16, device=device))
         self.register_buffer("wscale", torch.zeros(n, dtype=torch.float32, device=device))
         if act_mode == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -113,14 +113,14 @@ class QuantLinear(nn.Module):
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if self.w_bits == 8:
             q, scale = quantizers.quantize_weight_int8(weight)
-            self.qweight.copy_(q.t())
+            self.qweight.copy_(q)
             self.wscale.copy_(scale)
         else:
             q, group_scale = quantizers.quantize_weight_int4(weight, self.group_size)
             row_scale = quantizers.symmetric_scale((q.float().reshape(q.shape[0], group_scale.shape[1], -1).abs()
                                                     * group_scale[:, :, None]).amax(dim=(1, 2)), 8)
-            self.qweight.copy_(quantizers.pack_int4(q.t()))
-            self.group_ratio.copy_((group_scale / row_scale[:, None]).t())
+            self.qweight.copy_(quantizers.pack_int4(q))
+            self.group_ratio.copy_(group_scale / row_scale[:, None])
             self.wscale.copy_(row_scale)
         if bias is not None:
             self.bias.copy_(bias)
@@ -128,12 +128,12 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the integer codes stand for, ``(N, K)`` in ``dtype`` (fallback and BOS path)."""
         if self.w_bits == 8:
-            return (self.qweight.t().float() * self.wscale[:, None]).to(dtype)
-        group_scale = self.group_ratio.float() * self.wscale[None, :]
-        return quantizers.dequantize_int4(self.qweight, group_scale, dtype).t()
+            return (self.qweight.float() * self.wscale[:, None]).to(dtype)
+        group_scale = self.group_ratio.float() * self.wscale[:, None]
+        return quantizers.dequantize_int4(self.qweight, group_scale, dtype)
 
     def int8_weight(self) -> torch.Tensor:
-        """int8 ``(K, N)`` operand of the GEMM, on the per-row grid ``wscale``."""
+        """int8 ``(N, K)`` weight on the per-row grid ``wscale``; the GEMM multiplies by its ``.t()``."""
         if self.w_bits == 8:
             return self.qweight
         return quantizers.int4_to_int8(self.qweight, self.group_ratio)
