@@ -61,6 +61,18 @@ def test_matches_fp64_reference(w_bits, act_mode):
     assert rel < {8: 0.02, 4: 0.12}[w_bits]
 
 
+def test_int8_codes_round_half_to_even_and_clip():
+    """The magic-number rounding equals round-then-clamp computed in fp64, ties and both ends included."""
+    x = torch.cat((torch.arange(-130.0, 131.0, 0.5), torch.randn(1000) * 60)).reshape(-1, 2)
+    inv = torch.ones(x.shape[0], 1)
+    expected = torch.round(x.double()).clamp(-127, 127)
+    assert torch.equal(quantizers.int8_codes(x, inv, clip=True).double(), expected)
+    inside = x.abs().amax(dim=1) <= 127
+    assert torch.equal(quantizers.int8_codes(x[inside], inv[inside], clip=False).double(), expected[inside])
+    scaled = quantizers.int8_codes(x, torch.tensor(0.25), clip=True).double()  # a 0-d static scale
+    assert torch.equal(scaled, torch.round(x.double() * 0.25).clamp(-127, 127))
+
+
 def test_int4_pack_roundtrip_and_sign():
     q = torch.randint(-7, 8, (5, 64), dtype=torch.int8)  # (N, K): packed along K
     packed = quantizers.pack_int4(q)
@@ -141,6 +153,7 @@ def test_half_precision_input_keeps_dtype():
     x = torch.randn(1, 33, 128, dtype=torch.bfloat16)
     y = q(x)
     assert y.dtype == torch.bfloat16
+    assert kernels.int_mm_available("cpu")  # it ran the int8 path, not the session-wide fallback
     assert torch.nn.functional.cosine_similarity(y.double().flatten(), lin(x).double().flatten(), dim=0) > 0.999
 
 
@@ -179,3 +192,15 @@ def test_int8_gemm_failure_falls_back_for_the_session(monkeypatch):
     monkeypatch.setattr(kernels, "_FAILED", set())
     assert torch.allclose(q(x).double(), expected, atol=1e-4)
     assert not kernels.int_mm_available("cpu")
+
+
+@pytest.mark.parametrize("act_mode", ["dynamic", "static"])
+def test_cpu_row_blocks_give_the_same_result(monkeypatch, act_mode):
+    """Quantization and rescale in several CPU row blocks (a ragged last one) equal the one-block result."""
+    lin = make_linear(k=64, n=40)
+    x = torch.randn(30, 64)
+    q = QuantLinear.from_linear(lin, 8, act_mode, act_scale=float(x.abs().amax()) / 100)  # static clips some
+    whole = q(x)
+    monkeypatch.setattr(quantizers, "CPU_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows of fp32 per block
+    assert len(quantizers.row_blocks(30, 64, x.device)) == 5
+    assert torch.equal(q(x), whole)

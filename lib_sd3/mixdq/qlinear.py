@@ -151,23 +151,22 @@ class QuantLinear(nn.Module):
         else:
             qx, sx = quantizers.quantize_per_token(x2)
         acc = kernels.int8_matmul(qx, self.int8_weight(), plan)
-        bias = self.bias.float() if self.bias is not None else None
-        if acc.device.type != "cpu":
-            y = acc * sx
-            return (y.mul_(self.wscale) if bias is None else y.mul_(self.wscale).add_(bias)).to(x2.dtype)
-        # CPU: the fp32 output overwrites the int32 product in place (same size, element for element;
-        # a fresh (M, N) buffer costs page faults comparable to the rescale), a cache-sized row block
-        # at a time so the second pass reads from cache.
+        return self._rescale(acc, sx, x2.dtype)
+
+    def _rescale(self, acc: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``acc * s_x * s_w + b`` in two passes per row block: the fp32 ``acc * s_x`` overwrites the
+        int32 product in place (same size, element for element: no fresh (M, N) buffer and its page
+        faults), then one ``addcmul`` applies ``s_w`` and the bias and writes the output dtype."""
         y = acc.view(torch.float32)
-        rows = max(1, quantizers.CPU_CHUNK_BYTES // (4 * y.shape[1]))
-        for start in range(0, y.shape[0], rows):
-            block, sx_block = y[start:start + rows], sx if sx.dim() == 0 else sx[start:start + rows]
-            torch.mul(acc[start:start + rows], sx_block, out=block)
-            if bias is None:
-                block.mul_(self.wscale)
+        out = y if dtype == torch.float32 else torch.empty(y.shape, dtype=dtype, device=y.device)
+        for block in quantizers.row_blocks(y.shape[0], y.shape[1], y.device):
+            yb, ob = y[block], out[block]
+            torch.mul(acc[block], sx if sx.dim() == 0 else sx[block], out=yb)
+            if self.bias is None:
+                torch.mul(yb, self.wscale, out=ob)
             else:
-                torch.addcmul(bias, block, self.wscale, out=block)
-        return y.to(x2.dtype)
+                torch.addcmul(self.bias, yb, self.wscale, out=ob)
+        return out
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -108,35 +108,76 @@ def dequantize_int4(packed: torch.Tensor, group_scale: torch.Tensor, dtype: torc
 
 
 CPU_CHUNK_BYTES = 1 << 24
-"""fp32 bytes handled per step by the CPU activation rounding and rescale: within a last-level
-cache, so the second pass over a block hits cache, and no full-size fp32 temporary is allocated.
-Not smaller: every block is a few OpenMP-parallel ops, and on a busy machine each op can wait
-a scheduler slice for a descheduled thread (1 MiB blocks measured 2x slower there)."""
+"""fp32 bytes handled per step by the CPU activation quantization and rescale: within a last-level
+cache, so the second pass over a block hits cache, and no full-size fp32 temporary is allocated
+(a fresh 100 MB buffer is mmap'ed and page-faulted on every call: at K = 6144 that alone cost more
+than the GEMM). Not smaller: every block is a few OpenMP-parallel ops, and on a busy machine each
+op can wait a scheduler slice for a descheduled thread (1 MiB blocks measured 2x slower there)."""
+
+ROUND_MAGIC = 1.5 * 2**23
+"""fp32 value whose neighbours are exactly 1 apart: ``v + ROUND_MAGIC`` for ``|v| < 2^22`` rounds ``v``
+to the nearest integer (ties to even, like ``torch.round``) and leaves it in the low mantissa bits."""
+
+
+def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
+    """Row slices of about :data:`CPU_CHUNK_BYTES` of fp32 on the CPU; one slice elsewhere (a GPU's
+    caching allocator reuses full-size buffers, and each extra kernel launch costs more than it saves)."""
+    if device.type != "cpu":
+        return [slice(0, rows)]
+    step = max(1, CPU_CHUNK_BYTES // (4 * max(cols, 1)))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def int8_codes(x: torch.Tensor, inv_scale: torch.Tensor, clip: bool, out: torch.Tensor | None = None,
+               work: torch.Tensor | None = None) -> torch.Tensor:
+    """``round(x * inv_scale)`` as int8 in two passes over X instead of four (multiply, round, clamp, cast).
+
+    One fp32 fused multiply-add ``x * inv_scale + ROUND_MAGIC`` does the scaling and the rounding
+    (read from X's own dtype, no float copy of it); the sum's int32 bit pattern is
+    ``0x4B400000 + round(v)``, whose low byte is ``round(v)`` in two's complement for
+    ``|v| <= 127``, and narrowing int32 -> int8 keeps exactly that byte. ``clip`` clamps to
+    ``[-127, 127]`` first (static scales; a dynamic per-row scale cannot be exceeded).
+    ``work`` (fp32, X's shape) and ``out`` (int8) are optional preallocated buffers.
+    """
+    magic = torch.full((), ROUND_MAGIC, dtype=torch.float32, device=x.device)
+    t = torch.addcmul(magic, x, inv_scale, out=work)
+    if clip:
+        t.clamp_(ROUND_MAGIC - INT8_QMAX, ROUND_MAGIC + INT8_QMAX)
+    if out is None:
+        return t.view(torch.int32).to(torch.int8)
+    return out.copy_(t.view(torch.int32))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic int8: ``X (M, K)`` -> codes ``(M, K)`` and fp32 scales ``(M, 1)``, one per token (row).
 
-    No clamp is needed: with ``scale = amax / 127`` every ``|x / scale| <= 127`` (to rounding).
-    Integer codes carry no gradient; quantized layers are for inference.
+    Block by block (:func:`row_blocks`): ``|x|`` into an fp32 work block, its row maxima, then the
+    codes through the same block -- two reads of X, the rest in cache. No clamp is needed: with
+    ``scale = amax / 127`` every ``|x / scale| <= 127`` (to rounding). Integer codes carry no
+    gradient; quantized layers are for inference.
     """
-    xf = x.detach().float()
-    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True)  # one pass, no |x| copy
-    scale = symmetric_scale(amax, 8)
-    inv = 1.0 / scale
-    if xf.device.type != "cpu":
-        return xf.mul(inv).round_().to(torch.int8), scale
-    rows = max(1, CPU_CHUNK_BYTES // (4 * xf.shape[1]))
-    q = torch.empty(xf.shape, dtype=torch.int8)
-    work = torch.empty(min(rows, xf.shape[0]), xf.shape[1])
-    for start in range(0, xf.shape[0], rows):
-        stop = min(start + rows, xf.shape[0])
-        chunk = work[: stop - start]
-        torch.mul(xf[start:stop], inv[start:stop], out=chunk).round_()
-        q[start:stop].copy_(chunk)
+    x = x.detach()
+    blocks = row_blocks(x.shape[0], x.shape[1], x.device)
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    work = torch.empty(blocks[0].stop - blocks[0].start if blocks else 0, x.shape[1], dtype=torch.float32,
+                       device=x.device)
+    for block in blocks:
+        xb, wb = x[block], work[: block.stop - block.start]
+        magnitude = torch.abs(xb, out=wb) if xb.dtype == wb.dtype else xb.abs()  # abs(out=) keeps the dtype
+        scale[block] = symmetric_scale(magnitude.amax(dim=1, keepdim=True), 8)
+        int8_codes(xb, 1.0 / scale[block], clip=False, out=q[block], work=wb)
     return q, scale
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Static int8 with a calibrated scale (a 0-d fp32 tensor); values beyond it are clipped."""
-    return x.detach().float().mul(1.0 / scale).round_().clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    x = x.detach()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    blocks = row_blocks(x.shape[0], x.shape[1], x.device)
+    work = torch.empty(blocks[0].stop - blocks[0].start if blocks else 0, x.shape[1], dtype=torch.float32,
+                       device=x.device)
+    inv = 1.0 / scale
+    for block in blocks:
+        int8_codes(x[block], inv, clip=True, out=q[block], work=work[: block.stop - block.start])
+    return q
