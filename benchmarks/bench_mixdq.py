@@ -13,7 +13,9 @@ for the full 24-block SD3 Medium in fp16 (built on the meta device, pos_embed in
 the float-kept embedders weigh more).
 
 Speed: each quantized Linear (activation quantization, int8 GEMM and rescale all included) is
-timed against the float Linear on the same input, interleaved, ``--repeats`` times; medians.
+timed against the float Linear on the same input, interleaved, ``--repeats`` times; medians. A
+``# M= K= N=`` line per GEMM shape shows where the time goes (bare int8 GEMM in the stored
+column-major layout, on CUDA also in the old row-major one; activation quantization alone), in µs.
 The last line is ``key=value`` pairs.
 """
 
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib_sd3 import LOGGER_NAME, get_logger  # noqa: E402
-from lib_sd3.mixdq import config, layers, model, presets  # noqa: E402
+from lib_sd3.mixdq import config, layers, model, presets, quantizers  # noqa: E402
 from lib_sd3.mixdq.qlinear import QuantLinear  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -181,7 +183,12 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[],
 
 @torch.no_grad()
 def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype, ...]) -> dict[str, float]:
-    """Quantized Linear (W8A8 / W4A8, dynamic per-token) vs float Linear at SD3 shapes, summed over shapes."""
+    """Quantized Linear (W8A8 / W4A8, dynamic per-token) vs float Linear at SD3 shapes, summed over shapes.
+
+    Per shape it also prints where the W8A8 time goes: the bare int8 GEMM with the weight as stored
+    (``(N, K)``, passed transposed: column-major B), on CUDA the same GEMM with a row-major ``(K, N)``
+    copy (the old layout, for comparison), and the per-token activation quantization alone.
+    """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     totals: dict[str, float] = {}
     for k, n in GEMM_SHAPES:
@@ -198,9 +205,16 @@ def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype
                 w8, w4 = QuantLinear.from_linear(lin, 8), QuantLinear.from_linear(lin, 4)
                 fns["w8a8"] = lambda q=w8, x=x: q(x)
                 fns["w4a8"] = lambda q=w4, x=x: q(x)
-                qa, qb = torch.randint(-127, 128, (tokens, k), dtype=torch.int8, device=device), w8.qweight
-                fns["bare_int_mm"] = lambda a=qa, b=qb: torch._int_mm(a, b)
-        for key, seconds in timed(fns, repeats, sync).items():
+                qa = torch.randint(-127, 128, (tokens, k), dtype=torch.int8, device=device)
+                w_kn, x2 = w8.qweight.t().contiguous(), x.reshape(-1, k)
+                fns["bare_int_mm"] = lambda a=qa, w=w8.qweight: torch._int_mm(a, w.t())
+                if device == "cuda":  # the CPU's oneDNN runs both layouts alike; spare its minutes
+                    fns["int_mm_row_major_b"] = lambda a=qa, b=w_kn: torch._int_mm(a, b)
+                fns["act_quant"] = lambda x2=x2: quantizers.quantize_per_token(x2)
+        shape_times = timed(fns, repeats, sync)
+        print(f"# M={tokens} K={k} N={n} " + " ".join(f"{key}_us={1e6 * sec:.0f}" for key, sec in shape_times.items()),
+              flush=True)
+        for key, seconds in shape_times.items():
             totals[key] = totals.get(key, 0.0) + seconds
     return totals
 

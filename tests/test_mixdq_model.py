@@ -84,6 +84,20 @@ def test_cache_gives_the_same_quantized_model(tmp_path):
     model.restore(m)
 
 
+def test_cache_of_another_layout_format_is_not_read(tmp_path, monkeypatch):
+    """Files written under an older buffer layout (square layers would pass a shape check) are never read."""
+    m = TinyMMDiT(depth=1)
+    cfg = presets.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
+    monkeypatch.setattr(model, "CACHE_FORMAT", "old")
+    model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
+    model.restore(m)
+    monkeypatch.setattr(model, "CACHE_FORMAT", "new")
+    assert not model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc").cache_hit
+    model.restore(m)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.glob("mixdq-abc-*.safetensors")) == [
+        "new.safetensors", "old.safetensors"]
+
+
 def test_fingerprint_changes_with_the_weights():
     m = TinyMMDiT(depth=2)
     before = model.fingerprint(m)

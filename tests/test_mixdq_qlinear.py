@@ -61,11 +61,23 @@ def test_matches_fp64_reference(w_bits, act_mode):
     assert rel < {8: 0.02, 4: 0.12}[w_bits]
 
 
+def test_int8_codes_round_half_to_even_and_clip():
+    """The magic-number rounding equals round-then-clamp computed in fp64, ties and both ends included."""
+    x = torch.cat((torch.arange(-130.0, 131.0, 0.5), torch.randn(1000) * 60)).reshape(-1, 2)
+    inv = torch.ones(x.shape[0], 1)
+    expected = torch.round(x.double()).clamp(-127, 127)
+    assert torch.equal(quantizers.int8_codes(x, inv, clip=True).double(), expected)
+    inside = x.abs().amax(dim=1) <= 127
+    assert torch.equal(quantizers.int8_codes(x[inside], inv[inside], clip=False).double(), expected[inside])
+    scaled = quantizers.int8_codes(x, torch.tensor(0.25), clip=True).double()  # a 0-d static scale
+    assert torch.equal(scaled, torch.round(x.double() * 0.25).clamp(-127, 127))
+
+
 def test_int4_pack_roundtrip_and_sign():
-    q = torch.randint(-7, 8, (64, 5), dtype=torch.int8)
+    q = torch.randint(-7, 8, (5, 64), dtype=torch.int8)  # (N, K): packed along K
     packed = quantizers.pack_int4(q)
-    assert packed.dtype == torch.uint8 and packed.shape == (32, 5)
-    assert int(packed[0, 0]) == (int(q[0, 0]) & 0xF) | ((int(q[1, 0]) & 0xF) << 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 32)
+    assert int(packed[3, 7]) == (int(q[3, 14]) & 0xF) | ((int(q[3, 15]) & 0xF) << 4)
     assert torch.equal(quantizers.unpack_int4(packed), q)
 
 
@@ -99,12 +111,12 @@ def test_int_mm_plan_rules():
 
 def test_padded_rows_give_the_same_product():
     a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
-    b = torch.randint(-127, 128, (64, 24), dtype=torch.int8)
-    exact = a.long() @ b.long()
-    assert torch.equal(kernels.int8_matmul(a, b, "int_mm").long(), exact)
-    assert torch.equal(kernels.int8_matmul(a, b, "pad_rows").long(), exact)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)  # (N, K), as QuantLinear stores it
+    exact = a.long() @ w.long().T
+    assert torch.equal(kernels.int8_matmul(a, w, "int_mm").long(), exact)
+    assert torch.equal(kernels.int8_matmul(a, w, "pad_rows").long(), exact)
     with pytest.raises(ValueError):
-        kernels.int8_matmul(a, b, "fallback")
+        kernels.int8_matmul(a, w, "fallback")
 
 
 def test_small_batch_and_fallback_paths_agree(monkeypatch):
@@ -141,6 +153,7 @@ def test_half_precision_input_keeps_dtype():
     x = torch.randn(1, 33, 128, dtype=torch.bfloat16)
     y = q(x)
     assert y.dtype == torch.bfloat16
+    assert kernels.int_mm_available("cpu")  # it ran the int8 path, not the session-wide fallback
     assert torch.nn.functional.cosine_similarity(y.double().flatten(), lin(x).double().flatten(), dim=0) > 0.999
 
 
@@ -179,3 +192,15 @@ def test_int8_gemm_failure_falls_back_for_the_session(monkeypatch):
     monkeypatch.setattr(kernels, "_FAILED", set())
     assert torch.allclose(q(x).double(), expected, atol=1e-4)
     assert not kernels.int_mm_available("cpu")
+
+
+@pytest.mark.parametrize("act_mode", ["dynamic", "static"])
+def test_cpu_row_blocks_give_the_same_result(monkeypatch, act_mode):
+    """Quantization and rescale in several CPU row blocks (a ragged last one) equal the one-block result."""
+    lin = make_linear(k=64, n=40)
+    x = torch.randn(30, 64)
+    q = QuantLinear.from_linear(lin, 8, act_mode, act_scale=float(x.abs().amax()) / 100)  # static clips some
+    whole = q(x)
+    monkeypatch.setattr(quantizers, "CPU_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows of fp32 per block
+    assert len(quantizers.row_blocks(30, 64, x.device)) == 5
+    assert torch.equal(q(x), whole)

@@ -34,6 +34,10 @@ log = get_logger("mixdq")
 
 STATE_ATTR = "_sd3_mixdq_state"
 FINGERPRINT_SAMPLES = 4096  # weight values sampled per layer for a model fingerprint
+CACHE_FORMAT = "nk2"
+"""Layout of the cached tensors, part of the cache file name: bump it whenever QuantLinear's
+buffers change meaning. "nk2": weights ``(N, K)`` / packed ``(N, K/2)``, int4 ratios ``(N, K/G)``
+(format 1 stored them transposed; its square layers would pass a shape check and be misread)."""
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -106,7 +110,7 @@ def _build(linear: nn.Module, plan: LayerPlan, group_size: int) -> QuantLinear:
 
 
 def cache_path(cache_dir: str | Path, model_hash: str, config: BitConfig) -> Path:
-    return Path(cache_dir) / f"mixdq-{model_hash}-{config.digest()}.safetensors"
+    return Path(cache_dir) / f"mixdq-{model_hash}-{config.digest()}-{CACHE_FORMAT}.safetensors"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -3,7 +3,7 @@
 ``y = x W^T + b`` becomes, with per-token activation scales ``s_x`` (M,) and per-channel weight
 scales ``s_w`` (N,):
 
-    y[m, n] = s_x[m] * s_w[n] * sum_k qx[m, k] * qw[k, n] + b[n]      (int32 accumulation)
+    y[m, n] = s_x[m] * s_w[n] * sum_k qx[m, k] * qw[n, k] + b[n]      (int32 accumulation)
 
 so the only float work left is quantizing X and one multiply-add per output. int4 weights are
 stored packed with group scales and re-expressed on a per-row int8 grid just before the GEMM
@@ -80,11 +80,11 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype
         n, k = out_features, in_features
         if w_bits == 8:
-            self.register_buffer("qweight", torch.zeros(k, n, dtype=torch.int8, device=device))  # (K, N) for _int_mm
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))  # .t() feeds _int_mm
         else:
             groups = quantizers.int4_group_layout(k, group_size)
-            self.register_buffer("qweight", torch.zeros(k // INT4_PER_BYTE, n, dtype=torch.uint8, device=device))
-            self.register_buffer("group_ratio", torch.zeros(groups, n, dtype=torch.float16, device=device))
+            self.register_buffer("qweight", torch.zeros(n, k // INT4_PER_BYTE, dtype=torch.uint8, device=device))
+            self.register_buffer("group_ratio", torch.zeros(n, groups, dtype=torch.float16, device=device))
         self.register_buffer("wscale", torch.zeros(n, dtype=torch.float32, device=device))
         if act_mode == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -113,14 +113,14 @@ class QuantLinear(nn.Module):
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if self.w_bits == 8:
             q, scale = quantizers.quantize_weight_int8(weight)
-            self.qweight.copy_(q.t())
+            self.qweight.copy_(q)
             self.wscale.copy_(scale)
         else:
             q, group_scale = quantizers.quantize_weight_int4(weight, self.group_size)
             row_scale = quantizers.symmetric_scale((q.float().reshape(q.shape[0], group_scale.shape[1], -1).abs()
                                                     * group_scale[:, :, None]).amax(dim=(1, 2)), 8)
-            self.qweight.copy_(quantizers.pack_int4(q.t()))
-            self.group_ratio.copy_((group_scale / row_scale[:, None]).t())
+            self.qweight.copy_(quantizers.pack_int4(q))
+            self.group_ratio.copy_(group_scale / row_scale[:, None])
             self.wscale.copy_(row_scale)
         if bias is not None:
             self.bias.copy_(bias)
@@ -128,12 +128,12 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the integer codes stand for, ``(N, K)`` in ``dtype`` (fallback and BOS path)."""
         if self.w_bits == 8:
-            return (self.qweight.t().float() * self.wscale[:, None]).to(dtype)
-        group_scale = self.group_ratio.float() * self.wscale[None, :]
-        return quantizers.dequantize_int4(self.qweight, group_scale, dtype).t()
+            return (self.qweight.float() * self.wscale[:, None]).to(dtype)
+        group_scale = self.group_ratio.float() * self.wscale[:, None]
+        return quantizers.dequantize_int4(self.qweight, group_scale, dtype)
 
     def int8_weight(self) -> torch.Tensor:
-        """int8 ``(K, N)`` operand of the GEMM, on the per-row grid ``wscale``."""
+        """int8 ``(N, K)`` weight on the per-row grid ``wscale``; the GEMM multiplies by its ``.t()``."""
         if self.w_bits == 8:
             return self.qweight
         return quantizers.int4_to_int8(self.qweight, self.group_ratio)
@@ -151,23 +151,22 @@ class QuantLinear(nn.Module):
         else:
             qx, sx = quantizers.quantize_per_token(x2)
         acc = kernels.int8_matmul(qx, self.int8_weight(), plan)
-        bias = self.bias.float() if self.bias is not None else None
-        if acc.device.type != "cpu":
-            y = acc * sx
-            return (y.mul_(self.wscale) if bias is None else y.mul_(self.wscale).add_(bias)).to(x2.dtype)
-        # CPU: the fp32 output overwrites the int32 product in place (same size, element for element;
-        # a fresh (M, N) buffer costs page faults comparable to the rescale), a cache-sized row block
-        # at a time so the second pass reads from cache.
+        return self._rescale(acc, sx, x2.dtype)
+
+    def _rescale(self, acc: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``acc * s_x * s_w + b`` in two passes per row block: the fp32 ``acc * s_x`` overwrites the
+        int32 product in place (same size, element for element: no fresh (M, N) buffer and its page
+        faults), then one ``addcmul`` applies ``s_w`` and the bias and writes the output dtype."""
         y = acc.view(torch.float32)
-        rows = max(1, quantizers.CPU_CHUNK_BYTES // (4 * y.shape[1]))
-        for start in range(0, y.shape[0], rows):
-            block, sx_block = y[start:start + rows], sx if sx.dim() == 0 else sx[start:start + rows]
-            torch.mul(acc[start:start + rows], sx_block, out=block)
-            if bias is None:
-                block.mul_(self.wscale)
+        out = y if dtype == torch.float32 else torch.empty(y.shape, dtype=dtype, device=y.device)
+        for block in quantizers.row_blocks(y.shape[0], y.shape[1], y.device):
+            yb, ob = y[block], out[block]
+            torch.mul(acc[block], sx if sx.dim() == 0 else sx[block], out=yb)
+            if self.bias is None:
+                torch.mul(yb, self.wscale, out=ob)
             else:
-                torch.addcmul(bias, block, self.wscale, out=block)
-        return y.to(x2.dtype)
+                torch.addcmul(self.bias, yb, self.wscale, out=ob)
+        return out
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
