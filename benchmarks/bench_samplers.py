@@ -87,6 +87,21 @@ def moments() -> bool:
             rmean, rvar = err(raw(oracle, x1.clone(), sigmas=sigmas, noise_sampler=noise, disable=True))
             line += f"   A1111 unpatched {rmean:+.3f} {rvar:+.3f}"
         print(line)
+    smin = float(flow.shift_time(flow.T_MIN))  # DPM fast / adaptive take A1111's range, not a schedule
+    ranged = {"DPM fast": lambda: S.in_edm_space(ks.sample_dpm_fast)(
+                  oracle, x1.clone(), sigma_min=smin, sigma_max=1.0, n=NOISE_STEPS, eta=1.0, noise_sampler=noise,
+                  disable=True),
+              "DPM adaptive": lambda: S.in_edm_space(ks.sample_dpm_adaptive)(
+                  oracle, x1.clone(), sigma_min=smin, sigma_max=1.0, eta=1.0, noise_sampler=noise, disable=True),
+              # LCM's model is a consistency function (the ODE end point map), exact at any step count: 8 here
+              "LCM (8 steps)": lambda: S.sample_flow_lcm(
+                  lambda x, s, **_: oracle.endpoint(x, s.reshape(-1, 1)), x1.clone(), sigmas=flow.shifted(8).double(),
+                  noise_sampler=noise, disable=True)}
+    for name, run in ranged.items():
+        mean, var = err(run())
+        good = abs(mean) < MEAN_TOL and abs(var) < VAR_TOL
+        ok &= good
+        print(f"{name:14s} flow-correct {mean:+.3f} {var:+.3f} {'ok' if good else 'FAIL'}")
     return ok
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma, half_log_snr
+from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma, half_log_snr, shifted
 from lib_sd3.nan_guard import NanGuard
 
 EDM_CAP = 1e-4
@@ -70,6 +70,45 @@ def _iter(n: int, disable: bool | None):
 # Any k-diffusion sampler, run in EDM space
 
 
+DPM_ADAPTIVE_START = 14.6146 / (1 + 14.6146)
+"""Where DPM adaptive starts after the exact first step from pure noise: SD1.5's sigma_max (14.6) as a flow
+level (s = 0.936). Its step control (h_init = 0.05 in log sigma, rtol relative to |x|) was tuned from there;
+from sigma_edm ~ 1e4 the relative tolerance is 1e4 times the data and early errors go unseen."""
+
+
+def first_exact_level(kwargs: dict[str, Any], end: float) -> float | None:
+    """The level an exact flow step from pure noise goes to before an EDM-space sampler takes over, or None.
+
+    A schedule: its second level (if another step follows). DPM fast (a range and n model calls): the second
+    level of the model's own n-step schedule, so that n - 1 calls remain and the step shrinks as n grows.
+    DPM adaptive (a range only): :data:`DPM_ADAPTIVE_START`.
+    """
+    if "sigmas" in kwargs:
+        sigmas = kwargs["sigmas"]
+        return float(sigmas[1]) if len(sigmas) > 2 else None
+    level = float(shifted(int(kwargs["n"]), end)[1]) if "n" in kwargs else DPM_ADAPTIVE_START
+    return level if level > end else None
+
+
+def exact_first_step(model, x: torch.Tensor, s: float, s_next: float, extra_args: dict[str, Any],
+                     second_order: bool, callback, eta: float, s_noise: float,
+                     noise: NoiseSampler) -> torch.Tensor:
+    """The flow DDIM step from s (pure noise) to s_next with the sampler's eta, counted as step 0.
+
+    ``second_order``: the sampler calls the model twice per step, so this step does too (a trapezoid in
+    rho = 1/s between s and s_next, as PLMS's first step), and the call count stays A1111's.
+    """
+    level = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+    denoised = model(x, level, **extra_args)
+    if second_order:
+        x_pred = s_next / s * x + (1 - s_next / s) * denoised
+        denoised = (denoised + model(x_pred, torch.full_like(level, s_next), **extra_args)) / 2
+    if callback is not None:
+        callback({"x": x, "i": 0, "sigma": level[0], "sigma_hat": level[0], "denoised": denoised})
+    next_level = torch.full_like(level[:1], s_next)[0]
+    return ddim_step(x, s, s_next, denoised, denoised, eta, lambda _a, _b: s_noise * noise(level[0], next_level))
+
+
 def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = False) -> Callable[..., torch.Tensor]:
     """Wrap a VE/EDM k-diffusion sampler so that it samples a flow model exactly.
 
@@ -89,20 +128,40 @@ def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = Fals
         if args:
             raise TypeError(f"{sampler.__name__} in EDM space takes sigmas and the rest by keyword")
         top = 1.0 - EDM_CAP
-        given = kwargs.get("sigmas")
-        from_pure_noise = given is not None and float(given[0]) >= top
-        if "sigmas" in kwargs:
-            flow = kwargs["sigmas"].clamp(max=top)
-            kwargs["sigmas"] = flow_to_edm_sigma(flow)
-            start, end = float(flow[0]), float(flow[-1])
-        else:  # DPM fast / adaptive take a range instead of a schedule
-            start, end = min(float(kwargs["sigma_max"]), top), float(kwargs["sigma_min"])
-            kwargs["sigma_max"], kwargs["sigma_min"] = flow_to_edm_sigma(start), flow_to_edm_sigma(end)
+        scheduled = "sigmas" in kwargs
+        first = float(kwargs["sigmas"][0]) if scheduled else float(kwargs["sigma_max"])
+        end = float(kwargs["sigmas"][-1]) if scheduled else float(kwargs["sigma_min"])
         flow_noise = kwargs.get("noise_sampler")
         if flow_noise is not None:  # e.g. A1111's Brownian tree, built over flow levels
             kwargs["noise_sampler"] = lambda s, s_next: flow_noise(edm_to_flow_sigma(s), edm_to_flow_sigma(s_next))
-
         dtype = x.dtype
+
+        target = first_exact_level(kwargs, end) if first >= top else None
+        if target is not None:
+            # From pure noise (s = 1, sigma_edm = inf) no EDM step is well posed: a midpoint or multistep
+            # method would extrapolate across ~1e4 in sigma, and DPM fast / adaptive would spend their
+            # log-sigma steps on (or measure their error against) a state ~1e4 times the latent. The first
+            # step is the exact flow one instead (DDIM with the sampler's eta: fresh noise for ancestral
+            # samplers), the rest runs in EDM space.
+            first_noise = flow_noise if flow_noise is not None else (lambda _s, _s_next: seeded_randn_like(x))
+            x = exact_first_step(model, x, first, target, extra_args or {}, second_order, callback,
+                                 kwargs.get("eta", eta_default), kwargs.get("s_noise", 1.0), first_noise)
+            if scheduled:
+                kwargs["sigmas"] = kwargs["sigmas"][1:]
+            else:
+                kwargs["sigma_max"] = target
+                if "n" in kwargs:
+                    kwargs["n"] = kwargs["n"] - 1
+            callback = (lambda info, outer=callback: outer({**info, "i": info["i"] + 1})) if callback else None
+
+        work = edm_dtype(x)
+        if scheduled:
+            flow = kwargs["sigmas"].clamp(max=top)
+            kwargs["sigmas"] = flow_to_edm_sigma(flow).to(work)
+            start = float(flow[0])
+        else:
+            start = min(float(kwargs["sigma_max"]), top)
+            kwargs["sigma_max"], kwargs["sigma_min"] = flow_to_edm_sigma(start), flow_to_edm_sigma(end)
 
         def edm_model(x_edm, sigma, **model_kwargs):
             sigma_b = sigma.reshape(-1, *([1] * (x_edm.ndim - 1)))
@@ -118,27 +177,6 @@ def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = Fals
                 out["sigma_hat"] = edm_to_flow_sigma(level)
             callback(out)
 
-        work = edm_dtype(x)
-        if from_pure_noise and len(flow) > 2:
-            # From pure noise (s = 1, sigma_edm = inf) no EDM step is well posed: a midpoint or multistep
-            # method would extrapolate across ~1e4 in sigma. The first step is the exact flow one instead
-            # (DDIM with the sampler's eta: fresh noise for ancestral samplers), the rest runs in EDM space.
-            eta = kwargs.get("eta", eta_default)
-            denoised = model(x, given[:1].to(dtype).expand(x.shape[0]), **(extra_args or {}))
-            if second_order:  # trapezoid in rho = 1/s between s = 1 and s_1, as PLMS's first step
-                x_pred = float(flow[1]) * x + (1 - float(flow[1])) * denoised
-                denoised = (denoised + model(x_pred, flow[1:2].to(dtype).expand(x.shape[0]), **(extra_args or {}))) / 2
-            if callback is not None:
-                callback({"x": x, "i": 0, "sigma": given[0], "sigma_hat": given[0], "denoised": denoised})
-            s_noise = kwargs.get("s_noise", 1.0)
-            first_noise = flow_noise if flow_noise is not None else (lambda _s, _s_next: seeded_randn_like(x))
-            x = ddim_step(x, 1.0, float(flow[1]), denoised, denoised, eta,
-                          lambda a, b: s_noise * first_noise(given[0], given[1]))
-            flow, start = flow[1:], float(flow[1])
-            kwargs["sigmas"] = flow_to_edm_sigma(flow)
-            callback = (lambda info, outer=callback: outer({**info, "i": info["i"] + 1})) if callback else None
-        if "sigmas" in kwargs:
-            kwargs["sigmas"] = kwargs["sigmas"].to(work)
         x_edm = x.to(work) / (1 - start)
         out = sampler(edm_model, x_edm, extra_args=extra_args, callback=edm_callback if callback else None,
                       disable=disable, **kwargs)
@@ -212,6 +250,26 @@ def sample_flow_ddim_cfgpp(model, x, sigmas, extra_args=None, callback=None, dis
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = ddim_step(x, s, s_next, denoised, uncond, eta, lambda a, b: s_noise * noise_sampler(a, b))
+    return x
+
+
+@torch.no_grad()
+def sample_flow_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """LCM's multistep sampling (Luo et al. 2023) on flow levels: denoise, then re-noise to the next level.
+
+    A consistency model's output is a sample of the data, so (1 - s') D + s' z with fresh z is exactly
+    distributed as the flow marginal at s'. A1111's LCM re-noises with D + s' z, the VE form, which on
+    a flow model leaves the signal at the wrong scale (and its denoiser class only knows SD1.5's eps model).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _noise_sampler(x, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in _iter(len(sigmas) - 1, disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        s_next = float(sigmas[i + 1])
+        x = (1 - s_next) * denoised + s_next * noise_sampler(sigmas[i], sigmas[i + 1]) if s_next > 0 else denoised
     return x
 
 

@@ -9,7 +9,8 @@ models/sd3/sd3_model.py, in the two states that differ:
 
 Only the behaviour the adapter depends on is reproduced: how sigmas are requested from a scheduler
 (keyword arguments, ``need_inner_model``), how sampler kwargs are chosen by signature, img2img's
-start latent and "Extra noise", and the timestep samplers' integer-timestep DDIM.
+start latent and "Extra noise", the timestep samplers' integer-timestep DDIM, and LCM's sampler class
+(sd_samplers_lcm, the same in both states), whose SD1.5 denoiser fails on SD3 as the real one does.
 """
 
 from __future__ import annotations
@@ -300,6 +301,33 @@ def install(webui, state: str, oracle, uncond_oracle=None) -> FakeSD3Model:
             extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale}
             return self.func(self.model_wrap_cfg, x, timesteps=timesteps, extra_args=extra, disable=True, **kwargs)
 
+    def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+        """A1111's sd_samplers_lcm.sample_lcm: denoise, then D + s' z (the VE re-noise)."""
+        for i in range(len(sigmas) - 1):
+            x = model(x, sigmas[i] * x.new_ones([x.shape[0]]), **extra_args)
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * torch.randn_like(x)
+        return x
+
+    class LCMCompVisDenoiser:
+        """A1111's LCM denoiser: SD1.5's eps model over 50 of its alphas_cumprod, on ``model.device``."""
+
+        def __init__(self, model):
+            self.alphas_cumprod = torch.zeros(50, device=model.device)  # SD3Inferencer has no .device
+
+    class CFGDenoiserLCM(CFGDenoiser):
+        @property
+        def inner_model(self):  # an AttributeError inside reads as "object has no attribute 'inner_model'"
+            if self.model_wrap is None:
+                self.model_wrap = LCMCompVisDenoiser(shared.sd_model)
+            return self.model_wrap
+
+    class LCMSampler(KDiffusionSampler):
+        def __init__(self, funcname, sd_model, options=None):
+            super().__init__(funcname, sd_model, options)
+            self.model_wrap_cfg = CFGDenoiserLCM(self)
+            self.model_wrap = self.model_wrap_cfg.inner_model
+
     timestep_samplers = [("DDIM", timestep_ddim, {}), ("PLMS", timestep_ddim, {}), ("UniPC", timestep_ddim, {})]
     if state == "dev":
         timestep_samplers.insert(1, ("DDIM CFG++", timestep_ddim, {}))
@@ -307,6 +335,7 @@ def install(webui, state: str, oracle, uncond_oracle=None) -> FakeSD3Model:
                     for label, f, options in K_SAMPLERS]
     all_samplers += [SamplerData(label, lambda model, f=f: CompVisSampler(f, model), [], options)
                      for label, f, options in timestep_samplers]
+    all_samplers += [SamplerData("LCM", lambda model: LCMSampler(sample_lcm, model), ["k_lcm"], {})]
     samplers_map = {s.name: s for s in all_samplers}
 
     def find_sampler_config(name):

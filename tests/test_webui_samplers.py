@@ -12,7 +12,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 NAMES = [p.name for p in feature.PATCHES]
 STOCHASTIC = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "DPM2 a",
-              "DPM fast", "DPM adaptive"}
+              "DPM fast", "DPM adaptive", "LCM"}
 GUIDED = {"DDIM CFG++"}  # renoises with the unconditional prediction: not the conditional ODE's end point
 
 
@@ -187,3 +187,27 @@ def test_nan_guard_recovery_goes_into_the_infotext(webui):
     _, out = txt2img(webui, "DDIM", p)
     assert torch.isfinite(out).all()
     assert p.extra_generation_params["SD3 NaN recovery"].endswith("recovered (bf16 autocast)")
+
+
+def test_lcm_runs_on_sd3_in_flow_form(webui, monkeypatch):
+    """A1111's LCMSampler builds an SD1.5 eps denoiser and fails on SD3 ("'CFGDenoiserLCM' object has no
+    attribute 'inner_model'"); with the flow samplers it runs the flow LCM on SD3's own denoiser."""
+    from lib_sd3 import samplers as flow_samplers
+
+    p = load_sd3(webui, flow_on=False, p=FakeP(steps=4))
+    with pytest.raises(AttributeError, match="inner_model"):
+        txt2img(webui, "LCM", p)  # flow samplers off: A1111's own behaviour, the bug
+    z = torch.full((64, 4), 0.5)
+    monkeypatch.setattr(flow_samplers, "seeded_randn_like", lambda x: z.to(x))
+    p = load_sd3(webui, p=FakeP(steps=4))
+    webui.model.calls.clear()
+    noise, out = txt2img(webui, "LCM", p)
+    from modules import sd_samplers
+
+    sigmas = sd_samplers.create_sampler("LCM", webui.model).get_sigmas(p, 4)
+    assert float(sigmas[0]) == 1.0 and len(webui.model.calls) == 2 * 4  # cond + uncond per step
+    d0 = webui.oracle(noise.double(), sigmas[:1].double()).float()  # cfg_scale 1: the conditional x0
+    s1 = float(sigmas[1])
+    assert torch.allclose(webui.model.calls[2], (1 - s1) * d0 + s1 * z, atol=1e-5)  # flow re-noise, not D + s' z
+    assert torch.isfinite(out).all()
+    assert p.extra_generation_params["SD3 flow sampler"] == "LCM -> flow LCM"

@@ -3,7 +3,8 @@
 Three sd3_only patches (SD1.5 / SDXL keep A1111's original functions, the registry undoes them):
 
 - ``sd_samplers.create_sampler``: DDIM, DDIM CFG++, PLMS and UniPC (A1111's timestep samplers, which
-  feed SD3 integer timesteps and read x0 as eps) become k-diffusion samplers running our flow forms;
+  feed SD3 integer timesteps and read x0 as eps) and LCM (whose denoiser class is SD1.5's) become
+  k-diffusion samplers running our flow forms;
   every noise-injecting k-diffusion sampler runs in EDM space, where its VE noise formulas are exact;
   the deterministic ones (Euler, Heun, LMS, DPM2, DPM++ 2M) are already right and stay as they are.
 - ``sd_schedulers`` functions: every scheduler in the dropdown returns flow levels in (0, 1], with
@@ -40,8 +41,11 @@ TIMESTEP_ROUTES: dict[str, Callable[..., Any]] = {
     "DDIM CFG++": flow_samplers.sample_flow_ddim_cfgpp,
     "PLMS": flow_samplers.sample_flow_plms,
     "UniPC": flow_samplers.sample_flow_unipc,
+    "LCM": flow_samplers.sample_flow_lcm,
 }
-"""A1111's timestep samplers and the flow sampler each one runs on SD3."""
+"""A1111's samplers whose own code cannot drive SD3, and the flow sampler each one runs on SD3 instead: the
+timestep samplers, and LCM, whose denoiser class (CFGDenoiserLCM -> LCMCompVisDenoiser) is SD1.5's eps
+model and fails on SD3 with "'CFGDenoiserLCM' object has no attribute 'inner_model'"."""
 
 MODEL_SCHEDULE = "model's own shifted schedule"
 """Infotext for "Automatic" without a scheduler option: A1111 takes the model's 1000 flow levels."""
