@@ -23,11 +23,14 @@ SKIP_NOTE = "IC-Light: skipped (SD3 model)"
 """The infotext entry the README promises for an enabled IC-Light with SD3 loaded."""
 OLD_FAILURE = "AssertionError"
 NEW_FAILURE = "MMDiT.forward() got multiple values"
-IC_LIGHT_WORDS = ("ic_light", "iclight", "ic light", "modelpatcher", "model_patcher")
+IC_LIGHT_WORDS = ("ic_light", "ic-light", "iclight", "ic light", "modelpatcher", "model_patcher", "model-patcher")
+GIT_METADATA = "*** Failed reading extension data from Git repository"
+"""A1111 reading an extension's git remote and branch; a detached or remote-less checkout logs this, harmlessly."""
 
 
 def _iclight_blocks(log: str) -> list[str]:
-    return [block for block in tracebacks_in(log) if any(word in block.lower() for word in IC_LIGHT_WORDS)]
+    return [block for block in tracebacks_in(log)
+            if any(word in block.lower() for word in IC_LIGHT_WORDS) and not block.startswith(GIT_METADATA)]
 
 
 def _assert_clean(log: str) -> None:
