@@ -48,6 +48,7 @@ def test_real_iclight_loads_and_is_wrapped(webui):
     name = find_feature(status, "iclight")
     assert name is not None, f"no IC-Light feature in /sd3/status: {sorted(status.get('features', {}))}"
     feature = status["features"][name]
+    assert feature["patches"] == {"iclight.hooks": "applied"}, feature
     shapes = {script["shape"] for script in feature["iclight_scripts"]}
     assert shapes == {EXPECTED_SHAPE[webui.variant].value}, feature
     assert len(feature["iclight_scripts"]) == 2, f"one IC-Light per tab (txt2img, img2img) expected: {feature}"
