@@ -13,6 +13,12 @@ is skipped. Per state, one session fixture:
 3. starts a T5 mirror on 127.0.0.1 and A1111 on 127.0.0.1 with ``--api`` on the CPU, waits for the
    model, runs the cases, stops A1111 and the mirror, removes the data dir, and checks that the
    checkout's ``git status`` is what it was before.
+
+Cases that ask for ``webui`` with a ``"<state>:<variant>"`` param (:func:`real_iclight_params`) get their
+own server of that state whose ``extensions/`` holds, instead of the stand-ins, the contributor's own
+checkouts of the real IC-Light and sd-webui-model-patcher (``SD3_TEST_ICLIGHT_OLD`` /
+``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; unset, those cases are skipped.
+``webui`` is one session fixture, so pytest stops one server before it starts the next.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from webui_support import T5_FILE, T5_REPO
+from webui_support import (
+    MODEL_PATCHER_VAR,
+    REAL_ICLIGHT,
+    STATES,
+    T5_FILE,
+    T5_REPO,
+    configured_states,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-STATES = {"dev": "WEBUI_ROOT", "early": "WEBUI_ROOT_EARLY"}
-"""State name -> environment variable naming its checkout."""
 START_TIMEOUT_S = 240.0
 """Server start plus model load; ~25 s measured on this 2-core machine, generous for a loaded one."""
 STOP_TIMEOUT_S = 30.0
@@ -50,8 +61,23 @@ LAUNCH_FLAGS = (
 )
 
 
-def configured_states() -> list[str]:
-    return [state for state, var in STATES.items() if os.environ.get(var)]
+REAL_ICLIGHT_FOLDERS = {"iclight": "sd-forge-ic-light", "patcher": "sd-webui-model-patcher"}
+"""Folder names of the real IC-Light and model patcher in ``extensions/``: what "Install from URL" names them."""
+
+
+def _real_iclight_links(variant: str) -> dict[str, Path]:
+    """Folder in ``extensions/`` -> the contributor's checkout; skips when a variable is unset."""
+    wanted = {REAL_ICLIGHT_FOLDERS["iclight"]: REAL_ICLIGHT[variant], REAL_ICLIGHT_FOLDERS["patcher"]: MODEL_PATCHER_VAR}
+    unset = [var for var in wanted.values() if not os.environ.get(var)]
+    if unset:
+        pytest.skip(f"real IC-Light ({variant}) is opt-in: set {' and '.join(unset)} to checkouts you made")
+    links = {folder: Path(os.environ[var]).resolve() for folder, var in wanted.items()}
+    expected = {REAL_ICLIGHT_FOLDERS["iclight"]: "scripts/ic_light_script.py",
+                REAL_ICLIGHT_FOLDERS["patcher"]: "lib_modelpatcher/model_patcher.py"}
+    for folder, path in links.items():
+        if not (path / expected[folder]).is_file():
+            pytest.fail(f"{wanted[folder]}={path} is not a {folder} checkout (no {expected[folder]})")
+    return links
 
 
 RUN_LAST = ("test_real_t5_fetch.py",)
@@ -67,8 +93,10 @@ def pytest_collection_modifyitems(config, items):
         index, item = indexed
         if not Path(str(item.fspath)).resolve().is_relative_to(HERE):
             return (0, 0, 0, index)
-        state = getattr(item, "callspec", None) and item.callspec.params.get("webui")
-        return (1, order.index(state) if state in order else -1, Path(str(item.fspath)).name in RUN_LAST, index)
+        param = getattr(item, "callspec", None) and item.callspec.params.get("webui") or ""
+        state, _, variant = param.partition(":")
+        return (1, order.index(state) if state in order else -1, variant,
+                Path(str(item.fspath)).name in RUN_LAST, index)
 
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(HERE):
@@ -216,6 +244,8 @@ class WebUI:
     mirror: Mirror
     process: subprocess.Popen
     t5_config: dict
+    variant: str = ""
+    """Empty with the stand-in IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout."""
 
     def mark(self) -> int:
         """Where the server log ends now; pass to :meth:`log_since` to read what a case caused."""
@@ -283,7 +313,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(STOP_TIMEOUT_S)
 
 
-def _make_data_dir(data_dir: Path, assets: Path) -> None:
+def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) -> None:
     models = data_dir / "models"
     models.mkdir(parents=True)
     for name in ("Stable-diffusion", "VAE-approx"):
@@ -295,9 +325,13 @@ def _make_data_dir(data_dir: Path, assets: Path) -> None:
     extensions.mkdir()
     (extensions / "sd-webui-sd3").symlink_to(REPO, target_is_directory=True)
     shutil.copytree(HERE / "support_extension", extensions / "sd3-test-support")
-    # "new" sorts before "old": the API's alwayson_scripts {"IC Light": ...} reaches the first one.
-    shutil.copytree(HERE / "standins" / "iclight_new", extensions / "sd3-test-iclight-a-new")
-    shutil.copytree(HERE / "standins" / "iclight_old", extensions / "sd3-test-iclight-b-old")
+    if real_iclight:  # the contributor's checkouts, linked (never copied, never into the A1111 checkout)
+        for folder, checkout in real_iclight.items():
+            (extensions / folder).symlink_to(checkout, target_is_directory=True)
+    else:
+        # "new" sorts before "old": the API's alwayson_scripts {"IC Light": ...} reaches the first one.
+        shutil.copytree(HERE / "standins" / "iclight_new", extensions / "sd3-test-iclight-a-new")
+        shutil.copytree(HERE / "standins" / "iclight_old", extensions / "sd3-test-iclight-b-old")
     # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
     # before it sees a download start by itself.
     (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),
@@ -353,21 +387,24 @@ def _start_float(url: str) -> None:
 
 @pytest.fixture(scope="session", params=configured_states() or ["unset"])
 def webui(request, tmp_path_factory):
-    state = request.param
+    state, _, variant = request.param.partition(":")
     if state == "unset":
         pytest.skip("real-WebUI suite is opt-in: set WEBUI_ROOT (A1111 dev) and/or WEBUI_ROOT_EARLY (34b4443c)")
+    real_iclight = _real_iclight_links(variant) if variant else {}
     root = Path(os.environ[STATES[state]]).resolve()
     if not (root / "launch.py").exists() or not (root / "modules" / "models" / "sd3").is_dir():
         pytest.fail(f"{state}: {root} is not an SD3-capable A1111 checkout")
     python = _webui_python(state, root)
-    before = _git_status(root)
+    checkouts = [root, *real_iclight.values()]
+    before = {path: _git_status(path) for path in checkouts}
     started = time.monotonic()
     assets = build_assets(state, root, python)
     manifest = json.loads((assets / "manifest.json").read_text())
     t5_config = json.loads((assets / "t5-reduced" / "config.json").read_text())
-    data_dir = tmp_path_factory.mktemp(f"webui-data-{state}")
-    _make_data_dir(data_dir, assets)
-    log_path = tmp_path_factory.mktemp(f"webui-log-{state}") / "server.log"
+    label = f"{state}-{variant}" if variant else state
+    data_dir = tmp_path_factory.mktemp(f"webui-data-{label}")
+    _make_data_dir(data_dir, assets, real_iclight)
+    log_path = tmp_path_factory.mktemp(f"webui-log-{label}") / "server.log"
     port = _free_port()
     with t5_mirror(assets, manifest) as mirror:
         env = dict(os.environ)
@@ -393,18 +430,19 @@ def webui(request, tmp_path_factory):
             if "[sd3-test-support]" not in log_path.read_text(errors="replace"):
                 pytest.fail(f"{state}: the test-support extension did not load:\n{log_path.read_text()[-4000:]}")
             _start_float(f"http://127.0.0.1:{port}")
-            print(f"\n[webui {state}] {root}: assets+start {time.monotonic() - started:.1f} s "
+            print(f"\n[webui {label}] {root}: assets+start {time.monotonic() - started:.1f} s "
                   f"(server ready {ready:.1f} s); T5 tokenizer is a small stand-in sentencepiece model, "
                   f"so T5 counts are not real T5's; T5 weights are reduced to {t5_config}")
             yield WebUI(state=state, root=root, url=f"http://127.0.0.1:{port}", log_path=log_path,
                         data_dir=data_dir, assets=assets, manifest=manifest, mirror=mirror, process=process,
-                        t5_config=t5_config)
+                        t5_config=t5_config, variant=variant)
         finally:
             _stop(process)
             keep = os.environ.get("WEBUI_KEEP_LOG")
             if keep:
-                shutil.copy(log_path, Path(keep) / f"server-{state}.log")
+                shutil.copy(log_path, Path(keep) / f"server-{label}.log")
             shutil.rmtree(data_dir, ignore_errors=True)
-    after = _git_status(root)
-    if before != after:
-        pytest.fail(f"{state}: the checkout changed during the run:\nbefore:\n{before}\nafter:\n{after}")
+    for path in checkouts:
+        after = _git_status(path)
+        if before[path] != after:
+            pytest.fail(f"{label}: {path} changed during the run:\nbefore:\n{before[path]}\nafter:\n{after}")

@@ -6,10 +6,27 @@ import base64
 import contextlib
 import io
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
+
+STATES = {"dev": "WEBUI_ROOT", "early": "WEBUI_ROOT_EARLY"}
+"""State name -> environment variable naming its A1111 checkout."""
+REAL_ICLIGHT = {"iclight-old": "SD3_TEST_ICLIGHT_OLD", "iclight-new": "SD3_TEST_ICLIGHT_NEW"}
+"""Variant -> variable naming a checkout of huchenlei/sd-forge-ic-light (old: 8c2963e, new: ff82902)."""
+MODEL_PATCHER_VAR = "SD3_TEST_MODEL_PATCHER"
+"""Names a checkout of huchenlei/sd-webui-model-patcher, which IC-Light's A1111 backend imports."""
+
+
+def configured_states() -> list[str]:
+    return [state for state, var in STATES.items() if os.environ.get(var)]
+
+
+def real_iclight_params() -> list[str]:
+    """``webui`` params for the real-IC-Light cases: one ``"<state>:<variant>"`` per state and variant."""
+    return [f"{state}:{variant}" for state in configured_states() or ["unset"] for variant in REAL_ICLIGHT]
 
 T5_REPO = "AUTOMATIC/stable-diffusion-3-medium-text-encoders"
 T5_FILE = "t5xxl_fp16.safetensors"
