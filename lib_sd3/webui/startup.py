@@ -37,24 +37,25 @@ def _load_features() -> None:
                 log.warning("feature %s disabled: %r", name.rsplit(".", 1)[-1], error)
 
 
+def _run_each(callbacks: list, *args: object, what: str) -> None:
+    """Call every feature's hook; one failing feature is logged and must not stop the others."""
+    for callback in callbacks:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("%s hook %s failed", what, getattr(callback, "__qualname__", callback))
+
+
 def on_model_loaded(sd_model: object) -> None:
     """Apply SD3-only patches exactly while an SD3 model is loaded; put A1111 back otherwise."""
     REGISTRY.sync(model_is_sd3(sd_model))
-    for callback in hooks.MODEL_LOADED:
-        try:
-            callback(sd_model)
-        except Exception:
-            log.exception("model-loaded hook %s failed", getattr(callback, "__name__", callback))
+    _run_each(hooks.MODEL_LOADED, sd_model, what="model-loaded")
 
 
 def on_app_started(_demo: object, app: object) -> None:
     """Mount our routes, then run the features' hooks that need A1111's finished UI / script runners."""
     routes.mount(app)
-    for callback in hooks.APP_STARTED:
-        try:
-            callback()
-        except Exception:
-            log.exception("app-started hook %s failed", getattr(callback, "__name__", callback))
+    _run_each(hooks.APP_STARTED, what="app-started")
 
 
 def install() -> None:
@@ -67,10 +68,6 @@ def install() -> None:
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
-    for register in hooks.INSTALL:
-        try:
-            register(script_callbacks)
-        except Exception:
-            log.exception("registering callbacks of %s failed", getattr(register, "__module__", register))
+    _run_each(hooks.INSTALL, script_callbacks, what="install")
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())
