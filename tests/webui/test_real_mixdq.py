@@ -61,15 +61,18 @@ def _ui_pick(page, elem_id: str, value: str) -> None:
     page.wait_for_function("([id, v]) => document.querySelector(`#${id} input`).value === v", arg=[elem_id, value])
 
 
+INFO_JS = "() => [...new Set([...document.querySelectorAll('#html_info_txt2img')].map(e => e.innerText || ''))].join('\\n')"
+"""Gradio 3.41 gives both the block and its inner div the id ``html_info_txt2img``: read them all."""
+
+
 def _ui_generate(page) -> str:
-    """Click Generate on a 64x64, 4-step txt2img and return the generation info A1111 then shows."""
-    info = page.locator("#html_info_txt2img")
-    before = info.inner_text()
+    """Click Generate and return the generation info A1111 then shows under the image."""
+    before = page.evaluate(INFO_JS)
     page.locator("#txt2img_generate").click()
-    page.wait_for_function("b => { const t = document.querySelector('#html_info_txt2img').innerText;"
-                           " return t !== b && t.includes('Steps:'); }", arg=before, timeout=300_000)
+    page.wait_for_function(f"b => {{ const t = ({INFO_JS})(); return t !== b && t.includes('Steps:'); }}",
+                           arg=before, timeout=300_000)
     page.wait_for_selector("#txt2img_gallery img", state="visible")
-    return info.inner_text()
+    return page.evaluate(INFO_JS)
 
 
 def test_mixdq_ui_toggle(webui):
