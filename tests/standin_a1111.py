@@ -40,6 +40,10 @@ class Script:
     args_to = None
     alwayson = False
     tabname = None
+    is_txt2img = False
+    is_img2img = False
+    infotext_fields = None
+    paste_field_names = None
 
     def title(self):
         raise NotImplementedError

@@ -7,6 +7,7 @@ import types
 
 import pytest
 from conftest import ROOT
+from standin_a1111 import Script
 
 from lib_sd3 import LOGGER_NAME
 from lib_sd3.webui import hooks, script_args, settings, startup
@@ -55,28 +56,6 @@ class StableDiffusionModelHijack:
 
 def _helper():
     return "original"
-
-
-class Script:
-    """Like A1111's ``modules.scripts.Script``: the attributes A1111 sets and the hooks' defaults."""
-
-    filename = None
-    args_from = None
-    args_to = None
-    alwayson = False
-    is_txt2img = False
-    is_img2img = False
-    infotext_fields = None
-    paste_field_names = None
-
-    def title(self):
-        raise NotImplementedError
-
-    def show(self, is_img2img):
-        return True
-
-    def ui(self, is_img2img):
-        return []
 
 
 @pytest.fixture
