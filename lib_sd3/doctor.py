@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_sd3 import known_files, sd3_state, targets
+from lib_sd3.hub_cache import hub_cache_dir
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -174,20 +175,6 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
 
 
 # --- tokenizer caches ---------------------------------------------------------------------------
-
-def hub_cache_dir(env: Mapping[str, str], home: Path) -> Path:
-    """The folder ``from_pretrained`` caches Hub downloads in, by the env vars transformers honours.
-
-    TRANSFORMERS_CACHE first: A1111's transformers 4.30 reads it before the hub's own variables.
-    """
-    for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(env[var]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else home / ".cache"
-    return xdg / "huggingface" / "hub"
-
 
 def _subfolders(folder: Path) -> list[Path]:
     """Sorted sub-folders; none when ``folder`` is missing or unreadable (the doctor reports, never crashes)."""

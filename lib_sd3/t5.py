@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
 
 MODES = ("auto", "fp16", "fp8", "off")
@@ -184,17 +185,6 @@ def parameter_bytes(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------- tokenizers
-def hub_cache_dir() -> Path:
-    """Where transformers' ``from_pretrained`` looks: huggingface_hub's own answer, then its defaults."""
-    try:
-        from huggingface_hub import constants
-
-        return Path(constants.HF_HUB_CACHE)
-    except (ImportError, AttributeError):
-        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-        return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
-
-
 def repo_folder(cache: Path, repo: str) -> Path:
     """The Hub cache's folder for a model repo: ``models--org--name``."""
     return Path(cache) / ("models--" + repo.replace("/", "--"))
