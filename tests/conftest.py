@@ -23,3 +23,19 @@ def fake_webui():
     yield webui
     REGISTRY.undo_all()
     webui.close()
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    """CLIP's tokenizer built from open-clip-torch's bundled BPE (tests/tiny_tokenizers.py), once per run."""
+    import tiny_tokenizers
+
+    return tiny_tokenizers.clip_tokenizer(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(tmp_path_factory):
+    """A T5-style tokenizer on a small sentencepiece model trained here, once per run (training takes seconds)."""
+    import tiny_tokenizers
+
+    return tiny_tokenizers.t5_tokenizer(tmp_path_factory.mktemp("t5"))

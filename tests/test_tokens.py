@@ -12,7 +12,6 @@ import math
 import time
 
 import pytest
-import tiny_tokenizers
 
 from lib_sd3 import tokens as T
 
@@ -20,16 +19,6 @@ DEV = T.Rules()
 EARLY = T.Rules(state=T.STATE_EARLY)
 KANGAROO = ('A portrait photo of a kangaroo wearing an orange hoodie and blue sunglasses standing on the grass in front '
             'of the Sydney Opera House holding a sign on the chest that says "WUJIE"!')
-
-
-@pytest.fixture(scope="session")
-def clip_tokenizer(tmp_path_factory):
-    return tiny_tokenizers.clip_tokenizer(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="session")
-def t5_tokenizer(tmp_path_factory):
-    return tiny_tokenizers.t5_tokenizer(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="session")

@@ -13,22 +13,11 @@ import types
 from functools import reduce
 
 import pytest
-import tiny_tokenizers
 
 from lib_sd3 import tokens as lib
 from lib_sd3.webui import hooks, routes
 from lib_sd3.webui import tokens as adapter
 from lib_sd3.webui.registry import REGISTRY
-
-
-@pytest.fixture(scope="module")
-def clip_tokenizer(tmp_path_factory):
-    return tiny_tokenizers.clip_tokenizer(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def t5_tokenizer(tmp_path_factory):
-    return tiny_tokenizers.t5_tokenizer(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="module")
