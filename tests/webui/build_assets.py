@@ -27,7 +27,6 @@ Every tensor comes from a fixed seed, so two builds give identical files.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -217,30 +216,14 @@ def _snapshot(hf_home: Path, repo: str) -> Path:
     return snapshot
 
 
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """OpenAI CLIP's BPE vocabulary, rebuilt the way its ``SimpleTokenizer`` does from the bundled file.
-
-    open-clip-torch ships ``bpe_simple_vocab_16e6.txt.gz``; the first 48,894 merges after the header
-    line are used; the vocab is the 256 byte symbols, the same with ``</w>``, one entry per merge,
-    then the two special tokens: 49,408 entries, as in the Hub's ``vocab.json``.
-    """
-    import open_clip.tokenizer as oct
-
-    path = oct.default_bpe()
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    byte_symbols = list(oct.bytes_to_unicode().values())
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    vocab += ["".join(merge.split()) for merge in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(vocab)}, merges
-
-
 def build_clip_tokenizer(hf_home: Path) -> Path:
+    # vocab.json / merges.txt from open-clip-torch's bundled BPE, by the extension's own derivation (the suite's
+    # oracle is open-clip's SimpleTokenizer, so this is not checked against itself)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lib_sd3.tokens import open_clip_bpe_file, write_clip_vocab
+
     snapshot = _snapshot(hf_home, "openai/clip-vit-large-patch14")
-    vocab, merges = clip_vocab_and_merges()
-    (snapshot / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (snapshot / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_clip_vocab(open_clip_bpe_file(), snapshot)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     (snapshot / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
@@ -271,7 +254,7 @@ def build_t5_tokenizer(hf_home: Path) -> Path:
     import sentencepiece as spm
 
     snapshot = _snapshot(hf_home, "google/t5-v1_1-xxl")
-    vocab, _ = clip_vocab_and_merges()
+    vocab = json.loads((_snapshot(hf_home, "openai/clip-vit-large-patch14") / "vocab.json").read_text(encoding="utf-8"))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_t5_corpus(vocab)), model_writer=model, vocab_size=T5_VOCAB_SIZE,
