@@ -16,7 +16,8 @@ __all__ = ["STATE_DEV", "STATE_EARLY", "STATE_NONE", "a1111_state", "capabilitie
            "sd3_cond_class"]
 
 
-def _module(name: str) -> Any | None:
+def a1111_module(name: str) -> Any | None:
+    """A1111's module ``name``, or None where this WebUI lacks it (or it fails to import)."""
     try:
         return importlib.import_module(name)
     except Exception:  # ImportError, or a module that fails on import in a broken install
@@ -26,7 +27,7 @@ def _module(name: str) -> Any | None:
 def sd3_cond_class() -> type | None:
     """A1111's SD3 text-conditioning class, wherever this state keeps it."""
     for name in ("modules.models.sd3.sd3_cond", "modules.models.sd3.sd3_model"):
-        module = _module(name)
+        module = a1111_module(name)
         if module is not None and hasattr(module, "SD3Cond"):
             return module.SD3Cond
     return None
@@ -39,7 +40,7 @@ def a1111_state() -> str:
 
 
 def loaded_model() -> Any | None:
-    shared = _module("modules.shared")
+    shared = a1111_module("modules.shared")
     return getattr(shared, "sd_model", None) if shared is not None else None
 
 

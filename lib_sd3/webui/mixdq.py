@@ -29,7 +29,7 @@ from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import model as mixdq_model
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import flags, hooks, settings
-from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
+from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("mixdq")
@@ -287,17 +287,8 @@ def build_ui(is_img2img: bool) -> None:
 
 # --- patch: restore before A1111 reloads weights into the same model ---------------------------
 
-def _sd_models() -> Any | None:
-    try:
-        from modules import sd_models
-
-        return sd_models
-    except ImportError:
-        return None
-
-
 def _detect() -> str | None:
-    module = _sd_models()
+    module = a1111_module("modules.sd_models")
     if module is None or not hasattr(module, "load_model_weights"):
         return "modules.sd_models.load_model_weights not found"
     return None
@@ -315,7 +306,7 @@ def _restore_first(original: Any) -> Any:
 
 
 PATCH = Patch.from_swaps("mixdq.load_model_weights", FEATURE, _detect,
-                         lambda: [AttributeSwap(_sd_models(), "load_model_weights", _restore_first)])
+                         lambda: [AttributeSwap(a1111_module("modules.sd_models"), "load_model_weights", _restore_first)])
 
 REGISTRY.add(PATCH)
 hooks.PROCESS.append(process)

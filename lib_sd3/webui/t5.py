@@ -20,7 +20,6 @@ What we do instead:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import threading
 import weakref
@@ -34,7 +33,7 @@ from lib_sd3.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS
 from lib_sd3.nan_guard import NanGuard, first_finite
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.capabilities import model_is_sd3, sd3_cond_class
+from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, sd3_cond_class
 from lib_sd3.webui.flags import flag
 from lib_sd3.webui.registry import REGISTRY
 
@@ -72,13 +71,6 @@ _current_p: weakref.ReferenceType | None = None
 
 
 # --------------------------------------------------------------------------------------- configuration
-def _module(name: str) -> Any | None:
-    try:
-        return importlib.import_module(name)
-    except Exception:
-        return None
-
-
 def requested_mode() -> str:
     """``--sd3-t5``, else the setting. A pasted infotext may set the setting to what a generation
     recorded (``off (downloading 42%)``, ``fp16 (recomputed in bf16)``): its first word is the mode."""
@@ -134,9 +126,9 @@ def infotext_value() -> str:
 # ---------------------------------------------------------------------------------- A1111 shapes used
 def _a1111_t5() -> tuple[Any, dict] | None:
     """(T5XXLModel, T5_CONFIG) from whichever state this A1111 is in, or None."""
-    other = _module("modules.models.sd3.other_impls")
+    other = a1111_module("modules.models.sd3.other_impls")
     for name in ("modules.models.sd3.sd3_cond", "modules.models.sd3.sd3_model"):
-        module = _module(name)
+        module = a1111_module(name)
         if module is not None and hasattr(module, "SD3Cond") and hasattr(module, "T5_CONFIG"):
             if other is not None and hasattr(other, "T5XXLModel"):
                 return other.T5XXLModel, module.T5_CONFIG
@@ -207,7 +199,7 @@ def _load_file_from_url(original):
 
 def _swaps() -> list[AttributeSwap]:
     swaps = [AttributeSwap(sd3_cond_class(), "__init__", _cond_init)]
-    modelloader = _module("modules.modelloader")
+    modelloader = a1111_module("modules.modelloader")
     if modelloader is not None and hasattr(modelloader, "load_file_from_url"):
         swaps.append(AttributeSwap(modelloader, "load_file_from_url", _load_file_from_url))
     return swaps
@@ -275,7 +267,7 @@ def _guard_finite(model: Any) -> None:
     original = model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        target = getattr(_module("modules.devices"), "device", None)
+        target = getattr(a1111_module("modules.devices"), "device", None)
         guard = NanGuard(hint=NAN_HINT, finite=first_finite)  # one per call: its recoveries are this prompt's
         output = guard(original, *args, what="T5", **kwargs)
         if guard.recoveries:
@@ -298,7 +290,7 @@ def _set_t5(cond: Any, model: Any | None, queued: bool = False) -> None:
     """
     from modules import shared
 
-    queue = getattr(_module("modules.call_queue"), "queue_lock", None) if queued else None
+    queue = getattr(a1111_module("modules.call_queue"), "queue_lock", None) if queued else None
     with queue if queue is not None else _lock:
         cond.t5xxl = model
         if hasattr(cond, "model_t5"):
