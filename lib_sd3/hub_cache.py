@@ -25,3 +25,23 @@ def hub_cache_dir(env: Mapping[str, str] = os.environ, home: Path | None = None)
     home = Path.home() if home is None else home
     xdg = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else home / ".cache"
     return xdg / "huggingface" / "hub"
+
+
+def hub_token(env: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+    """The Hub token huggingface_hub would send: ``HF_TOKEN`` (or the older ``HUGGING_FACE_HUB_TOKEN``),
+    else the file ``huggingface-cli login`` saved (``HF_TOKEN_PATH``, else ``$HF_HOME/token``)."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if env.get(var, "").strip():
+            return env[var].strip()
+    if env.get("HF_TOKEN_PATH"):
+        path = Path(env["HF_TOKEN_PATH"]).expanduser()
+    elif env.get("HF_HOME"):
+        path = Path(env["HF_HOME"]).expanduser() / "token"
+    else:
+        home = Path.home() if home is None else home
+        xdg = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else home / ".cache"
+        path = xdg / "huggingface" / "token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

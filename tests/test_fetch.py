@@ -26,6 +26,7 @@ from lib_sd3.fetch import (
     DEFAULT_ENDPOINT,
     FetchCancelled,
     FetchError,
+    FetchOptions,
     FetchOffline,
     FileLock,
     NotEnoughSpace,
@@ -40,7 +41,11 @@ from lib_sd3.known_files import KnownFile
 ROOT = Path(__file__).resolve().parent.parent
 REPO, PATH = "org/text-encoders", "sub dir/t5.safetensors"
 SIZE = 2_000_000
-FAST = {"backoff": 0.01, "timeout": (2.0, 2.0)}
+FAST = {"backoff": 0.01, "timeout": (2.0, 2.0), "auth": None}
+
+
+def opts(**overrides) -> FetchOptions:
+    return FetchOptions(**{**FAST, **overrides})
 
 
 def payload(size: int = SIZE, seed: int = 0) -> bytes:
@@ -97,7 +102,7 @@ def test_endpoint_order_flag_setting_env_then_hub():
 def test_download_verifies_by_best_available_digest(tmp_path, mirror, lfs, source, how):
     mirror.faults.lfs = lfs
     seen = []
-    result = fetch([source], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], progress=seen.append, **FAST)
+    result = fetch([source], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint], progress=seen.append))
     assert (tmp_path / "t5.safetensors").read_bytes() == DATA
     assert result.verified_by == how and result.sha256 == SHA
     assert not (tmp_path / "t5.safetensors.part").exists() and not (tmp_path / "t5.safetensors.lock").exists()
@@ -109,7 +114,7 @@ def test_download_verifies_by_best_available_digest(tmp_path, mirror, lfs, sourc
 def test_dropped_connection_resumes_where_it_stopped(tmp_path, mirror, fraction):
     mirror.faults.drop_at = (fraction,)
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA
     ranged = [r for m, _, r in mirror.requests if m == "GET" and r]
     if fraction * SIZE >= CHUNK_BYTES:  # below one chunk nothing was saved yet: no Range to ask for
@@ -123,7 +128,7 @@ def test_stalled_stream_times_out_and_resumes(tmp_path, mirror):
     mirror.faults.stall_at, mirror.faults.stall_s = (0.5,), 3.0
     dest = tmp_path / "t5.safetensors"
     started = time.monotonic()
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], backoff=0.01, timeout=(1.0, 0.3))
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint], backoff=0.01, timeout=(1.0, 0.3)))
     assert dest.read_bytes() == DATA and time.monotonic() - started < 2.5, "the read timeout cut the stall short"
     assert any(r for m, _, r in mirror.requests if m == "GET" and r), "resumed with a Range"
     assert result.downloaded == SIZE
@@ -132,7 +137,7 @@ def test_stalled_stream_times_out_and_resumes(tmp_path, mirror):
 def test_repeated_drops_still_finish(tmp_path, mirror):
     mirror.faults.drop_at = (0.2, 0.4, 0.6, 0.8)
     dest = tmp_path / "t5.safetensors"
-    fetch([known()], dest, endpoints=[mirror.endpoint], max_attempts=2, **FAST)
+    fetch([known()], dest, opts(endpoints=[mirror.endpoint], max_attempts=2))
     assert dest.read_bytes() == DATA
 
 
@@ -140,7 +145,7 @@ def test_mirror_without_head_still_downloads_and_verifies(tmp_path, mirror):
     mirror.faults.head = False
     mirror.faults.drop_at = (0.5,)
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.verified_by == "table sha256"
 
 
@@ -148,7 +153,7 @@ def test_server_without_range_support_restarts_from_zero(tmp_path, mirror):
     mirror.faults.range = False
     mirror.faults.drop_at = (0.5,)
     dest = tmp_path / "t5.safetensors"
-    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA
     assert mirror.bytes_sent >= SIZE * 1.5 - 1  # half, then all of it again
 
@@ -157,7 +162,7 @@ def test_server_without_range_support_restarts_from_zero(tmp_path, mirror):
 def test_permanent_http_errors_move_to_next_endpoint(tmp_path, mirror, mirror2, status):
     mirror.faults.status = status
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint, mirror2.endpoint]))
     assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
     assert len(mirror.requests) == 1, "a permanent error is not retried"
 
@@ -167,7 +172,7 @@ def test_transient_http_errors_retry_same_endpoint(tmp_path, mirror, status):
     mirror.faults.status, mirror.faults.status_times, mirror.faults.retry_after = status, 2, 0.05
     dest = tmp_path / "t5.safetensors"
     started = time.monotonic()
-    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA
     assert time.monotonic() - started >= 0.1  # Retry-After was honoured twice
 
@@ -176,10 +181,10 @@ def test_persistent_5xx_gives_up_with_manual_path(tmp_path, mirror):
     mirror.faults.status = 503
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(FetchError) as info:
-        fetch([known()], dest, endpoints=[mirror.endpoint], max_attempts=3, **FAST)
-    assert len(mirror.requests) == 4  # 1 + 3 retries, then stop
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint], max_attempts=3))
+    assert len(mirror.requests) == 3  # max_attempts attempts in all, then stop
     message = str(info.value)
-    assert "HTTP 503" in message
+    assert "HTTP 503" in message and "gave up after 3 attempts" in message
     assert resolve_url(mirror.endpoint, REPO, PATH) in message and str(dest) in message and SHA in message
     assert not dest.exists()
 
@@ -187,19 +192,19 @@ def test_persistent_5xx_gives_up_with_manual_path(tmp_path, mirror):
 def test_html_error_page_from_mirror_is_never_saved(tmp_path, mirror, mirror2):
     mirror.faults.html = True
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint, mirror2.endpoint]))
     assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
     mirror2.faults.html = True
     dest.unlink()
     with pytest.raises(FetchError, match="HTML page"):
-        fetch([known()], dest, endpoints=[mirror2.endpoint], **FAST)
+        fetch([known()], dest, opts(endpoints=[mirror2.endpoint]))
     assert not dest.exists()
 
 
 def test_wrong_bytes_deleted_then_next_endpoint(tmp_path, mirror, mirror2, caplog):
     mirror.faults.corrupt = True
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known()], dest, endpoints=[mirror.endpoint, mirror2.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint, mirror2.endpoint]))
     assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
     assert mirror2.requests[-1][2] is None, "the next endpoint starts from zero, not from the bad bytes"
 
@@ -208,7 +213,7 @@ def test_wrong_bytes_everywhere_leaves_nothing(tmp_path, mirror):
     mirror.faults.corrupt = True
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(FetchError, match="digest mismatch"):
-        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert not dest.exists() and not (tmp_path / "t5.safetensors.part").exists()
 
 
@@ -216,40 +221,36 @@ def test_unconfirmed_digest_checked_against_server_etag(tmp_path, mirror):
     mirror.faults.advertise_sha256 = "0" * 64  # the server claims another file
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(FetchError, match="digest mismatch"):
-        fetch([known(confirmed=False)], dest, endpoints=[mirror.endpoint], **FAST)
+        fetch([known(confirmed=False)], dest, opts(endpoints=[mirror.endpoint]))
     assert not dest.exists()
     # A confirmed table digest wins over what a mirror advertises.
-    result = fetch([known(confirmed=True)], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known(confirmed=True)], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.verified_by == "table sha256"
 
 
 def test_server_size_differs_from_table_tries_next_source(tmp_path, mirror):
     mirror.add("other/repo", PATH, DATA[:-10])
     dest = tmp_path / "t5.safetensors"
-    result = fetch([known(repo="other/repo"), known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known(repo="other/repo"), known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and f"/{REPO}/" in result.url
 
 
-def test_truncated_file_at_destination_is_resumed(tmp_path, mirror):
+@pytest.mark.parametrize("theirs", [DATA[:SIZE // 3], DATA + b"more"], ids=["shorter", "longer"])
+def test_other_file_at_destination_is_never_touched(tmp_path, mirror, theirs):
+    """A user's own file (another conversion, a copy by hand) is never renamed, truncated or replaced."""
     dest = tmp_path / "t5.safetensors"
-    dest.write_bytes(DATA[:SIZE // 3])
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
-    assert dest.read_bytes() == DATA
-    assert result.resumed_from == SIZE // 3 and mirror.bytes_sent == SIZE - SIZE // 3
-
-
-def test_longer_file_at_destination_is_left_alone(tmp_path, mirror):
-    dest = tmp_path / "t5.safetensors"
-    dest.write_bytes(DATA + b"more")  # someone's other T5 variant under the same name
-    with pytest.raises(FetchError, match="different file"):
-        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
-    assert dest.read_bytes() == DATA + b"more" and mirror.requests == []
+    dest.write_bytes(theirs)
+    inode = dest.stat().st_ino
+    with pytest.raises(FetchError, match="is not the published t5.safetensors.*left alone"):
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
+    assert dest.read_bytes() == theirs and dest.stat().st_ino == inode and mirror.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5.safetensors"]
 
 
 def test_part_from_crashed_run_is_resumed(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     (tmp_path / "t5.safetensors.part").write_bytes(DATA[:1234567])
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.resumed_from == 1234567
     assert mirror.bytes_sent == SIZE - 1234567
 
@@ -257,34 +258,35 @@ def test_part_from_crashed_run_is_resumed(tmp_path, mirror):
 def test_garbage_part_is_discarded_and_downloaded_again(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     (tmp_path / "t5.safetensors.part").write_bytes(b"\0" * 1000)
-    fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA
 
 
 def test_present_file_is_not_downloaded(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     dest.write_bytes(DATA)
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert result.verified_by == "present" and mirror.requests == []
 
 
-def test_present_but_corrupt_file_replaced_when_verifying(tmp_path, mirror):
+def test_present_but_different_file_left_alone_when_verifying(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     dest.write_bytes(bytes(SIZE))
-    fetch([known()], dest, endpoints=[mirror.endpoint], verify_existing=True, **FAST)
-    assert dest.read_bytes() == DATA and (tmp_path / "t5.safetensors.bad").exists()
+    with pytest.raises(FetchError, match="not the published.*left alone"):
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint], verify_existing=True))
+    assert dest.read_bytes() == bytes(SIZE) and sorted(p.name for p in tmp_path.iterdir()) == ["t5.safetensors"]
 
 
 def test_offline_never_touches_network(tmp_path, mirror):
     with pytest.raises(FetchOffline) as info:
-        fetch([known()], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], offline=True)
+        fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint], offline=True))
     assert mirror.requests == [] and SHA in str(info.value)
 
 
 def test_not_enough_disk_checked_before_downloading(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(NotEnoughSpace, match="disk space"):
-        fetch([known()], dest, endpoints=[mirror.endpoint], free_bytes=lambda _p: SIZE // 2, **FAST)
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint], free_bytes=lambda _p: SIZE // 2))
     assert all(method == "HEAD" for method, _, _ in mirror.requests)
     assert not dest.exists()
 
@@ -301,13 +303,13 @@ def test_disk_full_mid_stream_keeps_part_then_resumes(tmp_path, mirror, monkeypa
     monkeypatch.setattr(fetch_mod, "_write", full_disk)
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(NotEnoughSpace, match="disk full") as info:
-        fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert SHA in info.value.manual
     part = tmp_path / "t5.safetensors.part"
     assert not dest.exists() and 0 < part.stat().st_size <= SIZE // 2
     kept = part.stat().st_size
     monkeypatch.setattr(fetch_mod, "_write", lambda fh, data: fh.write(data))
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.resumed_from == kept
 
 
@@ -326,10 +328,12 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, mirror):
     try:
         dest = small / "t5.safetensors"
         with pytest.raises(NotEnoughSpace):  # the pre-check
-            fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
-        with pytest.raises(NotEnoughSpace, match="disk full"):  # the real ENOSPC, pre-check fooled
-            fetch([known()], dest, endpoints=[mirror.endpoint], free_bytes=lambda _p: 1 << 40, **FAST)
-        assert not dest.exists()
+            fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
+        with pytest.raises(NotEnoughSpace) as info:  # the real ENOSPC, pre-check fooled
+            fetch([known()], dest, opts(endpoints=[mirror.endpoint], free_bytes=lambda _p: 1 << 40))
+        # The first, useful error, not a second ENOSPC from closing the .part ("disk full in <dir>").
+        assert info.value.reason.startswith("disk full while writing") and "it resumes" in info.value.reason
+        assert not dest.exists() and (small / "t5.safetensors.part").stat().st_size > 0
     finally:
         subprocess.run(["umount", str(small)], check=False)
 
@@ -340,7 +344,7 @@ def test_read_only_models_dir(tmp_path, mirror):
         pytest.skip("cannot mount a read-only tmpfs here; the injected EROFS test covers this")
     try:
         with pytest.raises(NotWritable, match="cannot write") as info:
-            fetch([known()], ro / "CLIP" / "t5.safetensors", endpoints=[mirror.endpoint], **FAST)
+            fetch([known()], ro / "CLIP" / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
         assert SHA in str(info.value) and mirror.requests == []
     finally:
         subprocess.run(["umount", str(ro)], check=False)
@@ -352,7 +356,7 @@ def test_read_only_models_dir_injected(tmp_path, mirror, monkeypatch):
 
     monkeypatch.setattr(FileLock, "_try_acquire", read_only)
     with pytest.raises(NotWritable):
-        fetch([known()], tmp_path / "t5.safetensors", endpoints=[mirror.endpoint], **FAST)
+        fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
 
 
 def test_cancel_keeps_part_for_resume(tmp_path, mirror):
@@ -365,11 +369,11 @@ def test_cancel_keeps_part_for_resume(tmp_path, mirror):
             cancel.set()
 
     with pytest.raises(FetchCancelled):
-        fetch([known()], dest, endpoints=[mirror.endpoint], cancel=cancel, progress=stop_halfway, **FAST)
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint], cancel=cancel, progress=stop_halfway))
     part = tmp_path / "t5.safetensors.part"
     assert not dest.exists() and part.stat().st_size > 0
     mirror.faults.rate = None
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.resumed_from > 0
 
 
@@ -377,22 +381,23 @@ def test_exclusive_lock_fallback_waits_then_clears_stale_lock(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
     lock = tmp_path / "t5.safetensors.lock"
     lock.write_text("12345\n")  # a live holder (fresh mtime)
-    with pytest.raises(FetchError, match="waiting for another download"):
-        fetch([known()], dest, endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=0.5, **FAST)
+    with pytest.raises(FetchError, match="being downloaded by process 12345.*wait for that download") as info:
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=0.5))
+    assert ".lock" not in info.value.reason
     old = time.time() - 3600
     os.utime(lock, (old, old))  # the holder died an hour ago
-    fetch([known()], dest, endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=5, **FAST)
+    fetch([known()], dest, opts(endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=5))
     assert dest.read_bytes() == DATA and not lock.exists()
 
 
 _CHILD = textwrap.dedent("""
     import sys, hashlib
     sys.path[:0] = [{root!r}]
-    from lib_sd3.fetch import fetch
+    from lib_sd3.fetch import FetchOptions, fetch
     from lib_sd3.known_files import KnownFile
     src = KnownFile("t5.safetensors", {repo!r}, {path!r}, {size}, {sha!r}, True)
-    result = fetch([src], {dest!r}, endpoints=[{endpoint!r}], backoff=0.01,
-                   progress=lambda p: print("progress", p.done, flush=True))
+    result = fetch([src], {dest!r}, FetchOptions(endpoints=[{endpoint!r}], backoff=0.01, auth=None,
+                   progress=lambda p: print("progress", p.done, flush=True)))
     print("done", result.verified_by, result.downloaded, flush=True)
 """)
 
@@ -430,6 +435,125 @@ def test_ctrl_c_mid_download_then_resume(tmp_path, mirror):
     assert 0 < kept < SIZE
     mirror.faults.rate = None
     sent_before = mirror.bytes_sent
-    result = fetch([known()], dest, endpoints=[mirror.endpoint], **FAST)
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.resumed_from == kept
     assert mirror.bytes_sent - sent_before == SIZE - kept
+
+
+def test_hf_hub_offline_environment_alone_keeps_fetch_off_the_network(tmp_path, mirror, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FetchOffline):
+        fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
+    assert mirror.requests == []
+
+
+def _refused_endpoint() -> str:
+    """A 127.0.0.1 port nobody listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class _Silent:
+    """A server that accepts connections and never answers (a stalled proxy or mirror)."""
+
+    def __enter__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_refused_and_unresolvable_endpoints_are_left_at_once(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    sources = [known(repo="other/repo"), known(repo="third/repo"), known()]
+    started = time.monotonic()
+    seen = []
+    result = fetch(sources, dest, opts(endpoints=[_refused_endpoint(), "http://no-such-host.invalid",
+                                                  mirror.endpoint], backoff=5.0, progress=seen.append))
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror.endpoint)
+    assert time.monotonic() - started < 4.0, "no back-off, no retry, no other source on a dead endpoint"
+    tried = [p.endpoint for p in seen if p.state == "connecting"]
+    assert tried[0].startswith("http://127.0.0.1:") and tried[1] == "http://no-such-host.invalid"
+    assert tried[2:] == [mirror.endpoint] * 3, "the UI is told which endpoint is tried, before any byte"
+
+
+def test_silent_endpoint_left_after_the_read_timeout(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    with _Silent() as silent:
+        started = time.monotonic()
+        result = fetch([known(repo="other/repo"), known()], dest,
+                       opts(endpoints=[silent.endpoint, mirror.endpoint], timeout=(1.0, 0.5), backoff=5.0))
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror.endpoint)
+    assert time.monotonic() - started < 2.5, "one read timeout, not max_attempts x sources of them"
+
+
+def test_every_endpoint_dead_gives_up_within_the_bound(tmp_path):
+    dest = tmp_path / "t5.safetensors"
+    with _Silent() as one, _Silent() as two:
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="could not download") as info:
+            fetch([known(), known(repo="other/repo")], dest,
+                  opts(endpoints=[_refused_endpoint(), one.endpoint, two.endpoint], timeout=(1.0, 30.0),
+                       give_up_s=1.5))
+        took = time.monotonic() - started
+    assert took < 2.5, f"gave up after {took:.1f} s; the bound is 1.5 s without a byte"
+    assert "gave up: no byte received for 2 s" in str(info.value) and SHA in info.value.manual
+    assert not dest.exists()
+
+
+def test_hub_token_sent_to_the_hub_endpoint_only(tmp_path, mirror, mirror2, monkeypatch):
+    from lib_sd3.fetch import hub_auth
+
+    monkeypatch.setenv("HF_ENDPOINT", mirror2.endpoint)  # "the Hub" for this machine
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    seen = {}
+
+    def record(m):
+        original = m._server.RequestHandlerClass.parse_request
+
+        def parse_request(self):
+            ok = original(self)
+            seen.setdefault(m.endpoint, []).append(self.headers.get("Authorization"))
+            return ok
+
+        m._server.RequestHandlerClass.parse_request = parse_request
+
+    record(mirror)
+    record(mirror2)
+    mirror.faults.status = 404
+    fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint, mirror2.endpoint],
+                                                       auth=hub_auth()))
+    assert set(seen[mirror.endpoint]) == {None}, "a mirror never sees the token"
+    assert "Bearer hf_secret" in seen[mirror2.endpoint]
+
+
+def test_saved_token_file_is_read_like_huggingface_hub(tmp_path, monkeypatch):
+    from lib_sd3.fetch import hub_auth
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert hub_auth() is None
+    (tmp_path / "token").write_text("hf_saved\n")
+    auth = hub_auth()
+    assert auth.token == "hf_saved" and auth.endpoint == DEFAULT_ENDPOINT
+    assert auth.headers(f"{DEFAULT_ENDPOINT}/x") == {"Authorization": "Bearer hf_saved"}
+    assert auth.headers("https://cdn-lfs.huggingface.co/x") == {}
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    assert hub_auth() is None
+
+
+def test_401_says_how_to_get_in(tmp_path, mirror):
+    mirror.faults.status = 401
+    with pytest.raises(FetchError, match="HF_TOKEN or run `huggingface-cli login`.*or download it by hand") as info:
+        fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
+    assert "download ONE of these URLs" in info.value.manual
