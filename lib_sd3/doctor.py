@@ -11,22 +11,22 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import hashlib
 import json
 import os
-import struct
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lib_sd3 import known_files, sd3_state, targets
+from lib_sd3.hashing import sha256_file
 from lib_sd3.hub_cache import hub_cache_dir
+from lib_sd3.safetensors_file import read_header
+from lib_sd3.t5_file import XXL_CONFIG, check_t5_file, encoder_layout
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # bytes; the format's own limit, beyond it the file is not safetensors
-HASH_CHUNK = 8 * 1024 * 1024  # bytes read per step while hashing
+T5_FILES = (known_files.T5_FP16, known_files.T5_FP8)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 MODEL_PATCHER_PACKAGE = "lib_modelpatcher"  # what sd-webui-model-patcher provides to IC-Light
 ICLIGHT_PACKAGES = ("libiclight", "lib_iclight")  # huchenlei's and Haoming02's IC-Light
@@ -106,38 +106,26 @@ def safetensors_extent(path: Path) -> int:
     Raises ValueError when the start of the file is not a safetensors header (an HTML error page
     saved under the right name, a zero-filled pre-allocation, a different format).
     """
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len == 0 or header_len > SAFETENSORS_MAX_HEADER:
-            raise ValueError("not a safetensors file (bad header length)")
-        raw = file.read(header_len)
-    if len(raw) < header_len:
-        raise ValueError("header cut short")
-    try:
-        header = json.loads(raw)
-        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        raise ValueError(f"not a safetensors file (header: {error.__class__.__name__})") from None
-    return 8 + header_len + max(ends, default=0)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return read_header(path).extent
 
 
 def _gb(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size:,} bytes"
 
 
-def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash: bool) -> Check:
+def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash: bool,
+                       t5_layout: Mapping[str, tuple[int, ...]] | None = None) -> Check:
+    """One file in models/CLIP. T5 files are judged by :func:`lib_sd3.t5_file.check_t5_file`, the
+    rule the WebUI uses (``t5_layout``: the encoder A1111 builds; T5-XXL's by default)."""
     path = clip_dir / known.filename
+    if known.filename in T5_FILES and path.is_file():
+        t5 = check_t5_file(path, known, encoder_layout(XXL_CONFIG) if t5_layout is None else t5_layout)
+        if t5.state == "unusable":
+            return Check("text encoders", known.filename, FAIL,
+                         f"{t5.detail}: SD3 runs without T5 while it is there (it is never overwritten); "
+                         "move or delete it so the published file is fetched")
+        if t5.state == "own":
+            return Check("text encoders", known.filename, OK, t5.detail)
     if not path.is_file():
         why = ("SD3 runs without T5 (CLIP only); the extension can fetch it" if known.filename.startswith("t5xxl")
                else "A1111 downloads it when an SD3 model loads (needs the network)")
@@ -161,7 +149,7 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
     if not verify_hash:
         return Check("text encoders", known.filename, OK, f"{_gb(size)}, size matches (--hash to verify sha256)")
     try:
-        digest = sha256_of(path)
+        digest = sha256_file(path)
     except OSError as error:
         return Check("text encoders", known.filename, FAIL, f"cannot be read: {error.strerror or error}")
     if digest == known.sha256:

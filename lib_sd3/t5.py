@@ -20,10 +20,11 @@ import dataclasses
 import hashlib
 import os
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lib_sd3.fetch import FetchOptions
 from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
 
@@ -125,23 +126,51 @@ def free_memory() -> tuple[int, int | None]:
 
 # ------------------------------------------------------------------------------------------ fp8 weights
 def _upcast_linear_forward(self, x):
-    """nn.Linear.forward with the weight cast to the input's dtype first: one layer at a time."""
+    """nn.Linear.forward with the weight cast to the input's dtype first (and multiplied by its
+    scale, for "scaled fp8" files): one layer at a time."""
     import torch
 
     bias = self.bias.to(x.dtype) if self.bias is not None else None
-    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+    weight = self.weight.to(x.dtype)
+    scale = getattr(self, "weight_scale", None)
+    if scale is not None:
+        weight = weight * scale.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
-def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict: bool = False):
-    """Load ``state_dict`` into ``model``; Linear weights keep the file's dtype (or become fp8).
+def read_t5_state(path: Path) -> Iterable[tuple[str, Any]]:
+    """(key, tensor) of a T5 file, one tensor in memory at a time (plain reads, no mapping: see
+    :mod:`lib_sd3.safetensors_file`); the embedding also under A1111's name when the file holds
+    only ``shared.weight``."""
+    from lib_sd3.safetensors_file import SafetensorsReader
+    from lib_sd3.t5_file import EMBEDDING_KEYS
+
+    with SafetensorsReader(path) as reader:
+        keys = reader.keys()
+        for key in keys:
+            yield key, reader.get_tensor(key)
+        wanted, alias = EMBEDDING_KEYS
+        if wanted not in keys and alias in keys:
+            yield wanted, reader.get_tensor(alias)
+
+
+def load_keeping_dtypes(model, state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]], fp8: bool,
+                        strict: bool = False):
+    """Load ``state_dict`` (a mapping, or (key, tensor) pairs read one at a time) into ``model``;
+    Linear weights keep the file's dtype (or become fp8), one tensor converted at a time, so the
+    peak is what is kept plus one tensor.
 
     With ``fp8``, every ``nn.Linear`` weight is stored as float8_e4m3fn (converted if the file
     has fp16; except layers the model lists in ``_keep_in_fp32_modules``); every Linear's forward
     casts its weight to the input's dtype per call; every other tensor (embeddings, layer norms,
     relative attention bias) takes the model's own dtype, because embedding lookups and norms
-    have no fp8 kernels and are a small share of the bytes. Returns ``load_state_dict``'s result.
+    have no fp8 kernels and are a small share of the bytes. A "scaled fp8" file's weight scales
+    (``X.scale_weight`` / ``X.weight_scale``) stay with their layer and are applied per call; its
+    activation scales and marker are not needed. Returns ``load_state_dict``'s result.
     """
     import torch
+
+    from lib_sd3.t5_file import IGNORED_SUFFIXES, SCALE_SUFFIXES, SCALED_MARKER
 
     # transformers' T5 names layers that must stay in full precision (its FF casts activations to
     # wo's dtype, which for an fp8 wo would quantize the activations too); A1111's T5 names none.
@@ -151,11 +180,18 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict:
     kept = {key for key in linear_weights if (key.split(".")[-2:-1] or [""])[0] in keep}
     narrow = {key for key in linear_weights if fp8 and key not in kept}
     own = model.state_dict()
-    prepared = {}
-    for key, tensor in state_dict.items():
+    prepared, scales = {}, {}
+    pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    for key, tensor in pairs:
+        owner, _, suffix = key.rpartition(".")
+        if key == SCALED_MARKER or (suffix in IGNORED_SUFFIXES and f"{owner}.weight" in linear_weights):
+            continue
+        if suffix in SCALE_SUFFIXES and f"{owner}.weight" in linear_weights:
+            scales[f"{owner}.weight"] = tensor.float()
+            continue
         if key not in own:
             prepared[key] = tensor  # reported as unexpected by load_state_dict
-        elif key in narrow:
+        elif key in narrow and tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
             prepared[key] = tensor.to(torch.float8_e4m3fn)
         elif key in linear_weights and key not in kept:
             prepared[key] = tensor  # the file's dtype, upcast per layer
@@ -170,6 +206,11 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any], fp8: bool, strict:
         for other in names[1:]:
             owner, _, attr = other.rpartition(".")
             setattr(model.get_submodule(owner), attr, first)
+    for key, scale in scales.items():
+        module = linear_weights[key]
+        out_features = module.weight.shape[0]
+        shaped = scale.reshape(-1, 1) if scale.numel() == out_features > 1 else scale.reshape(())
+        module.register_buffer("weight_scale", shaped, persistent=False)  # moves with the layer
     for module in linear_weights.values():
         module.weight.requires_grad_(False)
         # Every Linear casts its weight to the activations' dtype: A1111's early T5 uses plain
@@ -205,26 +246,26 @@ def local_commit(repo: str) -> str:
     return hashlib.sha1(f"sd-webui-sd3:{repo}".encode()).hexdigest()
 
 
-def fetch_tokenizer(repo: str, *, endpoints: Sequence[str], offline: bool = False, cache: Path | None = None,
-                    revision: str = "main", **fetch_kwargs: Any) -> Path:
+def fetch_tokenizer(repo: str, options: FetchOptions, cache: Path | None = None) -> Path:
     """Put ``repo``'s tokenizer files into the Hub cache layout, so that
     ``from_pretrained(repo)`` works afterwards with no network (``HF_HUB_OFFLINE=1`` or none at all).
 
     Files go to ``models--org--name/snapshots/<commit>/`` and ``refs/<revision>`` names the commit
     last, so a half-fetched snapshot is never advertised. Returns the snapshot folder.
     """
-    from lib_sd3.fetch import fetch
+    from lib_sd3.fetch import fetch, is_offline
 
     cache = hub_cache_dir() if cache is None else Path(cache)
     files = tokenizer_files(repo)
+    revision = options.revision
     existing = cached_snapshot(cache, repo, files, revision)
     if existing is not None:
         return existing
-    commit = local_commit(repo) if offline else _remote_commit(repo, files[0], endpoints, revision)
+    offline = options.offline or is_offline()
+    commit = local_commit(repo) if offline else _remote_commit(repo, files[0], options)
     snapshot = repo_folder(cache, repo) / "snapshots" / commit
     for known in files:
-        fetch([known], snapshot / known.path, endpoints=endpoints, offline=offline, revision=revision,
-              **fetch_kwargs)
+        fetch([known], snapshot / known.path, options)
     ref = repo_folder(cache, repo) / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(ref.name + ".tmp")
@@ -233,16 +274,17 @@ def fetch_tokenizer(repo: str, *, endpoints: Sequence[str], offline: bool = Fals
     return snapshot
 
 
-def _remote_commit(repo: str, first: KnownFile, endpoints: Sequence[str], revision: str) -> str:
+def _remote_commit(repo: str, first: KnownFile, options: FetchOptions) -> str:
     """The commit the endpoint serves (``X-Repo-Commit``), so our snapshot is named like the Hub's."""
     import requests
 
     from lib_sd3.fetch import probe, resolve_url
 
     with requests.Session() as session:
-        for endpoint in endpoints:
+        for endpoint in options.endpoints:
             with contextlib.suppress(Exception):  # an endpoint that fails here fails again in fetch()
-                remote = probe(session, resolve_url(endpoint, repo, first.path, revision), (10.0, 30.0))
+                remote = probe(session, resolve_url(endpoint, repo, first.path, options.revision), options.timeout,
+                               options.hub_auth())
                 if remote.commit and len(remote.commit) == 40:
                     return remote.commit
     return local_commit(repo)

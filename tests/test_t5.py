@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lib_sd3 import t5
+from lib_sd3.fetch import FetchOptions
 from lib_sd3.known_files import T5_FP8, T5_FP16, sources
 
 GIB = 1 << 30
@@ -194,9 +195,10 @@ def test_tokenizer_lands_where_from_pretrained_finds_it_offline(tmp_path, monkey
         for known in tokenizer_files(CLIP_TOKENIZER_REPO):
             assert known.path in files, f"{known.path} is what from_pretrained reads; the fake must have it"
             mirror.add(CLIP_TOKENIZER_REPO, known.path, files[known.path])
-        snapshot = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, endpoints=[mirror.endpoint], cache=cache, backoff=0.01)
+        snapshot = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint], backoff=0.01),
+                                      cache=cache)
         served = len(mirror.requests)
-        again = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, endpoints=[mirror.endpoint], cache=cache)
+        again = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint]), cache=cache)
         assert again == snapshot and len(mirror.requests) == served, "a complete snapshot is not fetched again"
     assert snapshot.name == "0123456789abcdef0123456789abcdef01234567"  # the server's X-Repo-Commit
     # A fresh process, offline, loading by repo id exactly as A1111 does.
@@ -218,4 +220,5 @@ def test_tokenizer_offline_without_cache_says_how_to_get_it(tmp_path):
     from lib_sd3.known_files import T5_TOKENIZER_REPO
 
     with pytest.raises(FetchOffline, match="spiece.model|config.json"):
-        t5.fetch_tokenizer(T5_TOKENIZER_REPO, endpoints=["http://127.0.0.1:9"], cache=tmp_path, offline=True)
+        t5.fetch_tokenizer(T5_TOKENIZER_REPO, FetchOptions(endpoints=["http://127.0.0.1:9"], offline=True),
+                           cache=tmp_path)

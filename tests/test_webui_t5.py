@@ -3,8 +3,11 @@
 The stand-ins keep what our code touches, with A1111's names and shapes: ``SD3Cond`` builds
 ``T5XXLModel(T5_CONFIG, device="cpu", dtype=devices.dtype)`` only when ``opts.sd3_enable_t5`` is
 on; on dev an ``Sd3T5`` wrapper also holds ``t5xxl`` and returns zeros without it; the T5 module's
-``transformer`` holds ``encoder.*`` weights in ``AutocastLinear`` layers (weight cast to the input's
-dtype on every call), the embedding is built without a dtype, and the output is ``(z.float(), None)``.
+``transformer`` holds T5-XXL's real key layout (``encoder.block.N.layer.0.SelfAttention.q.weight``,
+``...layer.1.DenseReluDense.wi_0.weight``, layer norms, block 0's relative attention bias) at a
+reduced size in ``AutocastLinear`` layers (weight cast to the input's dtype on every call), the
+embedding is built without a dtype, and the output is ``(z.float(), None)``. The arithmetic is
+simpler than T5's: these tests judge loading and wiring, not T5.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from hf_mirror import HFMirror
 
 from lib_sd3 import fetch as fetcher
 from lib_sd3 import t5 as t5_lib
+from lib_sd3.fetch import FetchOptions
 from lib_sd3.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
 
-T5_CONFIG = {"d_model": 16, "num_layers": 3, "vocab_size": 50}
+T5_CONFIG = {"d_ff": 24, "d_model": 16, "num_heads": 2, "num_layers": 3, "vocab_size": 50}
 TOKENS = 6
 GIB = 1 << 30
 
@@ -33,20 +37,73 @@ class AutocastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
 
+class LayerNorm(torch.nn.Module):
+    def __init__(self, d, dtype, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d, dtype=dtype, device=device))
+
+    def forward(self, x):
+        return x * self.weight.to(x.dtype)
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, d, heads, first, dtype, device):
+        super().__init__()
+        for name in ("q", "k", "v", "o"):
+            setattr(self, name, AutocastLinear(d, d, bias=False, dtype=dtype, device=device))
+        self.relative_attention_bias = torch.nn.Embedding(32, heads, device=device) if first else None
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.q(x)) * torch.tanh(self.k(x)) + self.v(x))
+
+
+class DenseReluDense(torch.nn.Module):
+    def __init__(self, d, ff, dtype, device):
+        super().__init__()
+        self.wi_0 = AutocastLinear(d, ff, bias=False, dtype=dtype, device=device)
+        self.wi_1 = AutocastLinear(d, ff, bias=False, dtype=dtype, device=device)
+        self.wo = AutocastLinear(ff, d, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.wo(torch.nn.functional.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class Sublayer(torch.nn.Module):
+    def __init__(self, name, inner, d, dtype, device):
+        super().__init__()
+        setattr(self, name, inner)
+        self.inner = name
+        self.layer_norm = LayerNorm(d, dtype, device)
+
+    def forward(self, x):
+        return x + torch.tanh(getattr(self, self.inner)(self.layer_norm(x)))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, config, first, dtype, device):
+        super().__init__()
+        d = config["d_model"]
+        self.layer = torch.nn.ModuleList([
+            Sublayer("SelfAttention", SelfAttention(d, config["num_heads"], first, dtype, device), d, dtype, device),
+            Sublayer("DenseReluDense", DenseReluDense(d, config["d_ff"], dtype, device), d, dtype, device)])
+
+    def forward(self, x):
+        return self.layer[1](self.layer[0](x))
+
+
 class T5Stack(torch.nn.Module):
     def __init__(self, config, dtype, device):
         super().__init__()
         d = config["d_model"]
         self.embed_tokens = torch.nn.Embedding(config["vocab_size"], d, device=device)
-        self.block = torch.nn.ModuleList(
-            [AutocastLinear(d, d, bias=False, dtype=dtype, device=device) for _ in range(config["num_layers"])])
-        self.final_layer_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype, device=device))
+        self.block = torch.nn.ModuleList([Block(config, i == 0, dtype, device) for i in range(config["num_layers"])])
+        self.final_layer_norm = LayerNorm(d, dtype, device)
 
     def forward(self, ids):
         x = self.embed_tokens(ids).to(torch.float32)
-        for layer in self.block:
-            x = x + torch.tanh(layer(x))
-        return x * self.final_layer_norm.to(x.dtype)
+        for block in self.block:
+            x = block(x)
+        return self.final_layer_norm(x)
 
 
 class T5(torch.nn.Module):
@@ -119,14 +176,15 @@ def reference_state() -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float16) for k, v in T5XXLModel(T5_CONFIG).transformer.state_dict().items()}
 
 
-def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in state.items()})
+    return save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
 
 
 FP16_STATE = reference_state()
-FP8_STATE = {k: (v.to(torch.float8_e4m3fn) if ".block." in k else v) for k, v in FP16_STATE.items()}
+LINEAR = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
+FP8_STATE = {k: (v.to(torch.float8_e4m3fn) if k.endswith(LINEAR) else v) for k, v in FP16_STATE.items()}
 FILES = {T5_FP16: safetensors_bytes(FP16_STATE), T5_FP8: safetensors_bytes(FP8_STATE), CLIP_L: b"clip-l" * 1000}
 
 
@@ -166,20 +224,19 @@ def webui(request, fake_webui, tmp_path, monkeypatch):
     monkeypatch.setattr(t5_lib, "free_memory", lambda: (64 * GIB, None))
 
     from lib_sd3.webui import t5 as t5_webui
-    from lib_sd3.webui.registry import REGISTRY
 
-    monkeypatch.setattr(t5_webui, "SOURCES", {name: known(name) for name in FILES})
-    monkeypatch.setattr(t5_webui, "FETCH_OPTIONS", {"backoff": 0.01})
+    feature = t5_webui.T5Feature(t5_webui.T5Setup({name: known(name) for name in FILES},
+                                                  FetchOptions(backoff=0.01, auth=None)))
     tokenizer_calls = []
-    monkeypatch.setattr(t5_webui, "ensure_tokenizers", lambda: tokenizer_calls.append(1))
-    monkeypatch.setattr(t5_webui, "STATUS", t5_webui.T5Status())
+    feature.ensure_tokenizers = lambda: tokenizer_calls.append(1)
     fake_webui.tokenizer_calls = tokenizer_calls
-    assert REGISTRY.apply("t5.sd3_cond").value == "applied", REGISTRY.get("t5.sd3_cond").reason
-    yield types.SimpleNamespace(ui=fake_webui, shared=shared, t5=t5_webui, state=request.param,
+    assert feature.patch.detect() is None
+    feature.patch.apply()
+    yield types.SimpleNamespace(ui=fake_webui, shared=shared, t5=feature, module=t5_webui, state=request.param,
                                 clip=Path(shared.models_path) / "CLIP")
-    t5_webui.cancel()
-    t5_webui.wait(10)
-    REGISTRY.undo("t5.sd3_cond")
+    feature.download.cancel()
+    feature.download.wait(10)
+    feature.patch.undo()
 
 
 @pytest.fixture
@@ -197,7 +254,7 @@ def load_sd3(webui):
                   else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
     model = types.SimpleNamespace(is_sd3=True, cond_stage_model=cond_class())
     webui.shared.sd_model = model
-    webui.t5.refresh(model)
+    webui.t5.attachment.decide(model)
     return model
 
 
@@ -239,7 +296,7 @@ def test_missing_t5_fetched_in_background_then_switched_on(webui, mirror):
     assert infotext.startswith("off (downloading")
     assert torch.count_nonzero(out) == 0, "meanwhile generations run without T5"
 
-    assert webui.t5.wait(30)
+    assert webui.t5.download.wait(30)
     assert (webui.clip / T5_FP16).read_bytes() == FILES[T5_FP16]
     cond = model.cond_stage_model
     assert cond.t5xxl is not None and webui.shared.opts.data["sd3_enable_t5"] is True
@@ -248,7 +305,7 @@ def test_missing_t5_fetched_in_background_then_switched_on(webui, mirror):
     out, infotext = generate(webui, model)
     assert infotext == "fp16"
     torch.testing.assert_close(out, expected_output(FP16_STATE, ["a cat", "sign"]))
-    weights = {p.dtype for n, p in cond.t5xxl.named_parameters() if ".block." in n}
+    weights = {p.dtype for n, p in cond.t5xxl.named_parameters() if n.endswith(LINEAR)}
     assert weights == {torch.float16}, "kept in the file's fp16, not devices.dtype's fp32"
     assert webui.ui.original_downloads == [], "A1111's own downloader was never asked for T5"
 
@@ -256,11 +313,11 @@ def test_missing_t5_fetched_in_background_then_switched_on(webui, mirror):
 def test_auto_picks_fp8_when_memory_is_short(webui, mirror, monkeypatch):
     monkeypatch.setattr(t5_lib, "free_memory", lambda: (8 * GIB, None))
     model = load_sd3(webui)
-    assert webui.t5.wait(30)
+    assert webui.t5.download.wait(30)
     assert (webui.clip / T5_FP8).exists() and not (webui.clip / T5_FP16).exists()
     out, infotext = generate(webui, model)
     assert infotext == "fp8"
-    weights = {p.dtype for n, p in model.cond_stage_model.t5xxl.named_parameters() if ".block." in n}
+    weights = {p.dtype for n, p in model.cond_stage_model.t5xxl.named_parameters() if n.endswith(LINEAR)}
     assert weights == {torch.float8_e4m3fn}
     torch.testing.assert_close(out, expected_output(FP8_STATE, ["a cat", "sign"]))
     reference = expected_output(FP16_STATE, ["a cat", "sign"])
@@ -279,7 +336,7 @@ def test_t5_never_switched_on_where_it_cannot_fit(webui, mirror, monkeypatch):
 def test_failed_fetch_degrades_to_no_t5_with_manual_path(webui, mirror):
     mirror.faults.status = 404
     model = load_sd3(webui)
-    assert webui.t5.wait(30)
+    assert webui.t5.download.wait(30)
     status = webui.t5.status()
     assert status["fetch_state"] == "failed"
     assert f"{mirror.endpoint}/{A1111_TEXT_ENCODERS}/resolve/main/{T5_FP16}" in status["manual"]
@@ -308,7 +365,7 @@ def test_present_file_is_used_without_network_and_off_mode_detaches(webui, mirro
     model = load_sd3(webui)
     assert mirror.requests == [] and generate(webui, model)[1] == "fp16"
     webui.shared.opts.data["sd3_t5_mode"] = "off"
-    webui.t5.refresh(model)
+    webui.t5.attachment.decide(model)
     assert model.cond_stage_model.t5xxl is None and generate(webui, model)[1] == "off"
 
 
@@ -317,7 +374,24 @@ def test_corrupt_file_on_disk_costs_t5_not_the_model(webui, mirror):
     (webui.clip / T5_FP16).write_bytes(b"\0" * len(FILES[T5_FP16]))  # right size, not a safetensors file
     model = load_sd3(webui)
     status = webui.t5.status()
-    assert status["mode"] == "off" and "loading" in status["error"]
+    assert status["mode"] == "off" and status["fetch_state"] == "unusable" and "left alone" in status["error"]
+    assert status["files"][T5_FP16] is False and status["file_states"][T5_FP16]["state"] == "unusable"
+    out, infotext = generate(webui, model)
+    assert infotext == "off (T5 file unusable)" and torch.count_nonzero(out) == 0
+    assert (webui.clip / T5_FP16).read_bytes() == b"\0" * len(FILES[T5_FP16]) and mirror.requests == []
+
+
+def test_file_that_fails_to_load_costs_t5_not_the_model(webui, mirror, monkeypatch):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+
+    def broken(path, fp8):
+        raise ValueError("tensor data unreadable")
+
+    monkeypatch.setattr(webui.module, "build_t5", broken)
+    model = load_sd3(webui)
+    status = webui.t5.status()
+    assert status["mode"] == "off" and "loading" in status["error"] and "unreadable" in status["error"]
     out, infotext = generate(webui, model)
     assert infotext == "off" and torch.count_nonzero(out) == 0
 
@@ -330,12 +404,14 @@ def test_fp16_file_serves_fp8_without_download(webui, mirror, monkeypatch):
     assert mirror.requests == [] and generate(webui, model)[1] == "fp8"
 
 
-def test_routes(webui, mirror):
+def test_routes(webui, mirror, monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from lib_sd3.webui import routes
+    from lib_sd3.webui import hooks, routes
 
+    monkeypatch.setattr(hooks, "ROUTES", [webui.t5.add_routes])
+    monkeypatch.setitem(hooks.STATUS, "T5-XXL", webui.t5.status)
     app = FastAPI()
     routes.mount(app)
     client = TestClient(app)
@@ -344,7 +420,7 @@ def test_routes(webui, mirror):
     assert body["endpoints"][0] == mirror.endpoint
     body = client.post("/sd3/t5/fetch").json()
     assert body["fetch_state"] in ("fetching", "done")
-    assert webui.t5.wait(30)
+    assert webui.t5.download.wait(30)
     assert client.get("/sd3/t5").json()["files"][T5_FP16] is True
     assert client.get("/sd3/status").json()["features"]["T5-XXL"]["fetch_state"] == "done"
 
@@ -370,7 +446,8 @@ def test_file_with_only_shared_embedding_key_loads(webui, mirror):
     state = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in FP16_STATE.items()}
     webui.clip.mkdir(parents=True)
     (webui.clip / T5_FP16).write_bytes(safetensors_bytes(state))
-    webui.t5.SOURCES[T5_FP16] = (dataclasses.replace(known(T5_FP16)[0], size=None),)
+    webui.t5.configure(dataclasses.replace(webui.t5.setup, sources={
+        **webui.t5.setup.sources, T5_FP16: (dataclasses.replace(known(T5_FP16)[0], size=None),)}))
     model = load_sd3(webui)
     out, infotext = generate(webui, model)
     assert infotext == "fp16"
@@ -390,7 +467,7 @@ def test_changing_the_setting_applies_at_next_generation(webui, mirror):
     out, infotext = generate(webui, model)
     assert infotext == "off" and torch.count_nonzero(out) == 0
     webui.shared.opts.data["sd3_t5_mode"] = "garbage"
-    assert webui.t5.requested_mode() == "auto"
+    assert webui.module.requested_mode() == "auto"
 
 
 def test_ui_builds_in_accordion(webui):
@@ -456,13 +533,13 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
         m.faults.lfs = False
         fake_webui.shared.opts.data["sd3_mirrors"] = m.endpoint
         m.faults.status = 503  # a broken mirror at model load: warnings, no exception, no long wait
-        t5_webui.ensure_tokenizers()
+        t5_webui.T5Feature(t5_webui.default_setup()).ensure_tokenizers()
         assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.json"))
         m.faults.status = None
         for repo in TOKENIZER_REPOS:
             for known_file in tokenizer_files(repo):
                 m.add(repo, known_file.path, f"{repo}/{known_file.path}".encode())
-        t5_webui.ensure_tokenizers()
+        t5_webui.T5Feature(t5_webui.default_setup()).ensure_tokenizers()
     for repo in TOKENIZER_REPOS:
         snapshot = t5_lib.cached_snapshot(tmp_path / "hub", repo, tokenizer_files(repo))
         assert snapshot is not None
@@ -515,3 +592,128 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
         cosine = torch.nn.functional.cosine_similarity(fp8(tokens)[0].flatten(), want.flatten(), dim=0)
         assert cosine > 0.99
         assert t5_lib.parameter_bytes(fp8) < t5_lib.parameter_bytes(fp16)
+
+
+# ------------------------------------------------------------------------------ a user's own T5 files
+def scaled_fp8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ComfyUI's "scaled fp8" layout: Linear weights w / s in fp8, ``X.scale_weight`` = s (fp32 scalar),
+    ``X.scale_input``, and a ``scaled_fp8`` marker; returns (file tensors, the weights they stand for)."""
+    stored, meant = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for key, value in state.items():
+        if key.endswith(LINEAR):
+            scale = value.float().abs().max() / 448.0
+            quantized = (value.float() / scale).to(torch.float8_e4m3fn)
+            owner = key.rsplit(".", 1)[0]
+            stored[key], stored[f"{owner}.scale_weight"] = quantized, scale.reshape(())
+            stored[f"{owner}.scale_input"] = torch.ones(())
+            meant[key] = (quantized.float() * scale).to(torch.float16)
+        else:
+            stored[key] = meant[key] = value
+    return stored, meant
+
+
+SCALED_FILE, SCALED_MEANT = scaled_fp8(FP16_STATE)
+OWN_FILES = {  # name on disk, file tensors, the values T5 must compute with, precision reported
+    "bf16": (T5_FP16, {k: v.to(torch.bfloat16) for k, v in FP16_STATE.items()},
+             {k: v.to(torch.bfloat16) for k, v in FP16_STATE.items()}, "bf16"),
+    "fp32": (T5_FP16, {k: v.float() for k, v in FP16_STATE.items()}, FP16_STATE, "fp32"),
+    "fp8": (T5_FP8, FP8_STATE, FP8_STATE, "fp8"),
+    "scaled fp8": (T5_FP8, SCALED_FILE, SCALED_MEANT, "fp8 scaled"),
+    "comfy shared only": (T5_FP16, {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v
+                                    for k, v in FP16_STATE.items()}, FP16_STATE, "fp16"),
+}
+
+
+def test_stand_in_has_t5xxls_real_key_layout():
+    from lib_sd3.t5_file import XXL_CONFIG, encoder_layout
+
+    shapes = {k: tuple(v.shape) for k, v in T5XXLModel(T5_CONFIG, device="meta").transformer.state_dict().items()}
+    assert shapes == encoder_layout(T5_CONFIG)
+    assert len(encoder_layout(XXL_CONFIG)) == len(shapes) - 3 * 9 + 24 * 9
+
+
+@pytest.mark.parametrize("variant", list(OWN_FILES))
+def test_users_own_t5_file_is_attached_and_never_touched(webui, variant, monkeypatch, caplog):
+    """A reduced T5 with the real key layout but another byte length than the published file: used,
+    said once in the console, and still there, unrenamed, after fetches with every endpoint dead."""
+    name, tensors, meant, precision = OWN_FILES[variant]
+    if name == T5_FP8:
+        webui.shared.opts.data["sd3_t5_mode"] = "fp8"
+    webui.shared.opts.data["sd3_mirrors"] = "http://127.0.0.1:9"  # nothing listens: every endpoint dead
+    webui.clip.mkdir(parents=True)
+    path = webui.clip / name
+    data = safetensors_bytes(tensors, metadata={"converted": "by another repo's script"})
+    assert len(data) != known(name)[0].size
+    path.write_bytes(data)
+    inode = path.stat().st_ino
+    caplog.set_level("INFO")
+
+    model = load_sd3(webui)
+    out, infotext = generate(webui, model)
+    assert infotext == ("fp8" if name == T5_FP8 else "fp16")
+    torch.testing.assert_close(out, expected_output(meant, ["a cat", "sign"]), rtol=1e-3, atol=1e-3)
+    status = webui.t5.status()
+    assert status["files"][name] is True and status["file_states"][name]["state"] == "own"
+    assert status["precision"] == precision and status["file_states"][name]["precision"] == precision
+
+    webui.t5.post_fetch()  # asks for nothing: the file serves
+    assert webui.t5.download.start(name) is False
+    with pytest.raises(fetcher.FetchError, match="left alone"):
+        fetcher.fetch(known(name), path, FetchOptions(endpoints=["http://127.0.0.1:9"], auth=None))
+    webui.shared.opts.data["sd3_t5_mode"] = "fp16"  # needs the fp16 file: fetched, from dead endpoints
+    generate(webui, model)
+    assert webui.t5.download.wait(30)
+    webui.t5.attachment.decide(model)
+    generate(webui, model)
+    assert path.read_bytes() == data and path.stat().st_ino == inode, "the user's file is untouched"
+    assert sorted(p.name for p in webui.clip.iterdir() if not p.name.endswith(".lock")) == [name]
+    said = [r.message for r in caplog.records if "not the published file" in r.message]
+    assert len(said) == 1, f"said once in the console, not {len(said)} times: {said}"
+
+
+@pytest.mark.parametrize("make, state", [
+    (lambda: FILES[T5_FP16], "published"),
+    (lambda: safetensors_bytes({k: v.to(torch.bfloat16) for k, v in FP16_STATE.items()}), "own"),
+    (lambda: safetensors_bytes(SCALED_FILE), "own"),
+    (lambda: FILES[T5_FP16][:-100], "unusable"),  # a cut copy
+    (lambda: safetensors_bytes({k: v[..., :1] if k.endswith(".wo.weight") else v for k, v in FP16_STATE.items()}),
+     "unusable"),  # another model size
+    (lambda: safetensors_bytes({k: v for k, v in FP16_STATE.items() if ".block.2." not in k}), "unusable"),
+    (lambda: b"<!DOCTYPE html><html>502 Bad Gateway</html>", "unusable"),
+    (None, "missing"),
+])
+def test_doctor_route_and_webui_agree_on_every_file(webui, mirror, make, state):
+    from lib_sd3 import doctor
+
+    webui.shared.cmd_opts.sd3_no_fetch = True
+    webui.clip.mkdir(parents=True)
+    if make is not None:
+        (webui.clip / T5_FP16).write_bytes(make())
+    model = load_sd3(webui)
+    route = webui.t5.status()["file_states"][T5_FP16]
+    verdict = doctor.check_text_encoder(webui.clip, known(T5_FP16)[0], False, t5_layout=encoder_layout_of_stand_in())
+    attached = model.cond_stage_model.t5xxl is not None
+    assert route["state"] == state
+    assert attached == (state in ("published", "own")) == webui.t5.status()["files"][T5_FP16]
+    assert verdict.status == {"published": "OK", "own": "OK", "unusable": "FAIL", "missing": "INFO"}[state]
+
+
+def encoder_layout_of_stand_in():
+    from lib_sd3.t5_file import encoder_layout
+
+    return encoder_layout(T5_CONFIG)
+
+
+def test_status_says_which_endpoint_is_tried(webui, mirror):
+    mirror.faults.rate = 20_000  # ~1 s: long enough to look
+    webui.shared.opts.data["sd3_mirrors"] = f"http://127.0.0.1:9 {mirror.endpoint}"
+    load_sd3(webui)
+    seen, shown = set(), []
+    while not webui.t5.download.wait(0.05):
+        progress = webui.t5.status()["progress"] or {}
+        seen.add((progress.get("state"), progress.get("endpoint")))
+        shown.append(webui.t5.status_markdown())
+    assert ("connecting", mirror.endpoint) in seen or ("downloading", mirror.endpoint) in seen
+    assert any(f"trying {mirror.endpoint}" in text or f"downloading from {mirror.endpoint}" in text
+               for text in shown), "the UI names the endpoint being tried"
+    assert webui.t5.status()["fetch_state"] == "done"
