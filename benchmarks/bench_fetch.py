@@ -5,13 +5,19 @@ Side by side in one run, on the same server and file:
 - resume_overhead: bytes downloaded beyond the file size after the connection drops at 50 %,
   as a fraction of the file (goal <= 1 % + one chunk);
 - hash_overhead: our fetch's time (streaming sha256, verification, fsync, rename) over a plain
-  ``requests`` stream-to-file of the same URL with no hashing (goal <= 1.05).
+  ``requests`` stream-to-file of the same URL with no hashing (goal <= 1.05);
+- dead_endpoints_s: seconds until a fetch gives up when every endpoint is dead: one refuses the
+  connection, one does not resolve, and ``--silent`` (default 2: a user's mirror and huggingface.co)
+  accept the connection and never answer. Measured with the real defaults (connect timeout 10 s,
+  read timeout 60 s, give-up bound 180 s without a byte), so it takes about two minutes; ``--fast``
+  divides the timeouts by 30 for a quick look (goal <= 180 with the defaults).
 Medians of ``--repeats`` runs. The last line holds the key=value pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -27,7 +33,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import requests  # noqa: E402
 from hf_mirror import HFMirror  # noqa: E402
 
-from lib_sd3.fetch import CHUNK_BYTES, fetch, resolve_url  # noqa: E402
+from lib_sd3.fetch import (  # noqa: E402
+    CHUNK_BYTES,
+    CONNECT_TIMEOUT_S,
+    GIVE_UP_S,
+    READ_TIMEOUT_S,
+    FetchError,
+    FetchOptions,
+    fetch,
+    resolve_url,
+)
 from lib_sd3.known_files import KnownFile  # noqa: E402
 
 REPO, PATH = "bench/text-encoders", "t5xxl_bench.safetensors"
@@ -51,11 +66,45 @@ def plain_download(url: str, dest: Path) -> None:
             fh.write(data)
 
 
+def dead_endpoints_s(source: KnownFile, silent: int, scale: float) -> float:
+    """Seconds until fetch() gives up on endpoints that refuse, do not resolve, or never answer."""
+    import socket
+
+    listeners = []
+    for _ in range(silent):  # the kernel completes the handshake from the backlog; nobody ever answers
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        listeners.append(sock)
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()
+    endpoints = [f"http://127.0.0.1:{refused_port}", "http://no-such-mirror.invalid",
+                 *(f"http://127.0.0.1:{s.getsockname()[1]}" for s in listeners)]
+    options = FetchOptions(endpoints=endpoints, auth=None, timeout=(CONNECT_TIMEOUT_S * scale, READ_TIMEOUT_S * scale),
+                           give_up_s=GIVE_UP_S * scale, backoff=1.0 * scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        try:
+            fetch([source, dataclasses.replace(source, repo="other/" + source.repo)], Path(tmp) / PATH, options)
+        except FetchError:
+            pass
+        else:
+            raise AssertionError("a fetch from dead endpoints succeeded")
+        took = time.perf_counter() - started
+    for sock in listeners:
+        sock.close()
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=float, default=48.0)
     parser.add_argument("--rate-mb", type=float, default=24.0, help="server throttle, MB/s")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--silent", type=int, default=2, help="endpoints that accept and never answer")
+    parser.add_argument("--fast", action="store_true", help="timeouts / 30 for dead_endpoints_s (not the defaults)")
     args = parser.parse_args()
     size, rate = int(args.size_mb * 1e6), args.rate_mb * 1e6
     data = os.urandom(size)
@@ -71,7 +120,7 @@ def main() -> None:
         for i in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
             dest = Path(tmp) / f"ours{i}.safetensors"
             started = time.perf_counter()
-            fetch([source], dest, endpoints=[endpoint])
+            fetch([source], dest, FetchOptions(endpoints=[endpoint], auth=None))
             ours.append(time.perf_counter() - started)
             started = time.perf_counter()
             plain_download(url, Path(tmp) / f"plain{i}.bin")
@@ -90,10 +139,13 @@ def main() -> None:
             mirror.faults.drop_at = (0.5,)
             sent = mirror.bytes_sent
             dest = Path(tmp) / f"resume{i}.safetensors"
-            fetch([source], dest, endpoints=[mirror.endpoint], backoff=0.0)
+            fetch([source], dest, FetchOptions(endpoints=[mirror.endpoint], backoff=0.0, auth=None))
             assert dest.read_bytes() == data
             overheads.append((mirror.bytes_sent - sent - size) / size)
             dest.unlink()
+
+    scale = 1 / 30 if args.fast else 1.0
+    dead_s = dead_endpoints_s(source, args.silent, scale)
 
     throughput_ratio = size / t_ours / rate
     hash_overhead = t_ours / t_plain
@@ -103,9 +155,13 @@ def main() -> None:
     print(f"plain requests stream, no hash:  {t_plain:.3f} s = {size / t_plain / 1e6:.1f} MB/s")
     print(f"re-downloaded after a drop at 50 %: {resume_overhead * size / 1e3:.0f} kB "
           f"(one chunk = {CHUNK_BYTES / 1e3:.0f} kB = {CHUNK_BYTES / size:.4f} of the file)")
+    print(f"every endpoint dead (1 refused, 1 unresolvable, {args.silent} silent), timeouts "
+          f"{'/ 30 (--fast)' if args.fast else 'at their defaults'}: gave up after {dead_s:.1f} s "
+          f"(bound {GIVE_UP_S * scale:.0f} s without a byte)")
     print(f"throughput_ratio={throughput_ratio:.3f} resume_overhead={resume_overhead:.4f} "
           f"hash_overhead={hash_overhead:.3f} plain_throughput_ratio={size / t_plain / rate:.3f} "
-          f"chunk_fraction={CHUNK_BYTES / size:.4f}")
+          f"chunk_fraction={CHUNK_BYTES / size:.4f} dead_endpoints_s={dead_s:.1f} "
+          f"dead_endpoints_defaults={0 if args.fast else 1}")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any] | Iterable[tuple[st
             scales[f"{owner}.weight"] = tensor.float()
             continue
         if key not in own:
-            prepared[key] = tensor  # reported as unexpected by load_state_dict
+            prepared[key] = tensor.to("meta")  # reported as unexpected by load_state_dict; its bytes freed now
         elif key in narrow and tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
             prepared[key] = tensor.to(torch.float8_e4m3fn)
         elif key in linear_weights and key not in kept:

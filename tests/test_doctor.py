@@ -1,7 +1,6 @@
 """``python -m lib_sd3 doctor`` on small fake A1111 trees shaped like the real early-SD3 and dev code."""
 
 import dataclasses
-import hashlib
 import json
 import os
 import textwrap
@@ -13,6 +12,7 @@ from safetensors.numpy import save_file
 
 from lib_sd3 import cli, doctor, known_files, targets
 from lib_sd3.doctor import FAIL, INFO, OK, WARN
+from lib_sd3.hashing import sha256_bytes
 
 # --- fake A1111 source, trimmed from the real shapes of both states ------------------------------
 
@@ -224,7 +224,7 @@ def loads(path):
 def tiny_known(monkeypatch, tmp_path):
     """Replace the table with files small enough to write: same shape, our own sizes and digests."""
     data = write_safetensors(tmp_path / "reference.safetensors")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     table = tuple(known_files.KnownFile(name, "org/repo", name, len(data), digest, confirmed)
                   for name, confirmed in (("clip_l.safetensors", True), ("clip_g.safetensors", False),
                                           ("t5xxl_fp16.safetensors", True), ("t5xxl_fp8_e4m3fn.safetensors", True)))
@@ -304,7 +304,7 @@ def test_hash_verdicts(tmp_path, tiny_known):
     (clip / "clip_l.safetensors").write_bytes(bytes(flipped))
     assert doctor.check_text_encoder(clip, l_file, False).status == OK  # size alone cannot see it
     bad = doctor.check_text_encoder(clip, l_file, True)
-    assert bad.status == FAIL and hashlib.sha256(flipped).hexdigest()[:12] in bad.detail
+    assert bad.status == FAIL and sha256_bytes(flipped)[:12] in bad.detail
     (clip / "clip_g.safetensors").write_bytes(bytes(flipped))
     unconfirmed = doctor.check_text_encoder(clip, g_file, True)
     assert unconfirmed.status == WARN and "unconfirmed" in unconfirmed.detail  # never FAIL on an unconfirmed digest
@@ -351,7 +351,7 @@ def cache_repo(cache, repo, files, revision="0123456789abcdef", blobs=True):
     snapshot.mkdir(parents=True)
     (base / "blobs").mkdir(exist_ok=True)
     for name in files:
-        blob = base / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        blob = base / "blobs" / sha256_bytes(name.encode())
         if blobs:
             blob.write_text(name)
         os.symlink(os.path.relpath(blob, snapshot), snapshot / name)  # as huggingface_hub lays it out

@@ -36,6 +36,7 @@ from lib_sd3.fetch import (
     is_offline,
     resolve_url,
 )
+from lib_sd3.hashing import sha256_bytes
 from lib_sd3.known_files import KnownFile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def payload(size: int = SIZE, seed: int = 0) -> bytes:
 
 
 DATA = payload()
-SHA = hashlib.sha256(DATA).hexdigest()
+SHA = sha256_bytes(DATA)
 
 
 def known(confirmed: bool = True, sha256: str | None = SHA, size: int | None = SIZE, repo: str = REPO) -> KnownFile:

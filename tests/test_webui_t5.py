@@ -13,7 +13,6 @@ simpler than T5's: these tests judge loading and wiring, not T5.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import types
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hf_mirror import HFMirror
 from lib_sd3 import fetch as fetcher
 from lib_sd3 import t5 as t5_lib
 from lib_sd3.fetch import FetchOptions
+from lib_sd3.hashing import sha256_bytes
 from lib_sd3.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
 
 T5_CONFIG = {"d_ff": 24, "d_model": 16, "num_heads": 2, "num_layers": 3, "vocab_size": 50}
@@ -198,7 +198,7 @@ def expected_output(state: dict[str, torch.Tensor], prompts: list[str]) -> torch
 
 def known(name: str) -> tuple[KnownFile, ...]:
     data = FILES[name]
-    return (KnownFile(name, A1111_TEXT_ENCODERS, name, len(data), hashlib.sha256(data).hexdigest(), True),)
+    return (KnownFile(name, A1111_TEXT_ENCODERS, name, len(data), sha256_bytes(data), True),)
 
 
 # -------------------------------------------------------------------------------------------- fixtures

@@ -21,7 +21,6 @@ not say which keys.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from lib_sd3.hashing import sha256_bytes
 from lib_sd3.mixdq import layers
 from lib_sd3.mixdq.qlinear import ACT_BITS, WEIGHT_BITS
 from lib_sd3.mixdq.quantizers import DEFAULT_GROUP_SIZE
@@ -81,7 +81,7 @@ class BitConfig:
 
     def digest(self) -> str:
         """Stable short hash of everything that changes the quantized weights or outputs."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return sha256_bytes(json.dumps(self.to_dict(), sort_keys=True).encode())[:12]
 
     def summary(self) -> str:
         """One line for the infotext: name, hash, and the bit mix."""

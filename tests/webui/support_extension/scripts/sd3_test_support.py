@@ -9,8 +9,9 @@ It also runs inside A1111 when scripts load, before the model loads, and does tw
 
 - shrinks A1111's ``T5_CONFIG`` in place (``modules.models.sd3.sd3_cond`` on dev, ``sd3_model`` on
   34b4443c) to the reduced T5 the test's mirror serves: T5-XXL at full size needs ~19 GB in fp32;
-- points the extension's known-files table at that reduced file's size and sha256, so the downloader
-  verifies the bytes the mirror really serves instead of rejecting them as not the real T5-XXL.
+- gives the extension's T5 feature (``lib_sd3.webui.t5.T5.configure``) that reduced file's size and
+  sha256, so the downloader verifies the bytes the mirror really serves instead of rejecting them
+  as not the real T5-XXL.
 """
 
 import dataclasses
@@ -38,37 +39,19 @@ def _shrink_t5_config() -> str:
     return "no T5_CONFIG found"
 
 
-def _retarget_known_files() -> str:
-    """Every ``KnownFile`` row for the T5 file, wherever lib_sd3 keeps one (tables, per-file lookups)."""
-    import sys
+def _use_reduced_t5_source() -> str:
+    """Give the extension's T5 feature the reduced file's size and sha256 through its one public
+    seam, ``T5.configure`` (the feature is built at start-up; nothing else in lib_sd3 is touched)."""
 
     if not SETTINGS.get("sha256"):
         return "no reduced T5 digest given"
+    from lib_sd3.webui.t5 import T5
+
     filename = SETTINGS.get("filename", "t5xxl_fp16.safetensors")
-    changed = 0
-
-    def fix(value):
-        nonlocal changed
-        if dataclasses.is_dataclass(value) and getattr(value, "filename", None) == filename:
-            names = {f.name for f in dataclasses.fields(value)}
-            wanted = {"size": SETTINGS["size"], "sha256": SETTINGS["sha256"], "confirmed": True}
-            changed += 1
-            return dataclasses.replace(value, **{k: v for k, v in wanted.items() if k in names})
-        if isinstance(value, tuple):
-            return tuple(fix(v) for v in value)
-        if isinstance(value, list):
-            value[:] = [fix(v) for v in value]
-        elif isinstance(value, dict):
-            for key in list(value):
-                value[key] = fix(value[key])
-        return value
-
-    for name, module in list(sys.modules.items()):
-        if name == "lib_sd3" or name.startswith("lib_sd3."):
-            for attr, value in list(vars(module).items()):
-                if isinstance(value, (tuple, list, dict)) or dataclasses.is_dataclass(value):
-                    setattr(module, attr, fix(value))
-    return f"{changed} T5 known-file row(s) point at the reduced test file"
+    rows = tuple(dataclasses.replace(row, size=SETTINGS["size"], sha256=SETTINGS["sha256"], confirmed=True)
+                 for row in T5.setup.sources[filename])
+    T5.configure(dataclasses.replace(T5.setup, sources={**T5.setup.sources, filename: rows}))
+    return f"{len(rows)} T5 source(s) point at the reduced test file"
 
 
 def _safely(step) -> str:
@@ -78,7 +61,7 @@ def _safely(step) -> str:
         return f"{step.__name__} failed: {error!r}"
 
 
-print(f"[sd3-test-support] {_safely(_shrink_t5_config)}; {_safely(_retarget_known_files)}")
+print(f"[sd3-test-support] {_safely(_shrink_t5_config)}; {_safely(_use_reduced_t5_source)}")
 
 
 LATENT_KEY = "SD3 test latent"
