@@ -564,7 +564,7 @@ def _free_bytes(folder: Path) -> int:
 
 def _write(fh, data: bytes | memoryview) -> None:
     """The one place bytes hit the disk: an unbuffered file, so a full disk is reported by the
-    write that hit it, never again by a buffer flushed at close (tests inject a full disk here)."""
+    write that hit it, never again by a buffer flushed at close."""
     view = memoryview(data)
     while view:
         written = fh.write(view)

@@ -580,8 +580,10 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     save_file(state, str(tmp_path / T5_FP16))
     reference.transformer.load_state_dict({k: v.float() for k, v in state.items()})
 
+    from lib_sd3.t5_file import encoder_layout
     from lib_sd3.webui import t5 as t5_webui
 
+    assert t5_webui.expected_layout() == encoder_layout(config), "the doctor's T5 layout is A1111's own"
     tokens = [[5, 6, 7, 1, 0, 0]]
     with torch.no_grad():
         want = reference(tokens)[0]
@@ -657,7 +659,7 @@ def test_users_own_t5_file_is_attached_and_never_touched(webui, variant, monkeyp
     assert status["precision"] == precision and status["file_states"][name]["precision"] == precision
 
     webui.t5.post_fetch()  # asks for nothing: the file serves
-    assert webui.t5.download.start(name) is False
+    assert webui.t5.download.start(name) is False and webui.t5.status()["fetch_state"] == "idle"
     with pytest.raises(fetcher.FetchError, match="left alone"):
         fetcher.fetch(known(name), path, FetchOptions(endpoints=["http://127.0.0.1:9"], auth=None))
     webui.shared.opts.data["sd3_t5_mode"] = "fp16"  # needs the fp16 file: fetched, from dead endpoints

@@ -251,6 +251,8 @@ class T5Download:
             manual = fetcher.manual_instructions(dest, self.setup.sources[name], endpoints())
             if dest.exists():
                 check = self.files.check(name)
+                if check.usable:
+                    return False  # nothing to download: it serves as it is
                 self.state, self.fetching, self.manual = "unusable", None, manual
                 self.error = f"{dest} is there but not usable ({check.detail}); it is left alone: move it away " \
                              "to have the published file fetched"
