@@ -157,8 +157,8 @@ def read_t5_state(path: Path) -> Iterable[tuple[str, Any]]:
 def load_keeping_dtypes(model, state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]], fp8: bool,
                         strict: bool = False):
     """Load ``state_dict`` (a mapping, or (key, tensor) pairs read one at a time) into ``model``;
-    Linear weights keep the file's dtype (or become fp8), one tensor converted at a time, so the
-    peak is what is kept plus one tensor.
+    Linear weights keep the file's dtype (fp32 ones become fp16; with ``fp8`` all become fp8), one
+    tensor converted at a time, so the peak is what is kept plus one tensor.
 
     With ``fp8``, every ``nn.Linear`` weight is stored as float8_e4m3fn (converted if the file
     has fp16; except layers the model lists in ``_keep_in_fp32_modules``); every Linear's forward
@@ -194,7 +194,8 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any] | Iterable[tuple[st
         elif key in narrow and tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
             prepared[key] = tensor.to(torch.float8_e4m3fn)
         elif key in linear_weights and key not in kept:
-            prepared[key] = tensor  # the file's dtype, upcast per layer
+            # the file's dtype, upcast per layer; a wider file (fp32) is kept at fp16's size, as planned for
+            prepared[key] = tensor if tensor.element_size() <= 2 else tensor.to(torch.float16)
         else:
             prepared[key] = tensor.to(own[key].dtype)
     aliases: dict[int, list[str]] = {}  # tied parameters (transformers' shared / embed_tokens)

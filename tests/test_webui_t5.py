@@ -654,6 +654,9 @@ def test_users_own_t5_file_is_attached_and_never_touched(webui, variant, monkeyp
     out, infotext = generate(webui, model)
     assert infotext == ("fp8" if name == T5_FP8 else "fp16")
     torch.testing.assert_close(out, expected_output(meant, ["a cat", "sign"]), rtol=1e-3, atol=1e-3)
+    weights = {p.dtype for n, p in model.cond_stage_model.t5xxl.named_parameters() if n.endswith(LINEAR)}
+    assert weights == {{"bf16": torch.bfloat16, "fp32": torch.float16}.get(variant, torch.float16)
+                       if name == T5_FP16 else torch.float8_e4m3fn}, "fp32 files are held at fp16's planned size"
     status = webui.t5.status()
     assert status["files"][name] is True and status["file_states"][name]["state"] == "own"
     assert status["precision"] == precision and status["file_states"][name]["precision"] == precision
