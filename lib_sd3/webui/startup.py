@@ -20,6 +20,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.t5",
     "lib_sd3.webui.samplers",
     "lib_sd3.webui.tokens",
+    "lib_sd3.webui.models",  # before mixdq: its load_model_weights patch must wrap ours (restore, then check)
     "lib_sd3.webui.mixdq",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
