@@ -74,11 +74,12 @@ def load_mmdit(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     family = detect(header.shapes, header.metadata, str(path))
     if family is None:
         raise CheckpointError(f"{Path(path).name}: not an SD3-family checkpoint (no MMDiT keys)")
-    check_complete(family, expected_shapes(family.config), header.shapes, Path(path).name)
+    model = build_mmdit(family.config, dtype=dtype, device="meta", qkv_linear=qkv_linear)
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    check_complete(family, expected, header.shapes, Path(path).name)
     tensors = load_file(str(path), device=str(device))
     prefix = family.prefix
     state = {k[len(prefix):]: v.to(dtype) for k, v in tensors.items() if k.startswith(prefix)}
-    model = build_mmdit(family.config, dtype=dtype, device="meta", qkv_linear=qkv_linear)
     model.load_state_dict(state, strict=True, assign=True)
     model.dtype = dtype
     return family, model.eval()
