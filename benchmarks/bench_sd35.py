@@ -30,7 +30,7 @@ from tests import tiny_sd35  # noqa: E402
 
 TIMESTEPS = (999.0, 750.0, 500.0, 250.0, 30.0)
 SKIPS = ([1], [0, 1], [2])
-LOAD_DEPTH = 8  # 512 wide, ~85 M parameters: ~340 MB in fp32
+LOAD_DEPTH = 6  # 384 wide, ~36 M parameters: ~145 MB in fp32
 LOAD_ROUNDS = 7
 
 

@@ -52,7 +52,7 @@ def family_status(webui) -> dict:
 
 
 def generate(webui, **overrides) -> tuple[np.ndarray, dict, str]:
-    image, info, log = txt2img(webui, sampler_name="Euler", **overrides)
+    image, info, log = txt2img(webui, **dict({"sampler_name": "Euler"}, **overrides))
     recorded = info.get("extra_generation_params", {}).get(LATENT_KEY, "").split()
     assert len(recorded) == 4, f"no {LATENT_KEY!r} in the infotext: {info.get('extra_generation_params')}"
     finite, std = recorded[1] == "1", float(recorded[3])
@@ -139,3 +139,16 @@ def test_truncated_checkpoint_is_refused_and_the_previous_model_stays(webui):
         assert family_status(webui)["family"] == "sd3.5-large"
         after, _, _ = generate(webui)
         assert np.array_equal(before, after), "the previous model changed after the refused load"
+
+
+def test_token_counter_and_flow_samplers_work_on_sd35(webui):
+    """Same text encoders, same flow maths: the counter answers alike and DDIM / DPM++ 2M stay finite."""
+    prompt = {"prompt": "a kangaroo in an orange hoodie", "negative": "blurry"}
+    on_sd3 = webui.sd3_route("POST", "/sd3/token-count", prompt)
+    with back_to_sd3(webui):
+        for name in (LARGE, MEDIUM):
+            switch(webui, name)
+            on_sd35 = webui.post("/sd3/token-count", prompt)
+            assert on_sd35.status_code == 200 and on_sd35.json() == on_sd3.json(), on_sd35.text
+            for sampler in ("DDIM", "DPM++ 2M"):
+                generate(webui, sampler_name=sampler)
