@@ -70,5 +70,7 @@ def install() -> None:
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
     _run_each(hooks.INSTALL, script_callbacks, what="install")
+    REGISTRY.sync(sd3_loaded=False)  # global patches first: reading shared.sd_model below may load a model,
+    # and the SD3.5 construction patch must be in place when it does
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())

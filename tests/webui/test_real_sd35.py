@@ -66,6 +66,12 @@ def _mixdq(value: str) -> dict:
     return {"alwayson_scripts": {"SD3": {"args": [{"mixdq": value}]}}}
 
 
+def test_startup_model_reports_its_family(webui):
+    """The model A1111 loads at start-up (sd3-tiny, ``--ckpt``) went through the construction patch too."""
+    assert checkpoint(webui).startswith(SD3)
+    assert family_status(webui)["family"] == "sd3-medium"
+
+
 def test_each_family_loads_generates_and_reports_itself(webui):
     with back_to_sd3(webui):
         for name in (LARGE, MEDIUM, SD3):
