@@ -188,3 +188,16 @@ def test_undo_puts_a1111_back(webui):
     assert sd3_model.BaseModel is A1111BaseModel
     assert sd_models.load_model_weights.__name__ == "load_model_weights" and \
         not hasattr(sd_models.load_model_weights, "__sd3_original__")
+
+
+def test_a_model_a1111_built_wrong_is_rebuilt_at_load(webui):
+    """Construction patch missing (say, a future A1111 renamed BaseModel): the load still gets the right MMDiT."""
+    from lib_sd3.webui import models
+
+    REGISTRY.undo(models.CONSTRUCTION.name)
+    model = Inferencer(load_file(webui.files["sd3.5-large"]))
+    assert type(model.model) is A1111BaseModel and model.model.diffusion_model.config.qk_norm is None
+    _load(webui, model, "sd3.5-large")
+    ours, reference = _output(model, webui.files["sd3.5-large:ref"])
+    assert model.model.diffusion_model.config.qk_norm == "rms"
+    assert (ours - reference).abs().max().item() < 1e-4

@@ -88,6 +88,7 @@ def _family_base_model(original: type) -> type:
             log.info("%s: building the SD3.5 MMDiT (qk-norm %s, MMDiT-X layers %s)", family.label,
                      family.config.qk_norm, list(family.config.x_block_self_attn_layers) or "none")
 
+    # same name as A1111's class, so anything that prints or compares the class name sees "BaseModel"
     SD3FamilyBaseModel.__qualname__ = SD3FamilyBaseModel.__name__ = original.__name__
     return SD3FamilyBaseModel
 
@@ -108,14 +109,19 @@ def _built_config(holder: Any) -> MMDiTConfig | None:
 
 
 def _rebuild(holder: Any, family: Family, state_dict: dict) -> None:
-    """Give ``holder`` a fresh MMDiT for ``family`` (uninitialised: the load fills every parameter)."""
+    """Give ``holder`` a fresh MMDiT for ``family`` (uninitialised: the load fills every parameter).
+
+    SD3 Medium gets A1111's own class (``sd3_impls.BaseModel``, whose name we never patch), SD3.5 ours.
+    """
     old = holder.diffusion_model
     sample = next(old.parameters())
-    base_model = a1111_module(SD3_MODEL).BaseModel
     with torch.device("meta"):
-        fresh = base_model(shift=1.0, device=None, dtype=sample.dtype, state_dict=state_dict,
-                           prefix=family.prefix)
-    mmdit = fresh.diffusion_model.to_empty(device=sample.device)
+        if family.needs_our_mmdit:
+            fresh = MMDiT(family.config, qkv_linear=_a1111_qkv_linear(), dtype=sample.dtype)
+        else:
+            fresh = a1111_module(SD3_IMPLS).BaseModel(shift=1.0, device=None, dtype=sample.dtype,
+                                                      state_dict=state_dict, prefix=family.prefix).diffusion_model
+    mmdit = fresh.to_empty(device=sample.device)
     mmdit.dtype = getattr(old, "dtype", sample.dtype)
     holder.diffusion_model = mmdit
     holder.depth = family.config.depth
@@ -137,9 +143,12 @@ def _checked_load(original: Any) -> Any:
         if family is None:
             return original(model, checkpoint_info, state_dict, timer)
         where = Path(filename).name if filename else "checkpoint"
-        check_complete(family, expected_shapes(family.config), shapes_of(state_dict), where)
+        checkpoint = shapes_of(state_dict)
+        check_complete(family, expected_shapes(family.config), checkpoint, where)  # before anything changes
         if _built_config(holder) != family.config:
             _rebuild(holder, family, state_dict)
+        # the module itself, too: whoever built it, every key must land in it
+        check_complete(family, shapes_of(holder.diffusion_model.state_dict()), checkpoint, where)
         result = original(model, checkpoint_info, state_dict, timer)
         unfilled = [name for name, p in holder.diffusion_model.named_parameters() if p.is_meta]
         if unfilled:
