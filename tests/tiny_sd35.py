@@ -45,7 +45,7 @@ def diffusers_model(family: str, seed: int = 0, depth: int = DEPTH):
     return model.eval()
 
 
-def stability_checkpoint(model, metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def stability_checkpoint(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in diffusers_to_stability(model.state_dict()).items()}
 
 
