@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib_sd3 import known_files, sd3_state, targets
+from lib_sd3 import families, known_files, sd3_state, targets
 from lib_sd3.hashing import sha256_file
 from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.safetensors_file import read_header
@@ -289,6 +289,39 @@ def check_targets(root: Path) -> list[Check]:
     return checks
 
 
+# --- checkpoints in models/Stable-diffusion -------------------------------------------------------
+
+def check_checkpoints(checkpoint_dir: Path) -> list[Check]:
+    """Which SD3 family each ``.safetensors`` checkpoint is, from its header alone (no tensor is read).
+
+    A broken SD3-shaped file is a WARN, not a FAIL: the other checkpoints still work.
+    """
+    if not checkpoint_dir.is_dir():
+        return []
+    checks = []
+    for path in sorted(checkpoint_dir.rglob("*.safetensors")):
+        name = str(path.relative_to(checkpoint_dir))
+        try:
+            family = families.detect_file(path)
+        except families.CheckpointError as error:
+            checks.append(Check("checkpoints", name, WARN, str(error)))
+            continue
+        except OSError as error:
+            checks.append(Check("checkpoints", name, WARN, f"cannot be read: {error.strerror or error}"))
+            continue
+        if family is None:
+            continue
+        config = family.config
+        detail = (f"{family.label}: depth {config.depth}, qk-norm {config.qk_norm or 'none'}, MMDiT-X layers "
+                  f"{list(config.x_block_self_attn_layers) or 'none'}, position grid {config.pos_embed_max_size}")
+        if family.turbo_from:
+            detail += f" (Turbo from its {family.turbo_from})"
+        if family.needs_our_mmdit:
+            detail += "; A1111 alone cannot run it, sd-webui-sd3 builds its MMDiT"
+        checks.append(Check("checkpoints", name, OK, detail))
+    return checks
+
+
 # --- the whole report ---------------------------------------------------------------------------
 
 def diagnose(root: Path, models_dir: Path | None = None, verify_hash: bool = False,
@@ -296,7 +329,8 @@ def diagnose(root: Path, models_dir: Path | None = None, verify_hash: bool = Fal
     """Every check on the checkout at ``root``; raises NotA1111Error for anything else."""
     root = Path(root)
     require_a1111(root)
-    clip_dir = (Path(models_dir) if models_dir else root / "models") / "CLIP"
+    models = Path(models_dir) if models_dir else root / "models"
+    clip_dir = models / "CLIP"
     env = os.environ if env is None else env
     home = Path.home() if home is None else home
     checks = [check_state(root)]
@@ -305,6 +339,7 @@ def diagnose(root: Path, models_dir: Path | None = None, verify_hash: bool = Fal
     checks += check_tokenizers(env, home)
     checks += check_iclight(root)
     checks += check_targets(root)
+    checks += check_checkpoints(models / "Stable-diffusion")
     return checks
 
 
@@ -324,7 +359,7 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "doctor", help="check an A1111 checkout for SD3 without starting it",
         description="Check an A1111 checkout for SD3 without starting it: SD3 state, text-encoder files, tokenizer "
-                    "caches, IC-Light, patch targets. Exit status 0: SD3 can work; 1: it cannot (FAIL rows); "
+                    "caches, IC-Light, patch targets, the SD3 family of each checkpoint. Exit status 0: SD3 can work; 1: it cannot (FAIL rows); "
                     "2: not an A1111 checkout.")
     parser.add_argument("--webui", required=True, type=Path, help="the stable-diffusion-webui folder")
     parser.add_argument("--models-dir", type=Path, default=None,

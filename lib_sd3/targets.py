@@ -34,6 +34,10 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "NaN guard around the SD3 denoiser"),
     SourceTarget("iclight.hooks", ("modules/scripts.py",), r"^class ScriptRunner\b",
                  "IC-Light hooks wrapped in the script runners"),
+    SourceTarget("models.BaseModel", ("modules/models/sd3/sd3_model.py",), r"^class SD3Inferencer\b",
+                 "SD3.5 Large / Medium built with their own MMDiT (qk-norm, MMDiT-X)"),
+    SourceTarget("models.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
+                 "SD3 checkpoints checked key by key before loading; the previous model kept on a bad file"),
     SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "MixDQ float layers restored before A1111 loads new weights"),
 )

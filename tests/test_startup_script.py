@@ -239,3 +239,26 @@ def test_process_rejects_bad_api_args_with_a_clear_error(webui):
     script = load_script().SD3Script()
     with pytest.raises(script_args.ScriptArgError, match="mixdq"):
         script.process(object(), {"mixdq": "w2a2"})
+
+
+def test_global_patches_are_in_place_before_the_first_model_load(webui):
+    """Reading ``shared.sd_model`` loads A1111's model on first access: construction patches must already hold."""
+    seen = []
+
+    class Shared(types.ModuleType):
+        @property
+        def sd_model(self):
+            seen.append(a1111("modules.sd_hijack").helper())
+            return None
+
+    shared = a1111("modules.shared")
+    lazy = Shared("modules.shared")
+    lazy.__dict__.update({k: v for k, v in vars(shared).items() if k != "sd_model"})
+    sys.modules["modules.shared"] = lazy
+    sys.modules["modules"].shared = lazy
+    try:
+        load_script()
+    finally:
+        sys.modules["modules.shared"] = shared
+        sys.modules["modules"].shared = shared
+    assert seen and seen[0] == "patched"

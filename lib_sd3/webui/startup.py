@@ -20,6 +20,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.t5",
     "lib_sd3.webui.samplers",
     "lib_sd3.webui.tokens",
+    "lib_sd3.webui.models",  # before mixdq: its load_model_weights patch must wrap ours (restore, then check)
     "lib_sd3.webui.mixdq",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
@@ -69,5 +70,7 @@ def install() -> None:
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
     _run_each(hooks.INSTALL, script_callbacks, what="install")
+    REGISTRY.sync(sd3_loaded=False)  # global patches first: reading shared.sd_model below may load a model,
+    # and the SD3.5 construction patch must be in place when it does
     REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())

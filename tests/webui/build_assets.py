@@ -8,6 +8,11 @@ test session runs this as a subprocess. Written under DIR:
 - ``Stable-diffusion/sd3-tiny.safetensors``: an MMDiT of depth 2 built with A1111's own ``MMDiT``
   class (A1111 infers depth = ``x_embedder.proj.weight.shape[0] // 64``) plus A1111's full-size
   ``SDVAE``, all random.
+- ``Stable-diffusion/sd35-large-tiny.safetensors`` (qk-norm, depth 3) and ``sd35-medium-tiny.safetensors``
+  (qk-norm + MMDiT-X on block 0, depth 2: same width as sd3-tiny, so SD3 <-> SD3.5 Medium differ only in
+  the layout A1111 cannot build), built with the extension's own ``lib_sd3.mmdit.MMDiT`` (A1111 has no
+  SD3.5 class), qk-norm scales random around 1 so dropping them shows; sd3-tiny's VAE.
+  ``sd3-broken-truncated.safetensors``: an SD3-shaped file cut short, for the bad-input case.
 - ``CLIP/clip_g.safetensors``, ``CLIP/clip_l.safetensors``: random full-size CLIP-G / CLIP-L with the
   key layout of A1111's ``SDXLClipG`` / ``SDClipModel`` (their sizes are hard-coded in A1111, so they
   cannot be shrunk). Both A1111 states load them from ``models/CLIP/`` when the checkpoint lacks them.
@@ -159,6 +164,43 @@ def build_checkpoint(out: Path, generator) -> Path:
     return path
 
 
+SD35_SEED = SEED + 35
+SD35_SHAPES = {"sd35-large-tiny": {"depth": 3, "layers": ()}, "sd35-medium-tiny": {"depth": 2, "layers": (0,)}}
+TRUNCATED = "sd3-broken-truncated.safetensors"
+
+
+def build_sd35_checkpoints(out: Path, sd3_checkpoint: Path) -> list[Path]:
+    """SD3.5-shaped checkpoints, after everything else so the older files keep their bytes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lib_sd3.families import MMDiTConfig
+    from lib_sd3.mmdit import MMDiT
+
+    generator = torch.Generator().manual_seed(SD35_SEED)
+    vae = {k: v for k, v in load_file(str(sd3_checkpoint)).items() if k.startswith("first_stage_model.")}
+    paths = []
+    for name, shape in SD35_SHAPES.items():
+        config = MMDiTConfig(depth=shape["depth"], patch_size=2, in_channels=16, out_channels=16,
+                             pos_embed_max_size=POS_EMBED_MAX_SIZE, context_dim=CONTEXT_WIDTH, adm_dim=ADM_IN_CHANNELS,
+                             qk_norm="rms", x_block_self_attn_layers=shape["layers"])
+        with torch.device("meta"):
+            mmdit = MMDiT(config, dtype=torch.float32)
+        state = _reinit(mmdit, generator)
+        for key in state:
+            if key.endswith((".ln_q.weight", ".ln_k.weight")):
+                state[key] = 1 + 0.5 * torch.randn(state[key].shape, generator=generator)
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+        state.update(vae)
+        path = out / "Stable-diffusion" / f"{name}.safetensors"
+        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
+        paths.append(path)
+    truncated = out / "Stable-diffusion" / TRUNCATED
+    truncated.write_bytes(sd3_checkpoint.read_bytes()[: sd3_checkpoint.stat().st_size * 2 // 3])
+    return [*paths, truncated]
+
+
 def build_clip(out: Path, webui: Path, generator) -> list[Path]:
     from safetensors.torch import save_file
 
@@ -300,6 +342,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(SEED)
     files = [build_checkpoint(out, generator), *build_clip(out, webui, generator),
              build_vae_approx(out, generator), build_reduced_t5(out, generator)]
+    files += build_sd35_checkpoints(out, files[0])
     hf_home = out / "hf"
     (hf_home / "hub").mkdir(parents=True, exist_ok=True)
     (hf_home / "hub" / "version.txt").write_text("1", encoding="utf-8")  # transformers 4.30: no cache migration

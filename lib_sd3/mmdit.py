@@ -1,0 +1,239 @@
+"""Our MMDiT for the SD3.5 families: qk-norm (RMSNorm on q and k per head) and MMDiT-X blocks.
+
+Written in the style of sd3-ref / A1111's ``modules/models/sd3/mmdit.py`` with Stability's key
+layout (``joint_blocks.N.{context_block,x_block}.attn.qkv``, ``attn.ln_q``, ``x_block.attn2.*``,
+``adaLN_modulation.1``), so checkpoints, MixDQ layer names and LoRA names are the ones A1111 and
+Stability use. A1111's own MMDiT has qk-norm but is never told to use it and has no MMDiT-X; we
+build this one only for the families that need it (see :attr:`lib_sd3.families.Family.needs_our_mmdit`)
+and leave SD3 Medium to A1111's, so nothing changes for the model A1111 already handles.
+
+An MMDiT-X block (SD3.5 Medium) gives the image stream a second self-attention over image tokens
+only (``attn2``), fed by the same ``norm1`` output with its own shift/scale and added with its own
+gate: a 9-way adaLN modulation (shift/scale/gate for msa, mlp, msa2) instead of 6-way.
+
+Blocks are called ``block(context, x, c=...)`` and return ``(context, x)``, like A1111's, so
+:func:`lib_sd3.slg.skip_blocks` and anything else written for A1111's MMDiT works on both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_sd3.families import MMDiTConfig
+
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features, as sd3-ref
+NORM_EPS = 1e-6
+
+
+class QkvLinear(nn.Linear):
+    """The fused q/k/v projection. The WebUI passes A1111's class instead (its LoRA code type-checks it)."""
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention on ``(B, L, H*D)`` tensors, returning ``(B, L, H*D)``."""
+    b, _, dim = q.shape
+    q, k, v = (t.reshape(b, -1, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, -1, dim)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features ``[cos, sin]`` of the timestep (sd3-ref's order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis with a learned scale (the qk-norm of SD3.5)."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS, dtype=None, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight.to(device=x.device, dtype=x.dtype)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, dtype=dtype, device=device)
+        self.fc2 = nn.Linear(hidden, dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Embedder(nn.Module):
+    """``mlp = Linear, SiLU, Linear`` -- the timestep and pooled-text embedders' shared shape."""
+
+    def __init__(self, dim_in: int, dim: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim_in, dim, dtype=dtype, device=device), nn.SiLU(),
+                                 nn.Linear(dim, dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, pre_only: bool, qk_norm: str | None, qkv_linear: type[nn.Linear],
+                 dtype=None, device=None) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = qkv_linear(dim, 3 * dim, bias=True, dtype=dtype, device=device)
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim, dtype=dtype, device=device)
+        if qk_norm == "rms":
+            self.ln_q = RMSNorm(dim // heads, dtype=dtype, device=device)
+            self.ln_k = RMSNorm(dim // heads, dtype=dtype, device=device)
+        elif qk_norm is None:
+            self.ln_q = self.ln_k = nn.Identity()
+        else:
+            raise ValueError(f"unknown qk_norm {qk_norm!r}")
+
+    def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        return self.ln_q(q).reshape(b, n, dim), self.ln_k(k).reshape(b, n, dim), v.reshape(b, n, dim)
+
+
+class DismantledBlock(nn.Module):
+    """One stream of a joint block: adaLN-modulated attention inputs, then gated attention + MLP."""
+
+    def __init__(self, dim: int, heads: int, pre_only: bool, qk_norm: str | None, dual_attention: bool,
+                 qkv_linear: type[nn.Linear], dtype=None, device=None) -> None:
+        super().__init__()
+        self.pre_only, self.dual_attention = pre_only, dual_attention
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS, dtype=dtype, device=device)
+        self.attn = SelfAttention(dim, heads, pre_only, qk_norm, qkv_linear, dtype, device)
+        if dual_attention:
+            self.attn2 = SelfAttention(dim, heads, False, qk_norm, qkv_linear, dtype, device)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS, dtype=dtype, device=device)
+            self.mlp = Mlp(dim, 4 * dim, dtype, device)
+        self.n_mods = 2 if pre_only else 9 if dual_attention else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim, dtype=dtype, device=device))
+
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """(q, k, v) for the joint attention, (q, k, v) of ``attn2`` or None, and what post_attention needs."""
+        mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
+        h = self.norm1(x)
+        qkv = self.attn.pre_attention(modulate(h, mods[0], mods[1]))
+        qkv2 = self.attn2.pre_attention(modulate(h, mods[6], mods[7])) if self.dual_attention else None
+        return qkv, qkv2, mods
+
+    def post_attention(self, attn: torch.Tensor, attn2: torch.Tensor | None, x: torch.Tensor,
+                       mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
+        if attn2 is not None:
+            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class JointBlock(nn.Module):
+    """Text and image streams attend jointly; the text stream of the last block is ``pre_only``."""
+
+    def __init__(self, dim: int, heads: int, pre_only: bool, qk_norm: str | None, dual_attention: bool,
+                 qkv_linear: type[nn.Linear], dtype=None, device=None) -> None:
+        super().__init__()
+        self.context_block = DismantledBlock(dim, heads, pre_only, qk_norm, False, qkv_linear, dtype, device)
+        self.x_block = DismantledBlock(dim, heads, False, qk_norm, dual_attention, qkv_linear, dtype, device)
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+        heads = self.x_block.attn.num_heads
+        (cq, ck, cv), _, context_mods = self.context_block.pre_attention(context, c)
+        (xq, xk, xv), x_qkv2, x_mods = self.x_block.pre_attention(x, c)
+        joint = attention(torch.cat((cq, xq), 1), torch.cat((ck, xk), 1), torch.cat((cv, xv), 1), heads)
+        n_context = context.shape[1]
+        context_attn, x_attn = joint[:, :n_context], joint[:, n_context:]
+        attn2 = attention(*x_qkv2, heads) if x_qkv2 is not None else None
+        context = None if self.context_block.pre_only else \
+            self.context_block.post_attention(context_attn, None, context, context_mods)
+        return context, self.x_block.post_attention(x_attn, attn2, x, x_mods)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_channels: int, dim: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, patch_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS, dtype=dtype, device=device)
+        self.linear = nn.Linear(dim, out, dtype=dtype, device=device)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """``forward(x, t, y, context)`` -> velocity shaped like ``x``; A1111's ``BaseModel`` calls it the same way."""
+
+    def __init__(self, config: MMDiTConfig, qkv_linear: type[nn.Linear] = QkvLinear, dtype=None, device=None) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype  # A1111's BaseModel.get_dtype() reads this attribute
+        dim, heads = config.hidden_size, config.num_heads
+        self.patch_size, self.out_channels = config.patch_size, config.out_channels
+        self.pos_embed_max_size = config.pos_embed_max_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, dim, dtype, device)
+        self.t_embedder = Embedder(FREQUENCY_EMBEDDING_SIZE, dim, dtype, device)
+        self.y_embedder = Embedder(config.adm_dim, dim, dtype, device)
+        self.context_embedder = nn.Linear(config.context_dim, dim, dtype=dtype, device=device)
+        self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size ** 2, dim, dtype=dtype,
+                                                      device=device))
+        dual = set(config.x_block_self_attn_layers)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(dim, heads, i == config.depth - 1, config.qk_norm, i in dual, qkv_linear, dtype, device)
+            for i in range(config.depth))
+        self.final_layer = FinalLayer(dim, config.patch_size ** 2 * config.out_channels, dtype, device)
+
+    def cropped_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        """The centre crop of the ``max x max`` position grid for an ``h x w`` latent (sd3-ref's rule)."""
+        p, size = self.patch_size, self.pos_embed_max_size
+        h, w = hw[0] // p, hw[1] // p
+        if h > size or w > size:
+            raise ValueError(f"latent {hw} is larger than this model's {size * p} x {size * p} position grid")
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = self.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
+        return grid.reshape(1, h * w, -1)
+
+    def unpatchify(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        p, c = self.patch_size, self.out_channels
+        h, w = hw[0] // p, hw[1] // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        hw = tuple(x.shape[-2:])
+        tokens = self.x_embedder(x) + self.cropped_pos_embed(hw).to(x.dtype)
+        c = self.t_embedder(timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE).to(x.dtype))
+        if y is not None:
+            c = c + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            context, tokens = block(context, tokens, c=c)
+        return self.unpatchify(self.final_layer(tokens, c), hw)

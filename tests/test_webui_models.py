@@ -1,0 +1,203 @@
+"""The SD3.5 construction and checked-loading patches against stand-in A1111 modules.
+
+The stand-in ``BaseModel`` builds what A1111's does: depth, patch, widths from shapes, but never
+qk-norm or MMDiT-X. ``load_model_weights`` loads with ``strict=False`` as A1111's does. The real
+A1111 runs the same patches in tests/webui/test_real_sd35.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib_sd3.families import CheckpointError, detect, shapes_of
+from lib_sd3.mmdit import MMDiT
+from lib_sd3.mmdit_load import KeyMismatchError
+from lib_sd3.webui import hooks
+from lib_sd3.webui.registry import REGISTRY
+from tests import tiny_sd35
+
+
+class A1111QkvLinear(torch.nn.Linear):
+    pass
+
+
+class ModelSamplingDiscreteFlow(torch.nn.Module):
+    def __init__(self, shift=1.0):
+        super().__init__()
+        self.shift = shift
+
+
+class A1111BaseModel(torch.nn.Module):
+    """What A1111 builds: every family as SD3 Medium."""
+
+    def __init__(self, shift=1.0, device=None, dtype=torch.float32, state_dict=None, prefix=""):
+        super().__init__()
+        config = dataclasses.replace(detect(shapes_of(state_dict)).config, qk_norm=None, x_block_self_attn_layers=())
+        self.diffusion_model = MMDiT(config, qkv_linear=A1111QkvLinear, dtype=dtype, device=device)
+        self.model_sampling = ModelSamplingDiscreteFlow(shift=shift)
+
+
+class Inferencer(torch.nn.Module):
+    def __init__(self, state_dict):
+        super().__init__()
+        import modules.models.sd3.sd3_model as sd3_model
+
+        self.model = sd3_model.BaseModel(shift=3.0, device="cpu", state_dict=state_dict, prefix="model.diffusion_model.")
+        self.is_sd3 = True
+
+
+@pytest.fixture
+def webui(fake_webui, tmp_path):
+    from lib_sd3.webui import models
+
+    calls = []
+
+    def load_model_weights(model, checkpoint_info, state_dict, timer):
+        calls.append(("load", checkpoint_info.filename))
+        model.load_state_dict(state_dict, strict=False)
+
+    def get_checkpoint_state_dict(checkpoint_info, timer):
+        return load_file(checkpoint_info.filename)
+
+    def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+        calls.append(("reload", info.filename))
+
+    fake_webui.module("modules.models.sd3.mmdit", QkvLinear=A1111QkvLinear)
+    fake_webui.module("modules.models.sd3.sd3_impls", BaseModel=A1111BaseModel,
+                      ModelSamplingDiscreteFlow=ModelSamplingDiscreteFlow)
+    fake_webui.module("modules.models.sd3.sd3_model", BaseModel=A1111BaseModel)
+    fake_webui.module("modules.sd_models", load_model_weights=load_model_weights, select_checkpoint=lambda: None,
+                      get_checkpoint_state_dict=get_checkpoint_state_dict, reload_model_weights=reload_model_weights)
+    files = {}
+    for name in tiny_sd35.SHAPES:
+        files[name] = tmp_path / f"{name}.safetensors"
+        files[name + ":ref"] = tiny_sd35.write_checkpoint(files[name], name, seed=3)
+    for patch in (models.CONSTRUCTION, models.LOADING):
+        assert REGISTRY.apply(patch.name).value == "applied", patch.reason
+    fake_webui.calls, fake_webui.files = calls, files
+    yield fake_webui
+
+
+def _info(path):
+    return types.SimpleNamespace(filename=str(path))
+
+
+def _output(model, reference=None):
+    x, context, pooled = tiny_sd35.inputs()
+    t = torch.full((x.shape[0],), 600.0)
+    with torch.no_grad():
+        ours = model.model.diffusion_model(x, t, y=pooled, context=context)
+        if reference is None:
+            return ours, None
+        return ours, reference(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                               timestep=t).sample
+
+
+def _load(webui, model, name):
+    import modules.sd_models
+
+    modules.sd_models.load_model_weights(model, _info(webui.files[name]), load_file(webui.files[name]), None)
+
+
+def test_construction_builds_our_mmdit_only_for_sd35(webui):
+    medium = Inferencer(load_file(webui.files["sd3.5-medium"]))
+    mmdit = medium.model.diffusion_model
+    assert isinstance(mmdit, MMDiT) and hasattr(mmdit.joint_blocks[0].x_block, "attn2")
+    assert type(mmdit.joint_blocks[0].x_block.attn.qkv) is A1111QkvLinear  # A1111's LoRA type-checks it
+    assert medium.model.model_sampling.shift == 3.0
+    sd3 = Inferencer(load_file(webui.files["sd3-medium"]))
+    assert isinstance(sd3.model, A1111BaseModel) and type(sd3.model).__mro__[1] is A1111BaseModel
+    assert sd3.model.diffusion_model.config.qk_norm is None
+
+
+@pytest.mark.parametrize("first, second", [("sd3-medium", "sd3.5-large"), ("sd3.5-large", "sd3.5-medium"),
+                                           ("sd3.5-medium", "sd3-medium")])
+def test_switching_family_rebuilds_and_matches_diffusers(webui, first, second):
+    model = Inferencer(load_file(webui.files[first]))
+    _load(webui, model, first)
+    assert model.sd3_family.name == first
+    _load(webui, model, second)
+    assert model.sd3_family.name == second
+    ours, reference = _output(model, webui.files[second + ":ref"])
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
+def test_missing_keys_are_refused_before_anything_changes(webui, tmp_path):
+    from safetensors.torch import save_file
+
+    model = Inferencer(load_file(webui.files["sd3.5-large"]))
+    _load(webui, model, "sd3.5-large")
+    before, _ = _output(model)
+    broken = load_file(webui.files["sd3.5-medium"])
+    del broken["model.diffusion_model.final_layer.linear.bias"]
+    path = tmp_path / "broken.safetensors"
+    save_file(broken, str(path))
+    import modules.sd_models
+
+    with pytest.raises(KeyMismatchError, match=r"broken.safetensors: SD3.5 Medium checkpoint does not fit its "
+                                               r"MMDiT: 1 missing \(first: model.diffusion_model.final_layer"):
+        modules.sd_models.load_model_weights(model, _info(path), load_file(path), None)
+    after, _ = _output(model)
+    assert torch.equal(before, after) and model.sd3_family.name == "sd3.5-large"
+    with pytest.raises(KeyMismatchError):
+        modules.sd_models.reload_model_weights(info=_info(path))
+    assert ("reload", str(path)) not in webui.calls
+
+
+def test_truncated_file_is_refused_before_a1111_reloads(webui, tmp_path):
+    import modules.sd_models
+
+    data = webui.files["sd3.5-large"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        modules.sd_models.reload_model_weights(info=_info(cut))
+    assert webui.calls == []
+    modules.sd_models.reload_model_weights(info=_info(webui.files["sd3.5-large"]))
+    assert webui.calls == [("reload", str(webui.files["sd3.5-large"]))]
+
+
+def test_status_and_infotext_name_the_family(webui):
+    from lib_sd3.webui import models
+
+    model = Inferencer(load_file(webui.files["sd3.5-medium"]))
+    _load(webui, model, "sd3.5-medium")
+    webui.shared.sd_model = model
+    assert hooks.STATUS[models.FEATURE]() == {
+        "family": "sd3.5-medium", "label": "SD3.5 Medium", "turbo_from": None, "mmdit": "sd-webui-sd3",
+        "depth": 3, "qk_norm": "rms", "mmdit_x_layers": [0, 1]}
+    p = types.SimpleNamespace(extra_generation_params={}, sd_model=model)
+    models.process(p, {})
+    assert p.extra_generation_params == {"SD3 family": "SD3.5 Medium"}
+
+
+def test_undo_puts_a1111_back(webui):
+    import modules.models.sd3.sd3_model as sd3_model
+    import modules.sd_models as sd_models
+
+    from lib_sd3.webui import models
+
+    assert sd3_model.BaseModel is not A1111BaseModel
+    REGISTRY.undo(models.CONSTRUCTION.name)
+    REGISTRY.undo(models.LOADING.name)
+    assert sd3_model.BaseModel is A1111BaseModel
+    assert sd_models.load_model_weights.__name__ == "load_model_weights" and \
+        not hasattr(sd_models.load_model_weights, "__sd3_original__")
+
+
+def test_a_model_a1111_built_wrong_is_rebuilt_at_load(webui):
+    """Construction patch missing (say, a future A1111 renamed BaseModel): the load still gets the right MMDiT."""
+    from lib_sd3.webui import models
+
+    REGISTRY.undo(models.CONSTRUCTION.name)
+    model = Inferencer(load_file(webui.files["sd3.5-large"]))
+    assert type(model.model) is A1111BaseModel and model.model.diffusion_model.config.qk_norm is None
+    _load(webui, model, "sd3.5-large")
+    ours, reference = _output(model, webui.files["sd3.5-large:ref"])
+    assert model.model.diffusion_model.config.qk_norm == "rms"
+    assert (ours - reference).abs().max().item() < 1e-4

@@ -1,0 +1,160 @@
+"""SD3.5 Large / Medium in a real A1111 (issue 14): load, generate, report the family, switch, bad files.
+
+The assets hold tiny SD3-, SD3.5-Large- and SD3.5-Medium-shaped checkpoints (tests/webui/build_assets.py)
+and an SD3-shaped file cut short. Every case ends with sd3-tiny loaded again, as the other cases expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from webui_support import tracebacks_in, txt2img
+
+FEATURE = "SD3.5 models"
+SD3, LARGE, MEDIUM = "sd3-tiny.safetensors", "sd35-large-tiny.safetensors", "sd35-medium-tiny.safetensors"
+TRUNCATED = "sd3-broken-truncated.safetensors"
+FAMILY = {SD3: ("sd3-medium", "SD3 Medium"), LARGE: ("sd3.5-large", "SD3.5 Large"),
+          MEDIUM: ("sd3.5-medium", "SD3.5 Medium")}
+LATENT_KEY = "SD3 test latent"
+MAX_LATENT_STD = 20.0
+"""A random tiny MMDiT gives latents of std ~1-3 with 4 Euler steps; beyond this something blew up."""
+
+
+def checkpoint(webui) -> str:
+    response = webui.get("/sdapi/v1/options")
+    response.raise_for_status()
+    return response.json()["sd_model_checkpoint"]
+
+
+def switch(webui, name: str) -> str:
+    """Select a checkpoint through ``/sdapi/v1/options``; return the server log of the switch."""
+    mark = webui.mark()
+    response = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
+    assert response.status_code == 200, response.text
+    return webui.log_since(mark)
+
+
+@contextlib.contextmanager
+def back_to_sd3(webui):
+    try:
+        yield
+    finally:
+        switch(webui, SD3)
+
+
+def family_status(webui) -> dict:
+    features = webui.status()["features"]
+    if FEATURE not in features:
+        pytest.skip(f"{FEATURE!r} is not in this build of the extension")
+    return features[FEATURE]
+
+
+def generate(webui, **overrides) -> tuple[np.ndarray, dict, str]:
+    image, info, log = txt2img(webui, **dict({"sampler_name": "Euler"}, **overrides))
+    recorded = info.get("extra_generation_params", {}).get(LATENT_KEY, "").split()
+    assert len(recorded) == 4, f"no {LATENT_KEY!r} in the infotext: {info.get('extra_generation_params')}"
+    finite, std = recorded[1] == "1", float(recorded[3])
+    assert finite and 0 < std < MAX_LATENT_STD, f"final latent finite={finite} std={std}"
+    assert np.isfinite(image).all()
+    assert not tracebacks_in(log), tracebacks_in(log)
+    return image, info, log
+
+
+def _mixdq(value: str) -> dict:
+    return {"alwayson_scripts": {"SD3": {"args": [{"mixdq": value}]}}}
+
+
+def test_startup_model_reports_its_family(webui):
+    """The model A1111 loads at start-up (sd3-tiny, ``--ckpt``) went through the construction patch too."""
+    assert checkpoint(webui).startswith(SD3)
+    assert family_status(webui)["family"] == "sd3-medium"
+
+
+def test_each_family_loads_generates_and_reports_itself(webui):
+    with back_to_sd3(webui):
+        for name in (LARGE, MEDIUM, SD3):
+            log = switch(webui, name)
+            assert not tracebacks_in(log), tracebacks_in(log)
+            assert checkpoint(webui).startswith(name), f"{name} was not loaded: {checkpoint(webui)}"
+            status = family_status(webui)
+            assert (status["family"], status["label"]) == FAMILY[name], status
+            assert status["mmdit"] == ("A1111" if name == SD3 else "sd-webui-sd3"), status
+            _, info, _ = generate(webui)
+            assert info["extra_generation_params"].get("SD3 family") == FAMILY[name][1], info["extra_generation_params"]
+            print(f"\n[{webui.state}] {name}: {status}")
+
+
+def _round_trip(webui, order: list[str], **extra) -> dict[str, list[np.ndarray]]:
+    images: dict[str, list[np.ndarray]] = {}
+    for name in order:
+        log = switch(webui, name)
+        assert not tracebacks_in(log), tracebacks_in(log)
+        assert checkpoint(webui).startswith(name)
+        assert family_status(webui)["family"] == FAMILY[name][0]
+        image, _, _ = generate(webui, **extra)
+        images.setdefault(name, []).append(image)
+    return images
+
+
+ORDER = [SD3, LARGE, MEDIUM, SD3, MEDIUM, LARGE, SD3]
+"""Every pair in both directions: SD3 -> L -> M -> SD3 -> M -> L -> SD3."""
+
+
+def test_switching_both_directions_gives_the_same_images(webui):
+    with back_to_sd3(webui):
+        images = _round_trip(webui, ORDER, **_mixdq("off"))
+    for name, seen in images.items():
+        for other in seen[1:]:
+            assert np.array_equal(seen[0], other), f"{name} gives another image after a round trip"
+    assert not np.array_equal(images[LARGE][0], images[MEDIUM][0])
+
+
+def test_switching_with_mixdq_on(webui):
+    if webui.get("/sd3/mixdq").status_code != 200:
+        pytest.skip("no MixDQ in this build")
+    with back_to_sd3(webui):
+        switch(webui, LARGE)
+        mark = webui.mark()
+        response = webui.post("/sdapi/v1/txt2img", dict(_tiny(), **_mixdq("w8a8")))
+        if response.status_code != 200:
+            pytest.skip(f"MixDQ refuses SD3.5 on this branch (lead re-runs after the mixdq merge): "
+                        f"{response.text[:300]} {webui.log_since(mark)[-300:]}")
+        images = _round_trip(webui, ORDER, **_mixdq("w8a8"))
+        txt2img(webui, **_mixdq("off"))
+    for name, seen in images.items():
+        for other in seen[1:]:
+            assert np.array_equal(seen[0], other), f"{name} with MixDQ gives another image after a round trip"
+
+
+def _tiny() -> dict:
+    from webui_support import TINY
+
+    return dict(TINY, sampler_name="Euler")
+
+
+def test_truncated_checkpoint_is_refused_and_the_previous_model_stays(webui):
+    with back_to_sd3(webui):
+        switch(webui, LARGE)
+        before, _, _ = generate(webui)
+        log = switch(webui, TRUNCATED)
+        assert "truncated" in log and TRUNCATED in log, log[-3000:]
+        assert "the previous model stays loaded" in log, log[-3000:]
+        assert checkpoint(webui).startswith(LARGE), checkpoint(webui)
+        assert family_status(webui)["family"] == "sd3.5-large"
+        after, _, _ = generate(webui)
+        assert np.array_equal(before, after), "the previous model changed after the refused load"
+
+
+def test_token_counter_and_flow_samplers_work_on_sd35(webui):
+    """Same text encoders, same flow maths: the counter answers alike and DDIM / DPM++ 2M stay finite."""
+    prompt = {"prompt": "a kangaroo in an orange hoodie", "negative": "blurry"}
+    on_sd3 = webui.sd3_route("POST", "/sd3/token-count", prompt)
+    with back_to_sd3(webui):
+        for name in (LARGE, MEDIUM):
+            switch(webui, name)
+            on_sd35 = webui.post("/sd3/token-count", prompt)
+            assert on_sd35.status_code == 200 and on_sd35.json() == on_sd3.json(), on_sd35.text
+            for sampler in ("DDIM", "DPM++ 2M"):
+                generate(webui, sampler_name=sampler)
