@@ -116,12 +116,13 @@ class CachedTokenizer:
             return list(filter(None, text.split(" ")))
         return [text] if text else []
 
-    def _known(self, units: Iterable[str]) -> dict[str, list[int]]:
+    def _known(self, units: list[str]) -> dict[str, list[int]]:
         """The cache, with every one of ``units`` in it (call with the lock held)."""
         known = self._ids
-        missing = [u for u in dict.fromkeys(units) if u not in known]
+        missing = set(units).difference(known)
         if missing:
-            known.update(zip(missing, self._encode(missing), strict=True))
+            missing_in_order = [u for u in dict.fromkeys(units) if u in missing]
+            known.update(zip(missing_in_order, self._encode(missing_in_order), strict=True))
         return known
 
     def _trim(self) -> None:
@@ -132,13 +133,13 @@ class CachedTokenizer:
     def prefetch(self, texts: Iterable[str]) -> None:
         """Tokenize the new units of all ``texts`` in one call, so that counting them later hits the cache."""
         with self._lock:
-            self._known(itertools.chain.from_iterable(map(self.units, texts)))
+            self._known(list(itertools.chain.from_iterable(map(self.units, texts))))
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         split = [self.units(text) for text in texts]
         with self._lock:
-            known = self._known(itertools.chain.from_iterable(split))
-            out = [[i for u in units for i in known[u]] for units in split]
+            known = self._known(list(itertools.chain.from_iterable(split)))
+            out = [list(itertools.chain.from_iterable(map(known.__getitem__, units))) for units in split]
             self._trim()
         return out
 
@@ -146,8 +147,8 @@ class CachedTokenizer:
         """Token count per text: all counting needs where no token has to be looked at."""
         split = [self.units(text) for text in texts]
         with self._lock:
-            known = self._known(itertools.chain.from_iterable(split))
-            out = [sum(len(known[u]) for u in units) for units in split]
+            known = self._known(list(itertools.chain.from_iterable(split)))
+            out = [sum(map(len, map(known.__getitem__, units))) for units in split]
             self._trim()
         return out
 
@@ -155,15 +156,17 @@ class CachedTokenizer:
         return self.tokenizer.get_vocab().get(token)
 
 
-def _split(ids: Sequence[int], separator_id: int) -> list[list[int]]:
+def _split(ids: list[int], separator_id: int) -> list[list[int]]:
     """``ids`` cut at every ``separator_id`` (which is dropped)."""
-    out: list[list[int]] = [[]]
-    for i in ids:
-        if i == separator_id:
-            out.append([])
-        else:
-            out[-1].append(i)
-    return out
+    out, start = [], 0
+    while True:
+        try:
+            end = ids.index(separator_id, start)
+        except ValueError:
+            out.append(ids[start:])
+            return out
+        out.append(ids[start:end])
+        start = end + 1
 
 
 @dataclasses.dataclass
