@@ -33,7 +33,7 @@ from lib_sd3.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS
 from lib_sd3.nan_guard import NanGuard, first_finite
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, sd3_cond_class
+from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, queue_lock, sd3_cond_class
 from lib_sd3.webui.flags import flag
 from lib_sd3.webui.registry import REGISTRY
 
@@ -290,8 +290,7 @@ def _set_t5(cond: Any, model: Any | None, queued: bool = False) -> None:
     """
     from modules import shared
 
-    queue = getattr(a1111_module("modules.call_queue"), "queue_lock", None) if queued else None
-    with queue if queue is not None else _lock:
+    with queue_lock(default=_lock) if queued else _lock:
         cond.t5xxl = model
         if hasattr(cond, "model_t5"):
             cond.model_t5.t5xxl = model
