@@ -222,6 +222,15 @@ def test_t5_disabled_and_unavailable(tok, clip_tokenizer):
     assert unavailable.as_dict()["t5"]["count"] is None
 
 
+def test_t5_off_is_not_a_warning_whatever_its_count(tok, clip_tokenizer):
+    """T5 switched off: nothing reaches it, so past its limit or without a tokenizer it is "disabled", no more."""
+    long = T.count_prompt(words(200), tok, T.Rules(t5_enabled=False))
+    assert long.t5_truncated and long.t5_state == "disabled"
+    assert [n for n in long.notes if "truncated" in n] == []
+    no_tokenizer = T.count_prompt("a cat", T.Tokenizers.wrap(clip_tokenizer, None), T.Rules(t5_enabled=False))
+    assert no_tokenizer.t5_state == "disabled" and no_tokenizer.as_dict()["t5"]["state"] == "disabled"
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 BAD = {

@@ -82,15 +82,17 @@ class PromptCount:
 
     @property
     def t5_state(self) -> str:
-        if self.t5 is None:
-            return "unavailable"
+        """ok, truncated, unavailable (no T5 tokenizer), or disabled: T5 switched off, so nothing of the
+        prompt reaches it and neither its count nor its limit is a problem (the page dims it)."""
         if not self.t5_enabled:
             return "disabled"
+        if self.t5 is None:
+            return "unavailable"
         return "truncated" if self.t5_truncated else "ok"
 
     @property
     def notes(self) -> list[str]:
-        """Why the counter turns to its warning style, in the user's words; empty when all is well."""
+        """The counter's tooltip lines in the user's words: why it warns, or that T5 is off; empty when all is well."""
         notes = []
         if self.clip_over_limit:
             notes.append(f"CLIP: {self.clip} tokens; this A1111 build encodes one 75-token window and fails "
