@@ -5,10 +5,10 @@ space-separated words' ids joined; transformers 5's T5 tokenizer behaves the sam
 4.30's T5 tokenizer (A1111's) does not -- a trailing space is a token of its own -- so there the
 unit is the whole text. Which applies is checked once per wrapped tokenizer on a few probe texts.
 
-The cache is a dict unit -> ids. Missing units go to the tokenizer in one call: a single string
-with a separator token between the units where one is found (as cheap as tokenizing the prompt;
-a batch of many short strings costs 2x with a Rust tokenizer and about 10x with transformers
-4.30's Python CLIPTokenizer, A1111's), else one batched call.
+The cache is a dict unit -> ids. Missing units go to the tokenizer in one call: one string with a
+separator token between the units where a separator is found, else a batch of the units. The
+joined string is the cheaper one, by far with A1111's Python CLIPTokenizer, whose per-text cost
+dominates a batch of short words (figures: docs/token-counter.md).
 """
 
 from __future__ import annotations

@@ -34,8 +34,6 @@ EARLY_CLIP_LIMIT = CLIP_CHUNK
 """The early branch's single CLIP window: more tokens than this and the CLIP embedding add fails."""
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """How the running A1111 turns a text into encoder tokens; the adapter fills it from A1111."""
@@ -116,7 +114,6 @@ class PromptCount:
             "a1111_state": self.state,
             "notes": self.notes,
         }
-
 
 
 EmbeddingFinder = Callable[[list[int], int], "tuple[int, int] | None"]
