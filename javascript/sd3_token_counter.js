@@ -3,7 +3,8 @@
 // For SD3 the server's answer to A1111's own token-counter request carries a hidden
 // <span class="sd3-tokens" data-...> next to A1111's "23/75" (see lib_sd3/webui/tokens.py).
 // Here that becomes "23/75 · T5 31/77", in a warning style with a tooltip when T5 is truncated
-// or disabled. No request of our own: we only watch A1111's counter elements change.
+// (or CLIP is over the early branch's limit), with the T5 part dimmed while T5 is switched off.
+// No request of our own: we only watch A1111's counter elements change.
 (function() {
     "use strict";
 
@@ -12,6 +13,8 @@
         "img2img_token_counter", "img2img_negative_token_counter",
     ];
     var WARNING_CLASS = "sd3-token-warning";
+    var T5_CLASS = "sd3-t5";
+    var T5_OFF_CLASS = "sd3-t5-off";
 
     function root() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -28,9 +31,12 @@
         if (data.notes) {
             lines = lines.concat(data.notes.split("\n"));
         }
+        var t5Off = data.t5State === "disabled"; // not encoded at all: nothing to warn about
         return {
-            text: data.clip + "/" + data.clipTarget + " \u00b7 T5 " + t5,
-            warn: data.t5State !== "ok" || data.clipState !== "ok",
+            clip: data.clip + "/" + data.clipTarget,
+            t5: " \u00b7 T5 " + t5,
+            t5Off: t5Off,
+            warn: data.clipState !== "ok" || (!t5Off && data.t5State !== "ok"),
             title: lines.join("\n"),
         };
     }
@@ -49,7 +55,12 @@
         var view = describe(info.dataset);
         counter.dataset.sd3T5State = info.dataset.t5State;
         info.remove();
-        box.textContent = view.text;
+        var t5 = document.createElement("span");
+        t5.className = T5_CLASS;
+        t5.classList.toggle(T5_OFF_CLASS, view.t5Off);
+        t5.textContent = view.t5;
+        box.textContent = view.clip;
+        box.appendChild(t5);
         box.title = view.title;
         box.dataset.sd3Shown = "1";
         counter.classList.toggle(WARNING_CLASS, view.warn);

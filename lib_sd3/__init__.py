@@ -1,7 +1,16 @@
 """sd-webui-sd3: make Stable Diffusion 3 work properly inside the AUTOMATIC1111 WebUI.
 
-Everything in this package except :mod:`lib_sd3.webui` is a pure library: it never imports
-A1111's ``modules`` so it can be tested, benchmarked and reused without a running WebUI.
+What this package promises:
+
+* Everything outside :mod:`lib_sd3.webui` is a pure library: it never imports A1111's ``modules``
+  (a test enforces it), so it can be tested, benchmarked and reused without a running WebUI.
+* It does know A1111's shapes. :mod:`~lib_sd3.sd3_state`, :mod:`~lib_sd3.targets`,
+  :mod:`~lib_sd3.doctor`, :mod:`~lib_sd3.requirements` and :mod:`~lib_sd3.iclight` describe A1111
+  (and the IC-Light extension) as read from their source files or seen by duck typing on objects
+  handed in, and :mod:`lib_sd3.tokens` counts tokens by A1111's rules. They stay where they are rather
+  than in an ``a1111`` sub-package: what marks them is what they know, not what they import.
+* Only :mod:`lib_sd3.webui` touches the running A1111, by feature detection, through reversible
+  patches (:mod:`lib_sd3.patching`, :mod:`lib_sd3.webui.registry`).
 """
 
 import logging

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib_sd3 import families, known_files, sd3_state, targets
+from lib_sd3 import families, iclight, known_files, sd3_state, targets
 from lib_sd3.hashing import sha256_file
 from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.safetensors_file import read_header
@@ -28,8 +28,6 @@ OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
 T5_FILES = (known_files.T5_FP16, known_files.T5_FP8)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-MODEL_PATCHER_PACKAGE = "lib_modelpatcher"  # what sd-webui-model-patcher provides to IC-Light
-ICLIGHT_PACKAGES = ("libiclight", "lib_iclight")  # huchenlei's and Haoming02's IC-Light
 
 
 class NotA1111Error(ValueError):
@@ -237,14 +235,14 @@ def disabled_extensions(root: Path) -> tuple[set[str], bool]:
 
 def _is_iclight(extension: Path) -> bool:
     scripts = extension / "scripts"
-    return (any((extension / p).is_dir() for p in ICLIGHT_PACKAGES)
+    return (any((extension / p).is_dir() for p in iclight.PACKAGES)
             or scripts.is_dir() and any("ic_light" in p.name or "iclight" in p.name for p in scripts.glob("*.py")))
 
 
 def check_iclight(root: Path) -> list[Check]:
     folders = _subfolders(root / "extensions")
     disabled, all_disabled = disabled_extensions(root)
-    patcher = [p for p in folders if (p / MODEL_PATCHER_PACKAGE).is_dir()]
+    patcher = [p for p in folders if (p / iclight.MODEL_PATCHER_PACKAGE).is_dir()]
     checks = []
     for folder in filter(_is_iclight, folders):
         shape = None

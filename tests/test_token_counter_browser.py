@@ -70,8 +70,11 @@ def show(page, counter_id: str, response: str) -> dict:
     page.wait_for_function("id => !document.querySelector('#' + id + ' .sd3-tokens')", arg=counter_id)
     return page.evaluate("""id => {
         const counter = document.getElementById(id), box = counter.querySelector('span');
+        const t5 = box.querySelector('.sd3-t5');
         return {text: counter.innerText.trim(), warn: counter.classList.contains('sd3-token-warning'),
-                title: box.title, border: getComputedStyle(box).borderTopColor};
+                title: box.title, border: getComputedStyle(box).borderTopColor,
+                t5_opacity: t5 ? Number(getComputedStyle(t5).opacity) : null,
+                t5_border: t5 ? getComputedStyle(t5).borderTopWidth : null};
     }""", counter_id)
 
 
@@ -91,12 +94,26 @@ def test_truncated_t5_warns_with_reason(page):
     assert "T5 truncated: 120 tokens" in seen["title"] and "the last 43 are not seen" in seen["title"]
 
 
-def test_disabled_t5_warns_and_negative_counter_is_separate(page):
+def test_disabled_t5_is_dimmed_and_negative_counter_is_separate(page):
     summary = lib.PromptCount(clip=4, clip_target=75, clip_limit=None, t5=6, t5_limit=77, t5_enabled=False)
     seen = show(page, "txt2img_negative_token_counter", a1111_response(4, 75, summary))
-    assert seen["text"] == "4/75 · T5 6/77" and seen["warn"] and "T5 disabled" in seen["title"]
+    assert seen["text"] == "4/75 · T5 6/77" and not seen["warn"] and "T5 disabled" in seen["title"]
+    assert seen["t5_opacity"] < 1 and seen["border"] == "rgba(192, 192, 192, 0.4)"
     positive = page.evaluate("document.getElementById('txt2img_token_counter').innerText.trim()")
     assert positive != seen["text"]
+
+
+def test_disabled_t5_past_its_limit_is_dimmed_not_a_warning(page):
+    """T5 off: a T5 count past the CLIP length cuts nothing, since T5 is not encoded at all."""
+    summary = lib.PromptCount(clip=84, clip_target=150, clip_limit=None, t5=187, t5_limit=154, t5_enabled=False)
+    seen = show(page, "txt2img_token_counter", a1111_response(84, 150, summary))
+    assert seen["text"] == "84/150 · T5 187/154"
+    assert not seen["warn"] and seen["border"] == "rgba(192, 192, 192, 0.4)"
+    assert seen["t5_opacity"] < 1 and seen["t5_border"] == "0px"
+    assert "T5 disabled" in seen["title"] and "truncated" not in seen["title"]
+    summary = lib.PromptCount(clip=84, clip_target=150, clip_limit=None, t5=187, t5_limit=154, t5_enabled=True)
+    seen = show(page, "txt2img_token_counter", a1111_response(84, 150, summary))  # switched on: a warning
+    assert seen["warn"] and seen["t5_opacity"] == 1 and "T5 truncated" in seen["title"]
 
 
 def test_early_branch_has_no_t5_limit(page):

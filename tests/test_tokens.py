@@ -222,6 +222,15 @@ def test_t5_disabled_and_unavailable(tok, clip_tokenizer):
     assert unavailable.as_dict()["t5"]["count"] is None
 
 
+def test_t5_off_is_not_a_warning_whatever_its_count(tok, clip_tokenizer):
+    """T5 switched off: nothing reaches it, so past its limit or without a tokenizer it is "disabled", no more."""
+    long = T.count_prompt(words(200), tok, T.Rules(t5_enabled=False))
+    assert long.t5_truncated and long.t5_state == "disabled"
+    assert [n for n in long.notes if "truncated" in n] == []
+    no_tokenizer = T.count_prompt("a cat", T.Tokenizers.wrap(clip_tokenizer, None), T.Rules(t5_enabled=False))
+    assert no_tokenizer.t5_state == "disabled" and no_tokenizer.as_dict()["t5"]["state"] == "disabled"
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 BAD = {
@@ -324,7 +333,7 @@ def test_each_word_is_tokenized_once(clip_tokenizer, t5_tokenizer):
     assert tok.clip.by_words  # CLIP: whitespace never matters, so words are the unit
 
     def tokenized():
-        separator = tok.clip._separator
+        separator = tok.clip.separator
         words = sorted(w for text in clip.texts for w in (text.split(separator) if separator else [text]))
         clip.texts.clear()
         return words
@@ -347,7 +356,7 @@ def test_joined_encoding_equals_word_by_word(clip_tokenizer, t5_tokenizer, which
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         pytest.skip("a Python tokenizer (transformers < 5 CLIP): words are tokenized one by one")
     cached = T.CachedTokenizer(tokenizer)
-    assert cached._separator is not None  # the fast path is in use with these tokenizers
+    assert cached.separator is not None  # the fast path is in use with these tokenizers
     rng = random.Random(5)
     alphabet = list("abcXYZ,.!?()[]:;'\"-_/\\@#$%^&*+=~`|§") + ["陆", "🐱", "é", "İ", "ß", "\u0301", "\x00", "\x07",
                                                                "\t", "\n", "\u3000", "ｌ", "ﬁ", "</s>", "<|endoftext|>"]
@@ -359,68 +368,61 @@ def test_joined_encoding_equals_word_by_word(clip_tokenizer, t5_tokenizer, which
 
 
 @pytest.mark.parametrize("which", ["clip", "t5"])
-def test_every_joined_encoding_path_equals_word_by_word(clip_tokenizer, t5_tokenizer, which):
-    """Each way of tokenizing many words in one call gives each word its own ids, as tokenizing it alone does.
-
-    Spelled (printable ASCII: word-start tokens for T5, spelled lengths for CLIP), offsets (any text)
-    and the separator token; a path that cannot tell the words apart must say so (None).
-    """
+def test_joined_encoding_equals_word_by_word_on_mixed_words(clip_tokenizer, t5_tokenizer, which):
+    """Tokenizing many words in one call gives each word its own ids, as tokenizing it alone does: printable
+    ASCII batches, and batches with odd characters and special tokens' texts (those go apart in the same call)."""
     import random
 
     tokenizer = clip_tokenizer if which == "clip" else t5_tokenizer
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        pytest.skip("a Python tokenizer (transformers < 5 CLIP): only the separator path applies")
     cached = T.CachedTokenizer(tokenizer)
-    assert cached._spelling is not None and cached._by_offsets and cached._separator is not None
+    assert cached.separator is not None
     rng = random.Random(11)
     plain = list("abcdefXYZ0189,.!?()[]:;'\"-_/\\@#$%^&*+=~`|{}") + ["'s", "'ll", "WUJIE", "photo,"]
     odd = ["<", "</s>", "<|endoftext|>", "陆", "é", "\u0301", "\u3000", "\t", "\n", "\x00", "ﬁ", "▁", "</w>"]
-    spelled = 0
     for round_ in range(400):
         alphabet = plain + (odd if round_ % 2 else [])
         words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7))) for _ in range(12)]
         words = [w for w in dict.fromkeys(words) if w.strip(" ") and " " not in w]
         expected = [list(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
-        got = cached._spelled(words, cached._spelling)
-        if got is not None:
-            spelled += 1
-            assert got == expected, words
-        assert cached._spaced(words) == expected, words
-        assert cached._joined(words) == expected, words
-    assert spelled >= 150  # plain ASCII batches take the spelled path
+        assert cached._encode(words) == expected, words
 
 
-def test_fast_paths_count_like_the_separator_path(clip_tokenizer, t5_tokenizer):
-    """Whole counts, cold and warm, with the spelled/offsets paths equal those with the separator path alone."""
+def test_joined_encoding_counts_like_one_batched_call(clip_tokenizer, t5_tokenizer):
+    """Whole counts, cold and warm, with the separator join equal those with one batched call of the words."""
     prompts = [
         KANGAROO + ", (masterpiece:1.2) [a:b:0.5] [x|y] BREAK more words AND a second sub-prompt:0.6, (z:0.8)",
         KANGAROO.replace("WUJIE", "陆") + " [café|naïve] (🐱:1.1) AND ÉCOLE",
         "a  double  space, trailing ,  (unbalanced [x:y:3] \\(escaped\\) <lora:x:1>",
     ]
-    fast = T.Tokenizers.wrap(clip_tokenizer, t5_tokenizer)
-    slow = T.Tokenizers.wrap(clip_tokenizer, t5_tokenizer)
-    for cached in (slow.clip, slow.t5):
-        cached._spelling, cached._by_offsets = None, False
+    joined = T.Tokenizers.wrap(clip_tokenizer, t5_tokenizer)
+    batched = T.Tokenizers.wrap(clip_tokenizer, t5_tokenizer)
+    for cached in (batched.clip, batched.t5):
+        cached.separator = cached.separator_id = None
     for rules in (DEV, EARLY, T.Rules(comma_token=clip_tokenizer.get_vocab()[",</w>"])):
         for prompt in prompts:
             for _ in range(2):  # cold, then warm
-                assert T.count_prompt(prompt, fast, rules) == T.count_prompt(prompt, slow, rules), prompt
+                assert T.count_prompt(prompt, joined, rules) == T.count_prompt(prompt, batched, rules), prompt
 
 
 def test_probes_run_once_per_tokenizer(clip_tokenizer):
+    """Probing happens when a tokenizer is wrapped (once per model load), never while counting."""
     counting = CountingTokenizer(clip_tokenizer)
     first = T.CachedTokenizer(counting)
-    assert counting.texts  # probed on the first wrapping
+    assert counting.texts  # probed on wrapping
     counting.texts.clear()
+    first.lengths(["a cat"])
+    first.lengths(["a cat", "a"])
+    assert counting.texts == [first.separator.join(["a", "cat"])]  # the two new words, in one call
     second = T.CachedTokenizer(counting)
-    assert counting.texts == []
-    assert (second.by_words, second._separator) == (first.by_words, first._separator)
+    assert (second.by_words, second.separator) == (first.by_words, first.separator)
 
 
 def test_default_tokenizers_load_once(monkeypatch, clip_tokenizer):
+    from lib_sd3.tokens import tokenizers as loading
+
     calls = []
-    monkeypatch.setattr(T, "load_clip_tokenizer", lambda: calls.append("clip") or clip_tokenizer)
-    monkeypatch.setattr(T, "load_t5_tokenizer", lambda: calls.append("t5") or None)
+    monkeypatch.setattr(loading, "load_clip_tokenizer", lambda: calls.append("clip") or clip_tokenizer)
+    monkeypatch.setattr(loading, "load_t5_tokenizer", lambda: calls.append("t5") or None)
     T.forget_default_tokenizers()
     try:
         first, second = T.default_tokenizers(), T.default_tokenizers()
@@ -470,7 +472,7 @@ class TrailingSpaceTokenizer:
 def test_whole_pieces_are_the_unit_where_spaces_matter():
     tokenizer = TrailingSpaceTokenizer()
     cached = T.CachedTokenizer(tokenizer)
-    assert cached.by_words is False and cached._separator == "</s>"
+    assert cached.by_words is False and cached.separator == "</s>"
     runs = ["red", " car", ", ", "blue", " sky, (literal)", "a  b ", " "]
     assert cached.lengths(runs) == [len(ids) for ids in tokenizer(runs)["input_ids"]]
     assert cached.ids(runs) == tokenizer(runs)["input_ids"]

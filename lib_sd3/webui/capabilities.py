@@ -6,14 +6,16 @@ versions that mean nothing, but ``hasattr`` does not lie.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from contextlib import AbstractContextManager
 from typing import Any
 
 from lib_sd3 import __version__
 from lib_sd3.sd3_state import STATE_DEV, STATE_EARLY, STATE_NONE, classify
 
-__all__ = ["STATE_DEV", "STATE_EARLY", "STATE_NONE", "a1111_state", "capabilities", "loaded_model", "model_is_sd3",
-           "sd3_cond_class"]
+__all__ = ["STATE_DEV", "STATE_EARLY", "STATE_NONE", "a1111_module", "a1111_option", "a1111_state", "capabilities",
+           "loaded_model", "model_is_sd3", "queue_lock", "sd3_cond_class"]
 
 
 def a1111_module(name: str) -> Any | None:
@@ -22,6 +24,20 @@ def a1111_module(name: str) -> Any | None:
         return importlib.import_module(name)
     except Exception:  # ImportError, or a module that fails on import in a broken install
         return None
+
+
+def a1111_option(name: str, default: Any = None) -> Any:
+    """The current value of an option in A1111's settings (``shared.opts``, ours included); ``default``
+    outside the WebUI or where this WebUI has no such option."""
+    data = getattr(getattr(a1111_module("modules.shared"), "opts", None), "data", None)
+    return data[name] if isinstance(data, dict) and name in data else default
+
+
+def queue_lock(default: AbstractContextManager[Any] | None = None) -> AbstractContextManager[Any]:
+    """A1111's generation queue lock: what changes the model from a route or a background thread takes
+    it, so as never to land in the middle of a generation. ``default`` (else no lock) outside the WebUI."""
+    lock = getattr(a1111_module("modules.call_queue"), "queue_lock", None)
+    return lock if lock is not None else default if default is not None else contextlib.nullcontext()
 
 
 def sd3_cond_class() -> type | None:

@@ -29,7 +29,7 @@ from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import model as mixdq_model
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import flags, hooks, settings
-from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
+from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3, queue_lock
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("mixdq")
@@ -224,7 +224,7 @@ def add_routes(router: Any) -> None:
             raise HTTPException(status_code=400, detail=f"unknown MixDQ config {request.config!r}; "
                                                         f"available: {choices()}")
         try:
-            with _queue_lock():
+            with queue_lock():
                 body = apply_choice(request.config)
         except (mixdq_config.ConfigError, ValueError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
@@ -243,24 +243,6 @@ def _set_setting(value: str) -> None:
         shared.opts.data[SETTING] = value
     except ImportError:
         pass
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _queue_lock() -> Any:
-    """A1111's generation queue lock, so a route never swaps layers under a running generation."""
-    try:
-        from modules import call_queue
-
-        return call_queue.queue_lock
-    except (ImportError, AttributeError):
-        return _NoLock()
 
 
 # --- UI ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from lib_sd3 import samplers as flow_samplers
 from lib_sd3.nan_guard import NanGuard
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.capabilities import model_is_sd3
+from lib_sd3.webui.capabilities import a1111_option, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("samplers")
@@ -233,13 +233,11 @@ def make_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
             generation = current()
             if not generation.flow:
                 return original(*args, **kwargs)
-            from modules import shared
-
             bound = dict(zip(("n", "sigma_min", "sigma_max"), args, strict=False)) | kwargs
             sigmas = flow.schedule(name, int(bound["n"]), float(bound["sigma_min"]), float(bound["sigma_max"]),
                                    shift=_shift(bound.get("inner_model")), rho=bound.get("rho"),
-                                   beta_alpha=float(getattr(shared.opts, "beta_dist_alpha", 0.6)),
-                                   beta_beta=float(getattr(shared.opts, "beta_dist_beta", 0.6)))
+                                   beta_alpha=float(a1111_option("beta_dist_alpha", 0.6)),
+                                   beta_beta=float(a1111_option("beta_dist_beta", 0.6)))
             generation.schedule = flow.describe_schedule(name)
             return sigmas.to(bound.get("device", "cpu"))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lib_sd3.webui.capabilities import a1111_option
+
 SECTION = ("sd3", "SD3")
 
 
@@ -53,12 +55,7 @@ def register(shared: Any) -> None:
 
 def get(key: str) -> Any:
     """Current value of one of our settings, falling back to its default outside the WebUI."""
-    try:
-        from modules import shared
-
-        return shared.opts.data.get(key, BY_KEY[key].default)
-    except ImportError:
-        return BY_KEY[key].default
+    return a1111_option(key, BY_KEY[key].default)
 
 
 def infotext_params(values: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from lib_sd3.nan_guard import NanGuard, first_finite
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.t5_file import T5FileCheck, check_t5_file
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, sd3_cond_class
+from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, queue_lock, sd3_cond_class
 from lib_sd3.webui.flags import flag
 from lib_sd3.webui.registry import REGISTRY
 
@@ -390,8 +390,7 @@ class T5Attachment:
         """
         from modules import shared
 
-        queue = getattr(a1111_module("modules.call_queue"), "queue_lock", None) if queued else None
-        with queue if queue is not None else self._lock:
+        with queue_lock(default=self._lock) if queued else self._lock:
             cond.t5xxl = model
             if hasattr(cond, "model_t5"):
                 cond.model_t5.t5xxl = model

@@ -30,9 +30,10 @@ from pydantic import BaseModel, Field
 
 from lib_sd3 import get_logger
 from lib_sd3 import tokens as lib
+from lib_sd3.known_files import CLIP_TOKENIZER_REPO
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.capabilities import STATE_EARLY, a1111_state, loaded_model, model_is_sd3
+from lib_sd3.webui.capabilities import STATE_DEV, STATE_EARLY, a1111_option, a1111_state, loaded_model, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("tokens")
@@ -41,15 +42,6 @@ FEATURE = "token counter"
 PATCH_NAME = "tokens.get_prompt_lengths"
 PROMPT_MAX_CHARS = 200_000
 """Longest prompt the route accepts; longer is a 422, not minutes of tokenizing."""
-
-
-def _opt(name: str, default: Any) -> Any:
-    try:
-        from modules import shared
-
-        return getattr(shared.opts, name, default)
-    except Exception:
-        return default
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -96,19 +88,19 @@ _STATE: dict[str, str] = {}
 def encoder_state() -> str:
     """Early branch or dev, decided once per model load (a failed import is not cached by Python)."""
     if "state" not in _STATE:
-        _STATE["state"] = lib.STATE_EARLY if a1111_state() == STATE_EARLY else lib.STATE_DEV
+        _STATE["state"] = STATE_EARLY if a1111_state() == STATE_EARLY else STATE_DEV
     return _STATE["state"]
 
 
 def rules(model: Any | None) -> lib.Rules:
     """How this A1111 encodes SD3 text, read from its options and the loaded model."""
     cond = getattr(model, "cond_stage_model", None) if model_is_sd3(model) else None
-    t5_option = bool(_opt("sd3_enable_t5", True))
+    t5_option = bool(a1111_option("sd3_enable_t5", True))
     return lib.Rules(
         state=encoder_state(),
-        parse_emphasis=_opt("emphasis", "Original") != "None",
+        parse_emphasis=a1111_option("emphasis", "Original") != "None",
         comma_token=getattr(getattr(cond, "model_lg", None), "comma_token", None),
-        comma_backtrack=int(_opt("comma_padding_backtrack", 20) or 0),
+        comma_backtrack=int(a1111_option("comma_padding_backtrack", 20) or 0),
         t5_enabled=t5_option and (cond is None or bool(getattr(cond, "t5xxl", None))),
     )
 
@@ -150,7 +142,7 @@ def schedules(prompt: str, steps: int, styles: list[str], is_positive: bool) -> 
     except Exception:
         return lib.parse_prompt(prompt, steps, is_positive=is_positive)
     text = prompt
-    if styles and _opt("include_styles_into_token_counters", True):
+    if styles and a1111_option("include_styles_into_token_counters", True):
         try:
             store = shared.prompt_styles
             apply = store.apply_styles_to_prompt if is_positive else store.apply_negative_styles_to_prompt
@@ -309,7 +301,7 @@ def token_count(request: TokenCountRequest) -> dict[str, Any]:
     prompt = count(request.prompt, request.steps, request.styles, True, model, tok)
     if prompt is None:
         raise HTTPException(status_code=503, detail="no CLIP tokenizer: load an SD3 model once (A1111 fetches "
-                            f"{lib.CLIP_REPO}) or install open-clip-torch")
+                            f"{CLIP_TOKENIZER_REPO}) or install open-clip-torch")
     negative = count(request.negative, request.steps, request.styles, False, model, tok) \
         if request.negative is not None else None
     return {

@@ -91,8 +91,16 @@ def test_ui_token_counter(webui):
         page.wait_for_timeout(1500)  # let A1111's debounce fire any last request
         texts = page.evaluate(texts_js)
         text = next(t for t in texts if f"{expected_clip}/" in t)
+        # the counter that shows the count: is its T5 part dimmed (T5 off), is it in the warning style?
+        style = page.evaluate("""n => [...document.querySelectorAll('#txt2img_token_counter')]
+            .filter(e => (e.innerText || '').includes(n + '/'))
+            .map(e => ({dimmed: !!e.querySelector('.sd3-t5.sd3-t5-off'), warn: e.classList.contains('sd3-token-warning')}))[0]
+            """, str(expected_clip))
         log = webui.log_since(mark)
-    print(f"\n[{webui.state}] UI counter shows {text!r} for {PROMPT!r}")
+    t5_state = webui.sd3_route("POST", "/sd3/token-count", {"prompt": PROMPT}).json()["prompt"]["t5"]["state"]
+    print(f"\n[{webui.state}] UI counter shows {text!r} for {PROMPT!r} ({style}; T5 {t5_state})")
     assert re.search(rf"\b{expected_clip}/75\b", text), text
     assert "T5" in text, f"no T5 count shown: {text!r}"
+    assert style["dimmed"] == (t5_state == "disabled"), (style, t5_state)  # dimmed exactly while T5 is off
+    assert not style["warn"] or t5_state == "unavailable", style  # a short prompt: no warning, T5 on or off
     assert not tracebacks_in(log), tracebacks_in(log)
