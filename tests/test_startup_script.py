@@ -214,7 +214,7 @@ def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
         assert accordions[-1].args == ("SD3",) and accordions[-1].kwargs["elem_id"] == f"sd3_accordion_{tab}"
         assert [c.kwargs["label"] for c in components] == [a.label for a in script_args.ARGS]
         assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in script_args.ARGS]
-        assert all(c.value == script_args.USE_SETTING for c in components)
+        assert all(script_args.is_default_word(c.value) for c in components)  # "default (on)" etc.
     assert [e for e in feature().SEEN if e[0] == "ui"] == [("ui", False), ("ui", True)]
 
 
@@ -226,7 +226,8 @@ def test_process_takes_ui_values_and_the_api_dict(webui):
     script.process(p, {"nan_guard": False})  # from alwayson_scripts: one dict, the rest from settings
     script.process_before_every_sampling(p, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
     script.postprocess(p, "processed", {"mixdq": "w8a8"})
-    seen = [e for e in feature().SEEN if e[0] != "ui"]
+    slg_keys = {"slg", "slg_layers", "slg_scale", "slg_start", "slg_end"}  # SLG's own args, tested elsewhere
+    seen = [(*e[:-1], {k: v for k, v in e[-1].items() if k not in slg_keys}) for e in feature().SEEN if e[0] != "ui"]
     assert seen == [
         ("process", p, {"flow_samplers": True, "nan_guard": False, "mixdq": "w8a8"}),
         ("process", p, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),

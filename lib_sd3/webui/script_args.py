@@ -16,6 +16,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+SCRIPT_TITLE = "SD3"
+"""The script's title: the ``alwayson_scripts`` key A1111 matches case-insensitively."""
+
 USE_SETTING = "setting"
 """The canonical "the setting decides" value (what the API has always accepted)."""
 

@@ -21,6 +21,9 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.samplers",
     "lib_sd3.webui.tokens",
     "lib_sd3.webui.mixdq",
+    "lib_sd3.webui.api_args",
+    "lib_sd3.webui.slg",
+    "lib_sd3.webui.presets",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
