@@ -60,3 +60,36 @@ def test_button_values_set_slg_off_for_families_without_it():
                       "slg_layers": None, "slg_scale": None, "slg_start": None, "slg_end": None}
     medium = webui_presets.field_values(presets.PRESETS["sd3.5-medium"])
     assert (medium["slg"], medium["slg_layers"], medium["slg_scale"]) == ("on", "7,8,9", "2.5")
+
+
+@pytest.mark.parametrize("fields_first", [True, False])
+def test_button_wires_whichever_comes_first(fake_webui, monkeypatch, fields_first):
+    """A1111's steps/CFG/sampler/scheduler may be built before or after the accordion (the user's UI order)."""
+    import gradio as gr
+
+    clicks = []
+    monkeypatch.setattr(gr.Button, "click", lambda self, **kwargs: clicks.append(kwargs), raising=False)
+    button = webui_presets.PresetButton("txt2img")
+    targets = {}
+
+    def a1111_fields():
+        for name, pattern in webui_presets.A1111_FIELDS.items():
+            elem_id = pattern.format(tab="txt2img")
+            targets[name] = gr.Textbox(elem_id=elem_id)
+            button.saw(targets[name], elem_id)
+            button.saw(gr.Textbox(elem_id="img2img_steps"), "img2img_steps")  # another tab's field: ignored
+
+    if fields_first:
+        a1111_fields()
+    slg_fields = {name: gr.Textbox() for name in webui_presets.SLG_ARGS}
+    button.build(slg_fields)
+    assert button.wired is fields_first
+    if not fields_first:
+        a1111_fields()
+    assert button.wired and len(clicks) == 1
+    assert clicks[0]["inputs"] == [button.choice]
+    assert clicks[0]["outputs"] == [*targets.values(), *slg_fields.values()]
+    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, sd3_family=types.SimpleNamespace(name="sd3.5-medium"))
+    updates = clicks[0]["fn"](webui_presets.LOADED)
+    assert [u.get("value") for u in updates] == [50, 4.0, "DPM++ 2M", "Uniform", "on", "7,8,9", "2.5", "0.01", "0.2"]
+    assert clicks[0]["fn"]("sd3.5-large-turbo")[5] == {}  # no SLG in the preset: SLG fields other than on/off kept
