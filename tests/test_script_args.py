@@ -80,7 +80,7 @@ def test_every_arg_has_a_setting_with_a_valid_default():
 
 @pytest.mark.parametrize("request_args, ok", [
     ([{"mixdq": "w8a8"}], True),
-    ({"mixdq": "w8a8"}, True),
+    ({"mixdq": "w8a8"}, False),  # A1111 indexes args by position: a bare dict must be in a list
     ([], True),
     ("on", False),
     ([{"mixdq": "w9a9"}], False),

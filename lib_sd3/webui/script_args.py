@@ -178,9 +178,7 @@ def resolve(values: dict[str, Any], setting: Any) -> dict[str, Any]:
 
 def check_request(args: Any) -> dict[str, Any]:
     """The ``args`` of an API request's ``alwayson_scripts["SD3"]``, checked before any generation starts."""
-    if isinstance(args, dict):
-        args = [args]
-    if not isinstance(args, (list, tuple)):
-        raise ScriptArgError(f"SD3 script args must be a list (one dict of named args, or values in order "
-                             f"{list(NAMES)}), got {type(args).__name__}")
+    if not isinstance(args, (list, tuple)):  # A1111 indexes args by position: a bare dict would fail inside it
+        raise ScriptArgError(f"SD3 script args must be a list: [{{\"name\": value, ...}}] or values in the order "
+                             f"{list(NAMES)}; got a {type(args).__name__}")
     return parse(tuple(args))
