@@ -24,6 +24,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     infotext: str | None = None  # set when the option changes the image
     comment: str = ""
+    slider: tuple[float, float, float] | None = None  # (minimum, maximum, step): floats need a component in A1111
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -39,9 +40,11 @@ SETTINGS: tuple[Setting, ...] = (
             comment="Stability recommends it for SD3.5 Medium; off unless turned on here, in the "
             "accordion or by a preset"),
     Setting("sd3_slg_layers", "7,8,9", "SLG: joint blocks to skip (comma-separated indices)"),
-    Setting("sd3_slg_scale", 2.5, "SLG: scale"),
-    Setting("sd3_slg_start", 0.01, "SLG: first step, as a fraction of the steps (exclusive)"),
-    Setting("sd3_slg_end", 0.20, "SLG: last step, as a fraction of the steps (exclusive)"),
+    Setting("sd3_slg_scale", 2.5, "SLG: scale", slider=(0.0, 20.0, 0.1)),
+    Setting("sd3_slg_start", 0.01, "SLG: first step, as a fraction of the steps (exclusive)",
+            slider=(0.0, 1.0, 0.01)),
+    Setting("sd3_slg_end", 0.20, "SLG: last step, as a fraction of the steps (exclusive)",
+            slider=(0.0, 1.0, 0.01)),
     Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
 )
 
@@ -56,6 +59,8 @@ def register(shared: Any) -> None:
         component, args = None, None
         if s.choices:
             component, args = gr.Radio, {"choices": list(s.choices)}
+        elif s.slider:
+            component, args = gr.Slider, dict(zip(("minimum", "maximum", "step"), s.slider, strict=True))
         info = shared.OptionInfo(s.default, s.label, component, args, section=SECTION, infotext=s.infotext)
         if s.comment and hasattr(info, "info"):
             info = info.info(s.comment)
