@@ -93,3 +93,27 @@ def test_presets_route(webui):
     image, info, log = txt2img(webui, **{**fields, "steps": 2})
     assert not tracebacks_in(log), tracebacks_in(log)
     assert "Sampler: Euler" in _infotext(info)
+
+
+PASTED_TEXT = ("a cat\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, SD3 flow samplers: False, "
+               "SD3 NaN guard: True, SD3 MixDQ: w8a8, SD3 SLG: \"layers 1; scale 3; steps 0.1-0.6\"")
+
+
+def test_ui_paste_restores_the_accordion(webui):
+    """The txt2img paste button (infotext in the prompt box) sets every SD3 choice, and none of them is
+    offered again as an "Override settings" entry."""
+    from webui_support import browser_page
+
+    expected = {"flow_samplers": "off", "nan_guard": "on", "mixdq": "w8a8", "slg": "on", "slg_layers": "1",
+                "slg_scale": "3.0", "slg_start": "0.1", "slg_end": "0.6"}
+    with browser_page(webui) as page:
+        page.locator("#txt2img_prompt textarea").fill(PASTED_TEXT)
+        page.locator("#tab_txt2img #paste").click()
+        page.wait_for_function("() => document.querySelector('#sd3_slg_txt2img input').value === 'on'")
+        seen = {name: page.evaluate(f"() => (document.querySelector('#sd3_{name}_txt2img input') || "
+                                    f"document.querySelector('#sd3_{name}_txt2img textarea')).value")
+                for name in expected}
+        overrides = page.evaluate("() => document.querySelector('#txt2img_override_settings')?.innerText || ''")
+    print(f"\n[{webui.state}] pasted -> {seen}; override settings: {overrides!r}")
+    assert seen == expected
+    assert "SD3" not in overrides, overrides
