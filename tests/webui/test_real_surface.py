@@ -105,7 +105,7 @@ def test_ui_paste_restores_the_accordion(webui):
     from webui_support import browser_page
 
     expected = {"flow_samplers": "off", "nan_guard": "on", "mixdq": "w8a8", "slg": "on", "slg_layers": "1",
-                "slg_scale": "3.0", "slg_start": "0.1", "slg_end": "0.6"}
+                "slg_scale": "3", "slg_start": "0.1", "slg_end": "0.6"}
     with browser_page(webui) as page:
         page.locator("#txt2img_prompt textarea").fill(PASTED_TEXT)
         page.locator("#tab_txt2img #paste").click()
