@@ -16,12 +16,19 @@ ROWS = (("flow_samplers", "nan_guard", "mixdq"), ("slg", "slg_layers", "slg_scal
 
 
 def arg_component(arg: script_args.ScriptArg, tab: str):
-    """A dropdown of "default (<setting>)" + the choices, or a text field whose empty value is the default."""
-    default = arg.default_label(settings.get(arg.setting_key))
+    """Only allowed values can be picked: a dropdown of "default (<setting>)" + the choices, a multiselect of
+    block indices (none picked: the default), or a slider starting at the setting's value."""
+    current = settings.get(arg.setting_key)
+    default = arg.default_label(current)
     elem_id = f"sd3_{arg.name}_{tab}"
     if arg.choices is not None:
         return gr.Dropdown(label=arg.label, choices=[default, *arg.choices], value=default, elem_id=elem_id)
-    return gr.Textbox(label=arg.label, value="", placeholder=default, elem_id=elem_id)
+    if arg.slider is not None:
+        low, high, step = arg.slider
+        return gr.Slider(label=arg.label, minimum=low, maximum=high, step=step, value=arg.from_setting(current),
+                         elem_id=elem_id)
+    return gr.Dropdown(label=arg.label, info=f"none picked: {default}", multiselect=True, value=[],
+                       choices=[str(i) for i in range(script_args.MAX_LAYERS)], elem_id=elem_id)
 
 
 class SD3Script(scripts.Script):

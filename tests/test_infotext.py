@@ -49,8 +49,8 @@ def test_slg_text_round_trip():
     # an SD3 infotext with everything on: each accordion field gets its value back
     ({"Steps": "20", "SD3 flow samplers": "True", "SD3 NaN guard": "False", "SD3 MixDQ": "w8a8",
       "SD3 MixDQ hash": "abc", "SD3 SLG": "layers 7,8,9; scale 2.5; steps 0.01-0.2"},
-     {"flow_samplers": "on", "nan_guard": "off", "mixdq": "w8a8", "slg": "on", "slg_layers": "7,8,9",
-      "slg_scale": "2.5", "slg_start": "0.01", "slg_end": "0.2"}),
+     {"flow_samplers": "on", "nan_guard": "off", "mixdq": "w8a8", "slg": "on", "slg_layers": ["7", "8", "9"],
+      "slg_scale": 2.5, "slg_start": 0.01, "slg_end": 0.2}),
     # an SD3 infotext where MixDQ and SLG were off (their entries are absent): they are set off
     ({"SD3 flow samplers": "False", "SD3 NaN guard": "True"},
      {"flow_samplers": "off", "nan_guard": "on", "mixdq": "off", "slg": "off"}),

@@ -59,7 +59,7 @@ def test_button_values_set_slg_off_for_families_without_it():
     assert values == {"steps": 4, "cfg_scale": 1.0, "sampler": "Euler", "scheduler": "Uniform", "slg": "off",
                       "slg_layers": None, "slg_scale": None, "slg_start": None, "slg_end": None}
     medium = webui_presets.field_values(presets.PRESETS["sd3.5-medium"])
-    assert (medium["slg"], medium["slg_layers"], medium["slg_scale"]) == ("on", "7,8,9", "2.5")
+    assert (medium["slg"], medium["slg_layers"], medium["slg_scale"]) == ("on", ["7", "8", "9"], 2.5)
 
 
 @pytest.mark.parametrize("fields_first", [True, False])
@@ -91,5 +91,5 @@ def test_button_wires_whichever_comes_first(fake_webui, monkeypatch, fields_firs
     assert clicks[0]["outputs"] == [*targets.values(), *slg_fields.values()]
     fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, sd3_family=types.SimpleNamespace(name="sd3.5-medium"))
     updates = clicks[0]["fn"](webui_presets.LOADED)
-    assert [u.get("value") for u in updates] == [50, 4.0, "DPM++ 2M", "Uniform", "on", "7,8,9", "2.5", "0.01", "0.2"]
+    assert [u.get("value") for u in updates] == [50, 4.0, "DPM++ 2M", "Uniform", "on", ["7", "8", "9"], 2.5, 0.01, 0.2]
     assert clicks[0]["fn"]("sd3.5-large-turbo")[5] == {}  # no SLG in the preset: SLG fields other than on/off kept

@@ -214,7 +214,13 @@ def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
         assert accordions[-1].args == ("SD3",) and accordions[-1].kwargs["elem_id"] == f"sd3_accordion_{tab}"
         assert [c.kwargs["label"] for c in components] == [a.label for a in script_args.ARGS]
         assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in script_args.ARGS]
-        assert all(script_args.is_default_word(c.value) for c in components)  # "default (on)" etc.
+        for component, arg in zip(components, script_args.ARGS, strict=True):
+            if arg.choices:
+                assert script_args.is_default_word(component.value)  # "default (on)" etc.
+            elif arg.slider:
+                assert component.value == settings.get(arg.setting_key)  # a slider starts at the setting
+            else:
+                assert component.value == [] and component.kwargs["multiselect"]  # none picked: the setting
     assert [e for e in feature().SEEN if e[0] == "ui"] == [("ui", False), ("ui", True)]
 
 

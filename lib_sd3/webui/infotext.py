@@ -104,7 +104,9 @@ def _slg_part(name: str) -> Callable[[dict[str, Any]], Any]:
         values = parse_slg(params[SLG]) if SLG in params else None
         if values is None:
             return None
-        return show(values[name])  # as the accordion's text fields hold it: "7,8,9", "2.5"
+        if name == "slg_layers":  # the accordion's multiselect holds a list of indices
+            return [str(i) for i in values[name]]
+        return values[name]
 
     return read
 

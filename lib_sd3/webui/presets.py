@@ -45,8 +45,7 @@ def field_values(preset: presets.Preset) -> dict[str, Any]:
     values: dict[str, Any] = {"steps": preset.steps, "cfg_scale": preset.cfg_scale, "sampler": preset.sampler,
                               "scheduler": preset.scheduler, "slg": "on" if slg else "off"}
     values.update(dict.fromkeys(SLG_ARGS[1:]) if slg is None else {
-        "slg_layers": ",".join(map(str, slg.layers)), "slg_scale": f"{slg.scale:g}", "slg_start": f"{slg.start:g}",
-        "slg_end": f"{slg.end:g}"})
+        "slg_layers": [str(i) for i in slg.layers], "slg_scale": slg.scale, "slg_start": slg.start, "slg_end": slg.end})
     return values
 
 

@@ -82,6 +82,7 @@ class ScriptArg:
     setting_key: str  # what "default" / "setting" resolves to
     choices: tuple[str, ...] | None = None  # fixed words; None: a free value checked by ``read``
     read: Callable[[Any], Any] | None = None  # free value -> typed value; ValueError says what is allowed
+    slider: tuple[float, float, float] | None = None  # (minimum, maximum, step) of a number
 
     @property
     def default(self) -> str:
@@ -97,7 +98,8 @@ class ScriptArg:
 
     def check(self, value: Any) -> Any:
         """One given value -> USE_SETTING or its canonical form; ScriptArgError names key and what is allowed."""
-        if value is None or (isinstance(value, str) and is_default_word(value)):
+        if value is None or (isinstance(value, str) and is_default_word(value)) or (
+                isinstance(value, (list, tuple)) and not value):  # the UI's empty multiselect
             return USE_SETTING
         if self.choices is not None:
             if isinstance(value, bool) and self.is_switch:  # API users naturally send true/false for on/off
@@ -126,15 +128,22 @@ def is_default_word(value: str) -> bool:
     return word in ("", USE_SETTING) or word == "default" or (word.startswith("default (") and word.endswith(")"))
 
 
+def number_arg(name: str, label: str, setting_key: str, slider: tuple[float, float, float]) -> ScriptArg:
+    return ScriptArg(name, label, setting_key, read=read_number(slider[0], slider[1]), slider=slider)
+
+
+MAX_LAYERS = 38
+"""Joint blocks the accordion offers for SLG: SD3.5 Large's depth, the deepest SD3 family."""
+
 ARGS: tuple[ScriptArg, ...] = (
     ScriptArg("flow_samplers", "Flow-correct samplers", "sd3_flow_samplers", ON_OFF),
     ScriptArg("nan_guard", "NaN guard", "sd3_nan_guard", ON_OFF),
     ScriptArg("mixdq", "MixDQ quantization", "sd3_mixdq", ("off", "w8a8", "w4a8")),
     ScriptArg("slg", "Skip-layer guidance", "sd3_slg", ON_OFF),
     ScriptArg("slg_layers", "SLG layers (joint blocks)", "sd3_slg_layers", read=read_layers),
-    ScriptArg("slg_scale", "SLG scale", "sd3_slg_scale", read=read_number(0.0, 20.0)),
-    ScriptArg("slg_start", "SLG start (fraction of steps)", "sd3_slg_start", read=read_number(0.0, 1.0)),
-    ScriptArg("slg_end", "SLG end (fraction of steps)", "sd3_slg_end", read=read_number(0.0, 1.0)),
+    number_arg("slg_scale", "SLG scale", "sd3_slg_scale", (0.0, 20.0, 0.1)),
+    number_arg("slg_start", "SLG start (fraction of steps)", "sd3_slg_start", (0.0, 1.0, 0.01)),
+    number_arg("slg_end", "SLG end (fraction of steps)", "sd3_slg_end", (0.0, 1.0, 0.01)),
 )
 NAMES = tuple(a.name for a in ARGS)
 BY_NAME = {a.name: a for a in ARGS}
@@ -155,11 +164,7 @@ def parse(args: tuple | list) -> dict[str, Any]:
         if len(args) > len(ARGS):
             raise ScriptArgError(f"SD3 script takes at most {len(ARGS)} positional args {list(NAMES)}, got {len(args)}")
         given = dict(zip(NAMES, args, strict=False))
-    values = {arg.name: arg.check(given.get(arg.name)) for arg in ARGS}
-    start, end = values["slg_start"], values["slg_end"]
-    if USE_SETTING not in (start, end) and start >= end:
-        raise ScriptArgError(f"SD3 script args slg_start={start:g} >= slg_end={end:g}; allowed: slg_start < slg_end")
-    return values
+    return {arg.name: arg.check(given.get(arg.name)) for arg in ARGS}
 
 
 def resolve(values: dict[str, Any], setting: Any) -> dict[str, Any]:
@@ -181,4 +186,8 @@ def check_request(args: Any) -> dict[str, Any]:
     if not isinstance(args, (list, tuple)):  # A1111 indexes args by position: a bare dict would fail inside it
         raise ScriptArgError(f"SD3 script args must be a list: [{{\"name\": value, ...}}] or values in the order "
                              f"{list(NAMES)}; got a {type(args).__name__}")
-    return parse(tuple(args))
+    values = parse(tuple(args))
+    start, end = values["slg_start"], values["slg_end"]  # the UI's sliders may cross: that window is just empty
+    if USE_SETTING not in (start, end) and start >= end:
+        raise ScriptArgError(f"SD3 script args slg_start={start:g} >= slg_end={end:g}; allowed: slg_start < slg_end")
+    return values

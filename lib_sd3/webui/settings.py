@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lib_sd3.webui import infotext
+from lib_sd3.webui import infotext, script_args
 
 SECTION = ("sd3", "SD3")
 
@@ -40,11 +40,11 @@ SETTINGS: tuple[Setting, ...] = (
             comment="Stability recommends it for SD3.5 Medium; off unless turned on here, in the "
             "accordion or by a preset"),
     Setting("sd3_slg_layers", "7,8,9", "SLG: joint blocks to skip (comma-separated indices)"),
-    Setting("sd3_slg_scale", 2.5, "SLG: scale", slider=(0.0, 20.0, 0.1)),
+    Setting("sd3_slg_scale", 2.5, "SLG: scale", slider=script_args.BY_NAME["slg_scale"].slider),
     Setting("sd3_slg_start", 0.01, "SLG: first step, as a fraction of the steps (exclusive)",
-            slider=(0.0, 1.0, 0.01)),
+            slider=script_args.BY_NAME["slg_start"].slider),
     Setting("sd3_slg_end", 0.20, "SLG: last step, as a fraction of the steps (exclusive)",
-            slider=(0.0, 1.0, 0.01)),
+            slider=script_args.BY_NAME["slg_end"].slider),
     Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
 )
 

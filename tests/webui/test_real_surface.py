@@ -104,16 +104,20 @@ def test_ui_paste_restores_the_accordion(webui):
     offered again as an "Override settings" entry."""
     from webui_support import browser_page
 
-    expected = {"flow_samplers": "off", "nan_guard": "on", "mixdq": "w8a8", "slg": "on", "slg_layers": "1",
-                "slg_scale": "3", "slg_start": "0.1", "slg_end": "0.6"}
+    dropdowns = {"flow_samplers": "off", "nan_guard": "on", "mixdq": "w8a8", "slg": "on"}
+    sliders = {"slg_scale": 3.0, "slg_start": 0.1, "slg_end": 0.6}
     with browser_page(webui) as page:
         page.locator("#txt2img_prompt textarea").fill(PASTED_TEXT)
         page.locator("#tab_txt2img #paste").click()
         page.wait_for_function("() => document.querySelector('#sd3_slg_txt2img input').value === 'on'")
-        seen = {name: page.evaluate(f"() => (document.querySelector('#sd3_{name}_txt2img input') || "
-                                    f"document.querySelector('#sd3_{name}_txt2img textarea')).value")
-                for name in expected}
+        seen = {name: page.evaluate(f"() => document.querySelector('#sd3_{name}_txt2img input').value")
+                for name in dropdowns}
+        seen.update({name: float(page.evaluate(
+            f"() => document.querySelector('#sd3_{name}_txt2img input[type=number]').value")) for name in sliders})
+        layers = page.evaluate("() => [...document.querySelectorAll('#sd3_slg_layers_txt2img .token')]"
+                               ".map(e => e.innerText.trim())")
         overrides = page.evaluate("() => document.querySelector('#txt2img_override_settings')?.innerText || ''")
-    print(f"\n[{webui.state}] pasted -> {seen}; override settings: {overrides!r}")
-    assert seen == expected
+    print(f"\n[{webui.state}] pasted -> {seen}, layers {layers}; override settings: {overrides!r}")
+    assert seen == {**dropdowns, **sliders}
+    assert [layer.strip("×✕ \n") for layer in layers] == ["1"], layers
     assert "SD3" not in overrides, overrides
