@@ -246,3 +246,18 @@ def test_process_rejects_bad_api_args_with_a_clear_error(webui):
     script = load_script().SD3Script()
     with pytest.raises(script_args.ScriptArgError, match="mixdq"):
         script.process(object(), {"mixdq": "w2a2"})
+
+
+def test_script_hands_a1111_its_paste_fields(webui):
+    """Every accordion field pastes back from an infotext (``infotext_fields``) and travels with "Send to"
+    (``paste_field_names``); labels and readers come from the one table in lib_sd3/webui/infotext.py."""
+    from lib_sd3.webui import infotext
+
+    script = load_script().SD3Script()
+    components = script.ui(False)
+    assert [component for component, _ in script.infotext_fields] == components
+    keys = [key for _, key in script.infotext_fields]
+    assert all(callable(key) and key in infotext.PASTED for key in keys)
+    assert set(script.paste_field_names) == set(infotext.PASTED)
+    pasted = [key({"SD3 flow samplers": "False", "SD3 SLG": "layers 0; scale 1; steps 0-1"}) for key in keys]
+    assert pasted == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]
