@@ -12,7 +12,7 @@ import pytest
 from webui_support import TINY, decode_image, tracebacks_in, txt2img
 
 SLG = {"slg": "on", "slg_layers": "1", "slg_scale": 2.5, "slg_start": 0.0, "slg_end": 1.0}
-SLG_TEXT = "SD3 SLG: \"layers 1; scale 2.5; steps 0-1\""
+SLG_TEXT = "SD3 SLG: layers 1; scale 2.5; steps 0-1"  # A1111 quotes a value only when it holds a comma
 STEPS = 6
 
 
