@@ -32,6 +32,10 @@ def test_no_feature_writes_an_sd3_label_of_its_own():
     offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "lib_sd3").rglob("*.py")
                  if literal.search(path.read_text(encoding="utf-8"))]
     assert offenders == []
+    constant = re.compile(r"""^\w+\s*=\s*f?["']SD3 [A-Za-z]""", re.MULTILINE)  # e.g. INFOTEXT = "SD3 family"
+    own_names = [str(path.relative_to(ROOT)) for path in (ROOT / "lib_sd3").rglob("*.py")
+                 if path.name != "infotext.py" and constant.search(path.read_text(encoding="utf-8"))]
+    assert own_names == []
     quoted = re.compile(r"""["'](SD3 [A-Za-z][A-Za-z0-9 ]*?)["']""")
     table = (ROOT / "lib_sd3" / "webui" / "infotext.py").read_text(encoding="utf-8")
     assert set(quoted.findall(table)) >= set(infotext.LABELS)

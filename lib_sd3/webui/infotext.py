@@ -26,6 +26,7 @@ T5 = "SD3 T5"
 FLOW_SAMPLER = "SD3 flow sampler"
 FLOW_SCHEDULE = "SD3 flow schedule"
 NAN_RECOVERY = "SD3 NaN recovery"
+FAMILY = "SD3 family"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ FIELDS: tuple[Field, ...] = (
     Field(FLOW_SAMPLER, "which flow form the chosen sampler ran as"),
     Field(FLOW_SCHEDULE, "which flow schedule the chosen scheduler gave"),
     Field(NAN_RECOVERY, "non-finite steps recomputed wider, and in what precision"),
+    Field(FAMILY, "the SD3 family the checkpoint was loaded as (the checkpoint itself pastes back as Model)"),
 )
 LABELS = tuple(f.label for f in FIELDS)
 PASTED = tuple(f.label for f in FIELDS if f.restores)
