@@ -40,6 +40,10 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "SD3 checkpoints checked key by key before loading; the previous model kept on a bad file"),
     SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "MixDQ float layers restored before A1111 loads new weights"),
+    SourceTarget("api.script_args", ("modules/api/api.py",), r"^\s+def init_script_args\(",
+                 "bad SD3 script args from the API answered with HTTP 422"),
+    SourceTarget("slg.combine_denoised", ("modules/sd_samplers_cfg_denoiser.py",), r"^\s+def combine_denoised\(",
+                 "skip-layer guidance added to CFG"),
 )
 
 

@@ -1,37 +1,65 @@
 """The SD3 accordion in txt2img / img2img: one AlwaysVisible script; the work is in lib_sd3.
 
-API: ``"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8", "nan_guard": "on"}]}}``.
+API: ``"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8", "nan_guard": "on", "slg": "on"}]}}``
+(names in lib_sd3/webui/script_args.py; bad values are answered with HTTP 422).
 """
 
 import gradio as gr
 from modules import scripts
 
-from lib_sd3.webui import hooks, script_args, settings, startup
+from lib_sd3.webui import hooks, infotext, script_args, settings, startup
+from lib_sd3.webui.presets import PresetButton
 
 startup.install()
+
+ROWS = (("flow_samplers", "nan_guard", "mixdq"), ("slg", "slg_layers", "slg_scale", "slg_start", "slg_end"))
+
+
+def arg_component(arg: script_args.ScriptArg, tab: str):
+    """Only allowed values can be picked: a dropdown of "default (<setting>)" + the choices, a multiselect of
+    block indices (none picked: the default), or a slider starting at the setting's value."""
+    current = settings.get(arg.setting_key)
+    default = arg.default_label(current)
+    elem_id = f"sd3_{arg.name}_{tab}"
+    if arg.choices is not None:
+        return gr.Dropdown(label=arg.label, choices=[default, *arg.choices], value=default, elem_id=elem_id)
+    if arg.slider is not None:
+        low, high, step = arg.slider
+        return gr.Slider(label=arg.label, minimum=low, maximum=high, step=step, value=arg.from_setting(current),
+                         elem_id=elem_id)
+    return gr.Dropdown(label=arg.label, info=f"none picked: {default}", multiselect=True, value=[],
+                       choices=[str(i) for i in range(script_args.MAX_LAYERS)], elem_id=elem_id)
 
 
 class SD3Script(scripts.Script):
     def title(self) -> str:
-        return "SD3"
+        return script_args.SCRIPT_TITLE
 
     def show(self, is_img2img: bool):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list:
         tab = "img2img" if is_img2img else "txt2img"
-        components = []
+        fields = {}
         with gr.Accordion("SD3", open=False, elem_id=f"sd3_accordion_{tab}"):
-            with gr.Row():
-                for arg in script_args.ARGS:
-                    component = gr.Dropdown(
-                        label=arg.label, choices=list(arg.choices), value=arg.default, elem_id=f"sd3_{arg.name}_{tab}"
-                    )
-                    components.append(component)
+            for row in ROWS:
+                with gr.Row():
+                    for name in row:
+                        fields[name] = arg_component(script_args.BY_NAME[name], tab)
+            self._preset_button(tab).build(fields)
             for build in hooks.UI:
                 build(is_img2img)
-        self.infotext_fields = []
-        return components
+        self.infotext_fields = infotext.paste_fields(fields)
+        self.paste_field_names = list(infotext.PASTED)
+        return [fields[name] for name in script_args.NAMES]
+
+    def _preset_button(self, tab: str) -> PresetButton:
+        if getattr(self, "preset_button", None) is None or self.preset_button.tab != tab:
+            self.preset_button = PresetButton(tab)
+        return self.preset_button
+
+    def after_component(self, component, **kwargs) -> None:
+        self._preset_button("img2img" if self.is_img2img else "txt2img").saw(component, kwargs.get("elem_id"))
 
     def _args(self, args: tuple) -> dict:
         return script_args.resolve(script_args.parse(args), settings.get)

@@ -99,6 +99,8 @@ def make_webui(root, state):
         "modules/sd_samplers.py": SD_SAMPLERS,
         "modules/sd_models.py": SD_MODELS,
         "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
+        "modules/api/api.py": "class Api:\n    def init_script_args(self, request, default_script_args):\n        pass\n",
+        "modules/sd_samplers_cfg_denoiser.py": "class CFGDenoiser:\n    def combine_denoised(self, x_out):\n        pass\n",
     }
     if state == "dev":
         files["modules/models/sd3/sd3_cond.py"] = SD3_COND_DEV

@@ -214,7 +214,13 @@ def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
         assert accordions[-1].args == ("SD3",) and accordions[-1].kwargs["elem_id"] == f"sd3_accordion_{tab}"
         assert [c.kwargs["label"] for c in components] == [a.label for a in script_args.ARGS]
         assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in script_args.ARGS]
-        assert all(c.value == script_args.USE_SETTING for c in components)
+        for component, arg in zip(components, script_args.ARGS, strict=True):
+            if arg.choices:
+                assert script_args.is_default_word(component.value)  # "default (on)" etc.
+            elif arg.slider:
+                assert component.value == settings.get(arg.setting_key)  # a slider starts at the setting
+            else:
+                assert component.value == [] and component.kwargs["multiselect"]  # none picked: the setting
     assert [e for e in feature().SEEN if e[0] == "ui"] == [("ui", False), ("ui", True)]
 
 
@@ -226,7 +232,8 @@ def test_process_takes_ui_values_and_the_api_dict(webui):
     script.process(p, {"nan_guard": False})  # from alwayson_scripts: one dict, the rest from settings
     script.process_before_every_sampling(p, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
     script.postprocess(p, "processed", {"mixdq": "w8a8"})
-    seen = [e for e in feature().SEEN if e[0] != "ui"]
+    slg_keys = {"slg", "slg_layers", "slg_scale", "slg_start", "slg_end"}  # SLG's own args, tested elsewhere
+    seen = [(*e[:-1], {k: v for k, v in e[-1].items() if k not in slg_keys}) for e in feature().SEEN if e[0] != "ui"]
     assert seen == [
         ("process", p, {"flow_samplers": True, "nan_guard": False, "mixdq": "w8a8"}),
         ("process", p, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),
@@ -262,3 +269,18 @@ def test_global_patches_are_in_place_before_the_first_model_load(webui):
         sys.modules["modules.shared"] = shared
         sys.modules["modules"].shared = shared
     assert seen and seen[0] == "patched"
+
+
+def test_script_hands_a1111_its_paste_fields(webui):
+    """Every accordion field pastes back from an infotext (``infotext_fields``) and travels with "Send to"
+    (``paste_field_names``); labels and readers come from the one table in lib_sd3/webui/infotext.py."""
+    from lib_sd3.webui import infotext
+
+    script = load_script().SD3Script()
+    components = script.ui(False)
+    assert [component for component, _ in script.infotext_fields] == components
+    keys = [key for _, key in script.infotext_fields]
+    assert all(callable(key) and key in infotext.PASTED for key in keys)
+    assert set(script.paste_field_names) == set(infotext.PASTED)
+    pasted = [key({"SD3 flow samplers": "False", "SD3 SLG": "layers 0; scale 1; steps 0-1"}) for key in keys]
+    assert pasted == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]

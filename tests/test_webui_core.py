@@ -48,3 +48,11 @@ def test_status_route_is_json(fake_webui):
     assert body["capabilities"]["a1111_state"] == capabilities.STATE_NONE
     assert body["capabilities"]["model_is_sd3"] is False
     assert isinstance(body["patches"], dict) and isinstance(body["features"], dict)
+
+
+def test_every_setting_gets_a_component_in_a1111(fake_webui):
+    """A1111's settings page (ui_settings.create_setting_component, both states) builds a component from the
+    option's own, else from the default's type -- str, int or bool; anything else stops the WebUI's start-up."""
+    settings.register(fake_webui.shared)
+    for key, info in fake_webui.shared.opts.data_labels.items():
+        assert info.component is not None or type(info.default) in (str, int, bool), key

@@ -28,7 +28,7 @@ from lib_sd3 import get_logger
 from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import model as mixdq_model
 from lib_sd3.patching import AttributeSwap, Patch
-from lib_sd3.webui import flags, hooks, settings
+from lib_sd3.webui import flags, hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3, queue_lock
 from lib_sd3.webui.registry import REGISTRY
 
@@ -37,8 +37,8 @@ log = get_logger("mixdq")
 FEATURE = "MixDQ"
 SETTING = "sd3_mixdq"
 OFF = "off"
-INFOTEXT_NAME = "SD3 MixDQ"  # the setting's infotext label: pasting an infotext restores the choice
-INFOTEXT_HASH = "SD3 MixDQ hash"  # which exact config (a custom file's name alone is ambiguous)
+INFOTEXT_NAME = infotext.MIXDQ  # pasting an infotext restores the accordion's choice
+INFOTEXT_HASH = infotext.MIXDQ_HASH
 USER_DIR = "sd3_mixdq"  # under A1111's models folder: user configs, and the cache of quantized weights
 
 

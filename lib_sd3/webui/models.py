@@ -29,14 +29,13 @@ from lib_sd3.families import SD35_LARGE, CheckpointError, Family, MMDiTConfig, d
 from lib_sd3.mmdit import MMDiT
 from lib_sd3.mmdit_load import check_complete, expected_shapes
 from lib_sd3.patching import AttributeSwap, Patch
-from lib_sd3.webui import hooks
+from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("models")
 
 FEATURE = "SD3.5 models"
-INFOTEXT_NAME = "SD3 family"
 SD3_MODEL = "modules.models.sd3.sd3_model"
 SD3_IMPLS = "modules.models.sd3.sd3_impls"
 A1111_MMDIT = "modules.models.sd3.mmdit"
@@ -228,7 +227,7 @@ def current() -> dict[str, Any]:
 def process(p: Any, _values: dict[str, Any]) -> None:
     family = getattr(getattr(p, "sd_model", None) or loaded_model(), FAMILY_ATTR, None)
     if family is not None:
-        p.extra_generation_params[INFOTEXT_NAME] = family.label
+        p.extra_generation_params[infotext.FAMILY] = family.label
 
 
 CONSTRUCTION = Patch.from_swaps(

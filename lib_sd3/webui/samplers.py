@@ -27,7 +27,7 @@ from lib_sd3 import flow, get_logger
 from lib_sd3 import samplers as flow_samplers
 from lib_sd3.nan_guard import NanGuard
 from lib_sd3.patching import AttributeSwap, Patch
-from lib_sd3.webui import hooks, settings
+from lib_sd3.webui import hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_option, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
 
@@ -173,10 +173,10 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
 def write_infotext(p: Any, generation: Generation, note: str) -> None:
     params = p.extra_generation_params
     if generation.flow:
-        params["SD3 flow sampler"] = note
-        params["SD3 flow schedule"] = generation.schedule or MODEL_SCHEDULE
+        params[infotext.FLOW_SAMPLER] = note
+        params[infotext.FLOW_SCHEDULE] = generation.schedule or MODEL_SCHEDULE
     if generation.guard.recoveries:
-        params["SD3 NaN recovery"] = generation.guard.summary()
+        params[infotext.NAN_RECOVERY] = generation.guard.summary()
 
 
 # --- patches --------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.tokens",
     "lib_sd3.webui.models",  # before mixdq: its load_model_weights patch must wrap ours (restore, then check)
     "lib_sd3.webui.mixdq",
+    "lib_sd3.webui.api_args",
+    "lib_sd3.webui.slg",
+    "lib_sd3.webui.presets",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
