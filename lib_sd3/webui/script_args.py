@@ -25,7 +25,7 @@ class ScriptArg:
 ARGS: tuple[ScriptArg, ...] = (
     ScriptArg("flow_samplers", "Flow-correct samplers", (USE_SETTING, "on", "off"), "sd3_flow_samplers"),
     ScriptArg("nan_guard", "NaN guard", (USE_SETTING, "on", "off"), "sd3_nan_guard"),
-    ScriptArg("mixdq", "MixDQ quantization", (USE_SETTING, "off", "w8a8", "w4a8"), "sd3_mixdq"),
+    ScriptArg("mixdq", "MixDQ quantization", (USE_SETTING, "off", "w8a8", "w4a8", "fp8"), "sd3_mixdq"),
 )
 NAMES = tuple(a.name for a in ARGS)
 

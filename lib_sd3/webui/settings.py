@@ -30,7 +30,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
     Setting("sd3_flow_samplers", True, "Use flow-correct samplers and schedules for SD3", infotext="SD3 flow samplers"),
     Setting("sd3_nan_guard", True, "NaN guard: recompute a non-finite step at higher precision", infotext="SD3 NaN guard"),
-    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8"), infotext="SD3 MixDQ"),
+    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8", "fp8"), infotext="SD3 MixDQ"),
     Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
 )
 
