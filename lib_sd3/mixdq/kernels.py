@@ -93,6 +93,7 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and later have FP8 tensor cores
+FP8_CUDA_ROWS = 16  # M multiple for the CUDA FP8 GEMM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +205,17 @@ def fp8_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_matmul(x2: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """FP8 W8A8 through ``torch._scaled_mm`` (row-wise scales; the weight ``.t()`` is column-major, as it wants)."""
+    """FP8 W8A8 through ``torch._scaled_mm`` (row-wise scales; the weight ``.t()`` is column-major, as it wants).
+
+    On CUDA, cuBLASLt's row-wise scaled FP8 GEMM writes bf16 and wants M a multiple of 16 (zero
+    rows are appended and dropped after); the CPU kernel writes fp32.
+    """
+    m = x2.shape[0]
+    if x2.is_cuda and m % FP8_CUDA_ROWS:
+        x2 = pad_rows(x2, -(-m // FP8_CUDA_ROWS) * FP8_CUDA_ROWS)
     qx, sx = fp8_activations(x2)
-    y = torch._scaled_mm(qx, w.t(), scale_a=sx, scale_b=wscale.view(1, -1), out_dtype=torch.float32)
+    out_dtype = torch.bfloat16 if x2.is_cuda else torch.float32
+    y = torch._scaled_mm(qx, w.t(), scale_a=sx, scale_b=wscale.view(1, -1), out_dtype=out_dtype)[:m].float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x2.dtype)

@@ -198,6 +198,12 @@ class QuantLinear(nn.Module):
 
     _RUNNERS = {"eager": _eager, "compiled": _compiled, "fp8": _fp8}
 
+    def run_path(self, x2: torch.Tensor, path: str) -> torch.Tensor | None:
+        """``path`` alone, errors raised, None where it declines the shape (selection's probe)."""
+        if path == "weight_only":
+            return self._float_linear(x2)
+        return self._RUNNERS[path](self, x2)
+
     def run(self, x2: torch.Tensor, path: str) -> torch.Tensor:
         """``X (M, K)`` through kernel path ``path`` (a :data:`~lib_sd3.mixdq.kernels.PATHS` name).
 

@@ -7,14 +7,14 @@ missing only eager and weight-only exist. So at quantize time every path in
 :data:`~lib_sd3.mixdq.kernels.PATHS` that serves the config's weight format and can run on the
 device is run once on each distinct (K, N) of the model's activation-quantized layers with
 :data:`TIMING_ROWS` tokens, checked against the dequantized (weight-only) product, and timed; the
-fastest that passes wins. A path that raises or fails the check is dropped, with its reason.
+fastest that passes wins (one path for the whole model: a sum over shapes is steadier under load
+than a choice per shape). A path that raises or fails the check is dropped, with its reason.
 Results are remembered per device, dtype and shape set, so a second toggle does not time again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
 import torch
@@ -29,7 +29,8 @@ TIMING_ROWS = 1024
 """Tokens per timed call: a 512 px image's 1024 image tokens (1024 px has 4096; the ranking of the
 paths holds from 1k tokens up, and timing stays well under a second per path on a CPU)."""
 
-TIMING_REPEATS = 3
+TIMING_REPEATS = 5
+"""Interleaved rounds; each path's time is its fastest round (the least disturbed by other load)."""
 MIN_TIMED_WEIGHTS = 1 << 20
 """Below this many weights in the largest layer (1024 x 1024), dispatch overhead decides, not the
 kernel: no timing, and no compile; the default path of the format runs (eager int8, or fp8)."""
@@ -113,11 +114,11 @@ class Selector:
         reference = {shape: layer_of[shape].run(x, "weight_only") for shape, x in inputs.items()}
         if "compiled" in candidates:
             log.info("MixDQ: compiling the fused kernel to time it (once per session; can take a minute on a CPU)")
-        timings: dict[str, float] = {}
+        passed = []
         for path in candidates:
             try:
                 for shape, x in inputs.items():  # first call: compile / warm up, and the fidelity check
-                    out = layer_of[shape]._RUNNERS[path](layer_of[shape], x) if path != "weight_only" else reference[shape]
+                    out = layer_of[shape].run_path(x, path)
                     if out is None:
                         raise RuntimeError("the kernel declined this shape")
                     if not bool(torch.isfinite(out).all()) or _cosine(out, reference[shape]) < FIDELITY_COSINE:
@@ -126,19 +127,18 @@ class Selector:
             except Exception as error:  # noqa: BLE001 -- any failure means "not this path here"
                 rejected[path] = str(error).splitlines()[0] if str(error) else type(error).__name__
                 continue
-            total = 0.0
-            for shape, x in inputs.items():
-                layer = layer_of[shape]
-                runner = layer._RUNNERS.get(path)
-                seconds = []
-                for _ in range(TIMING_REPEATS):
+            passed.append(path)
+        best_seconds = {(path, shape): float("inf") for path in passed for shape in inputs}
+        for _ in range(TIMING_REPEATS):  # rounds interleave the paths, so load changes hit them alike
+            for path in passed:
+                for shape, x in inputs.items():
                     _sync(device)
                     start = time.perf_counter()
-                    runner(layer, x) if runner is not None else layer.run(x, "weight_only")
+                    layer_of[shape].run_path(x, path)
                     _sync(device)
-                    seconds.append(time.perf_counter() - start)
-                total += statistics.median(seconds) * counts[shape]
-            timings[path] = round(1000 * total, 2)
+                    best_seconds[path, shape] = min(best_seconds[path, shape], time.perf_counter() - start)
+        timings = {path: round(1000 * sum(best_seconds[path, shape] * counts[shape] for shape in inputs), 2)
+                   for path in passed}
         best = min(timings, key=timings.get)
         ranked = ", ".join(f"{p} {ms:.1f} ms" for p, ms in sorted(timings.items(), key=lambda kv: kv[1]))
         why = f"fastest on {device.type} at {TIMING_ROWS} tokens over the model's layers: {ranked}"

@@ -18,7 +18,9 @@ import torch
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+          "BOOL": torch.bool, **{code: getattr(torch, name) for code, name in (("F8_E4M3", "float8_e4m3fn"),
+                                                                                ("F8_E5M2", "float8_e5m2"))
+                                 if hasattr(torch, name)}}  # PyTorch < 2.1 has no float8
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
 
 
