@@ -1,6 +1,7 @@
 """Kernel paths (compiled, eager, fp8, weight-only) against the float layer, and the choice between them."""
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -167,8 +168,11 @@ def test_quantize_from_file_streams_layer_by_layer(tmp_path):
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
     float_bytes = sum(v.numel() * v.element_size() for v in m.state_dict().values())
     del m
+    # glibc's heap keeps freed temporaries' pages when long-lived buffers sit between them (it measured the
+    # allocator, 75-125 MB from run to run); a fixed mmap threshold makes RSS follow the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     run = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(path), str(ROOT)], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     grown, quantized, whole = (int(v) for v in run.stdout.split()[-3:])
     print(f"float {float_bytes / 2**20:.0f} MB, quantized {quantized / 2**20:.0f} MB, peak RSS grew "
@@ -176,5 +180,5 @@ def test_quantize_from_file_streams_layer_by_layer(tmp_path):
     assert whole > 0.9 * float_bytes  # the measurement sees a whole-model load
     assert quantized < 0.6 * float_bytes
     # holding the float model at once would need >= float + quantized; streaming needs the quantized model,
-    # one float layer with its fp32 temporaries, and what the allocator keeps (measured 75-97 MB here)
-    assert grown < quantized + float_bytes / 2 < float_bytes + quantized - (32 << 20)
+    # and one float layer with its fp32 temporaries
+    assert grown < quantized + float_bytes / 4 < float_bytes + quantized - (64 << 20)
