@@ -229,8 +229,9 @@ def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype
                 for path in int_paths:
                     fns[f"w8a8_{path}"] = lambda q=w8, x2=x2, path=path: q.run(x2, path)
                     fns[f"w4a8_{path}"] = lambda q=w4, x2=x2, path=path: q.run(x2, path)
-                if kernels.missing("fp8", device) is None:
-                    fns["fp8"] = lambda q=f8, x2=x2: q.run(x2, "fp8")
+                for path in ("fp8", "fp8_compiled"):
+                    if kernels.missing(path, device) is None:
+                        fns[path] = lambda q=f8, x2=x2, path=path: q.run(x2, path)
                 qa = torch.randint(-127, 128, (tokens, k), dtype=torch.int8, device=device)
                 w_kn = w8.qweight.t().contiguous()
                 fns["bare_int_mm"] = lambda a=qa, w=w8.qweight: torch._int_mm(a, w.t())

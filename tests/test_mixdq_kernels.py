@@ -60,6 +60,11 @@ def test_compiled_path_equals_the_eager_maths(fresh_failures):
     assert cosine(fused, lin(x).detach()) >= W8A8_COSINE
     # the same integer maths: equal to the eager path up to fp32 rounding of the scales
     assert torch.allclose(fused, q.run(x, "eager"), atol=1e-4 * float(fused.abs().max()))
+    if kernels.missing("fp8_compiled", "cpu") is None:
+        f8 = QuantLinear.from_linear(lin, 8, "dynamic", weight_format="fp8")
+        fused8 = f8.run(x, "fp8_compiled")
+        assert not kernels.path_failed("fp8_compiled", "cpu"), "torch.compile of the fp8 layer failed here"
+        assert torch.allclose(fused8, f8.run(x, "fp8"), atol=1e-4 * float(fused8.abs().max()))
 
 
 def test_fp8_scaled_mm_equals_the_emulated_reference():

@@ -109,6 +109,7 @@ PATHS: dict[str, KernelPath] = {p.name: p for p in (
     KernelPath("compiled", ("int",), "torch.compile of the layer's maths: per-token quantization, int8 GEMM and "
                                      "rescale in fused kernels (Triton on CUDA, C++ on CPU)"),
     KernelPath("eager", ("int",), "eager PyTorch: per-token int8 quantization, torch._int_mm, rescale"),
+    KernelPath("fp8_compiled", ("fp8",), "FP8 e4m3 W8A8 with the activation quantization fused by torch.compile"),
     KernelPath("fp8", ("fp8",), "FP8 e4m3 W8A8: torch._scaled_mm, per-row weight and per-token activation scales"),
     KernelPath("weight_only", ("int", "fp8"), "dequantize the weight, then the normal matmul (memory saved, "
                                               "no low-precision GEMM)"),
@@ -129,6 +130,8 @@ def missing(path: str, device: torch.device | str) -> str | None:
         return _compile_missing(device_type)
     if path == "fp8":
         return _fp8_missing(torch.device(device))
+    if path == "fp8_compiled":
+        return _fp8_missing(torch.device(device)) or _compile_missing(device_type)
     return None
 
 
@@ -177,18 +180,15 @@ def w8a8_dynamic(x2: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, bias: 
 
 
 class Compiled:
-    """``torch.compile(w8a8_dynamic)``, made on first use (dynamic shapes: one graph for all layers)."""
+    """``torch.compile(fn)``, made on first use (dynamic shapes: one graph for all layers)."""
 
-    def __init__(self) -> None:
-        self.fn = None
+    def __init__(self, fn) -> None:
+        self.source, self.fn = fn, None
 
     def __call__(self, *args: torch.Tensor | None) -> torch.Tensor:
         if self.fn is None:
-            self.fn = torch.compile(w8a8_dynamic, dynamic=True)
+            self.fn = torch.compile(self.source, dynamic=True)
         return self.fn(*args)
-
-
-COMPILED = Compiled()
 
 
 def fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +229,7 @@ def fp8_reference(x2: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, bias:
     if bias is not None:
         y = y + bias.float()
     return y.to(x2.dtype)
+
+
+COMPILED = Compiled(w8a8_dynamic)
+COMPILED_FP8 = Compiled(fp8_matmul)

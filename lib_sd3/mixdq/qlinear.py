@@ -196,7 +196,10 @@ class QuantLinear(nn.Module):
     def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
         return kernels.fp8_matmul(x2, self.qweight, self.wscale, self.bias)
 
-    _RUNNERS = {"eager": _eager, "compiled": _compiled, "fp8": _fp8}
+    def _fp8_compiled(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.COMPILED_FP8(x2, self.qweight, self.wscale, self.bias)
+
+    _RUNNERS = {"eager": _eager, "compiled": _compiled, "fp8": _fp8, "fp8_compiled": _fp8_compiled}
 
     def run_path(self, x2: torch.Tensor, path: str) -> torch.Tensor | None:
         """``path`` alone, errors raised, None where it declines the shape (selection's probe)."""
