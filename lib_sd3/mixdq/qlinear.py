@@ -217,6 +217,8 @@ class QuantLinear(nn.Module):
         if runner is not None and not kernels.path_failed(path, x2.device.type):
             try:
                 out = runner(self, x2)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a missing kernel: A1111 reports it and the kernel stays
             except Exception as error:  # noqa: BLE001 -- compile errors come in many types; all mean "not here"
                 device = x2.device.type
                 kernels.mark_path_failed(path, device)
