@@ -264,6 +264,31 @@ def step_time(m, ins, repeats: int, configs: dict[str, object], device: str) -> 
     return result
 
 
+def allocated(m) -> int:
+    """Bytes allocated on the model's device: the CUDA allocator's count on a GPU, the tensors' own elsewhere."""
+    device = next(m.buffers(), next(m.parameters())).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device)
+    return model.module_bytes(m)
+
+
+def step_and_memory(m, ins, configs: dict[str, object], repeats: int) -> dict[str, float]:
+    """The GPU headline: fp16 step time / quantized step time (``gpu_*_step_ratio``) and allocated memory
+    after / before quantizing (``gpu_*_mem_ratio``). Device-agnostic, so the tests run it on CPU."""
+    device = ins["x"].device.type
+    steps = step_time(m, ins, repeats, configs, device)
+    out = {f"{device}_step_ms_{key}": round(1000 * seconds, 1) for key, seconds in steps.items()}
+    out["gpu_w8a8_step_ratio"] = round(steps["float"] / steps["w8a8"], 3)
+    out["gpu_fp8_step_ratio"] = round(steps["float"] / steps["fp8"], 3)
+    for kind in ("w8a8", "w4a8"):
+        before = allocated(m)
+        model.quantize(m, configs[kind])
+        out[f"gpu_{kind}_mem_ratio"] = round(allocated(m) / before, 4)
+        model.restore(m)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -331,19 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     out[f"{prefix}_quant_overhead"] = round(speed["w8a8"] / speed["bare_int_mm"] - 1, 4)
     if cuda:
         out["cuda_int8_speedup_vs_bf16"] = round(speed["bfloat16"] / speed["w8a8"], 3)
-        big = inputs(m, 128, 1, args.device, dtype)  # 1024 px, batch 1
-        steps = step_time(m, big, args.repeats, configs, args.device)
-        for key, seconds in steps.items():
-            out[f"cuda_step_ms_{key}"] = round(1000 * seconds, 1)
-        out["gpu_w8a8_step_ratio"] = round(steps["float"] / steps["w8a8"], 3)
-        out["gpu_fp8_step_ratio"] = round(steps["float"] / steps["fp8"], 3)
-        for kind in ("w8a8", "w4a8"):
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated()
-            model.quantize(m, configs[kind])
-            torch.cuda.empty_cache()
-            out[f"gpu_{kind}_mem_ratio"] = round(torch.cuda.memory_allocated() / before, 4)
-            model.restore(m)
+        out.update(step_and_memory(m, inputs(m, 128, 1, args.device, dtype), configs, args.repeats))  # 1024 px, batch 1
     out["seconds"] = round(time.perf_counter() - start, 1)
     out = {k: out[k] for k in [k for k in out if k not in LAST_KEYS] + [k for k in LAST_KEYS if k in out]}
     print(" ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in out.items()))

@@ -63,3 +63,20 @@ def test_large_memory_is_the_sum_of_the_layer_sizes():
         assert config.load(kind).weight  # the shipped pattern file is what meta_bytes applied
     assert bench_mixdq.meta_bytes("w8a8", bench_mixdq.SD35_LARGE)[1] / 2**30 < 8.5  # the issue's goals
     assert bench_mixdq.meta_bytes("w4a8", bench_mixdq.SD35_LARGE)[1] / 2**30 < 5.0
+
+
+def test_gpu_step_and_memory_figures_on_cpu():
+    """The ``--device cuda`` headline code (step ratios, allocated-memory ratios), run on CPU at toy size."""
+    import bench_mixdq
+    import torch
+
+    from lib_sd3.mixdq import layers, presets
+
+    m = bench_mixdq.transformer(1, 1, 8, "cpu", torch.float32)
+    names = [n for n, _ in layers.linear_layers(m)]
+    configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
+    out = bench_mixdq.step_and_memory(m, bench_mixdq.inputs(m, 8, 1, "cpu", torch.float32), configs, 1)
+    assert set(out) >= {"gpu_w8a8_step_ratio", "gpu_fp8_step_ratio", "gpu_w8a8_mem_ratio", "gpu_w4a8_mem_ratio",
+                        "cpu_step_ms_float", "cpu_step_ms_fp8"}
+    assert 0 < out["gpu_w4a8_mem_ratio"] < out["gpu_w8a8_mem_ratio"] < 1
+    assert out["gpu_w8a8_step_ratio"] > 0 and out["gpu_fp8_step_ratio"] > 0
