@@ -12,4 +12,4 @@ def preload(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sd3-mirror", default=None,
                        help="SD3: comma-separated Hugging Face endpoints to try in order, e.g. https://hf-mirror.com")
     group.add_argument("--sd3-mixdq", default=None,
-                       help="SD3: quantize the MMDiT at load: off, w8a8, w4a8 or a path to a MixDQ YAML config")
+                       help="SD3: quantize the MMDiT at load: off, w8a8, w4a8, fp8 or a path to a MixDQ YAML config")

@@ -1,7 +1,7 @@
 """MixDQ on SD3's MMDiT: weight memory, output fidelity and int8 GEMM speed, side by side.
 
-    python benchmarks/bench_mixdq.py                 # CPU, < 2 minutes: 2 blocks at width 1536
-    python benchmarks/bench_mixdq.py --device cuda   # GPU: int8 vs fp16/bf16 Linears, step time, 24 blocks
+    python benchmarks/bench_mixdq.py                 # CPU, ~2 minutes: 2 blocks at width 1536
+    python benchmarks/bench_mixdq.py --device cuda   # GPU: the same, plus step time and memory at 24 blocks
 
 The transformer is diffusers' ``SD3Transformer2DModel`` with SD3 Medium's config (width 1536,
 24 heads, context 4096, pooled 2048) and ``--blocks`` joint blocks, randomly initialised (no
@@ -13,10 +13,21 @@ for the full 24-block SD3 Medium in fp16 (built on the meta device, pos_embed in
 the float-kept embedders weigh more).
 
 Speed: each quantized Linear (activation quantization, int8 GEMM and rescale all included) is
-timed against the float Linear on the same input, interleaved, ``--repeats`` times; medians. A
-``# M= K= N=`` line per GEMM shape shows where the time goes (bare int8 GEMM in the stored
-column-major layout, on CUDA also in the old row-major one; activation quantization alone), in µs.
-The last line is ``key=value`` pairs.
+timed against the float Linear on the same input, interleaved, ``--repeats`` times; medians, once
+per kernel path that runs on the device (``w8a8_eager``, ``w8a8_compiled``, ``fp8``, ...), and
+``w8a8`` is the path the library's own selection picks there (``kernel=``). A ``# M= K= N=`` line
+per GEMM shape shows where the time goes, in µs. ``cpu_quant_overhead`` = (W8A8 layer time - bare
+int8 GEMM time) / bare int8 GEMM time, times summed over the three shapes: what quantizing the
+activations and rescaling cost beside the GEMM, the floor of this design.
+
+SD3.5 Large (38 blocks, width 2432, qk-norm): ``large_w8a8_gb`` / ``large_w4a8_gb`` are the
+quantized MMDiT's bytes in GiB (embedders, norms, qk-norm and pos_embed in fp16), computed from
+the layer shapes and the real quantized tensors' sizes on the meta device -- the same on every
+device (``large_source=computed_from_shapes``); what an allocator adds is rounding.
+
+On CUDA (24 blocks, 1024 px, batch 1): ``gpu_w8a8_step_ratio`` / ``gpu_fp8_step_ratio`` = fp16
+step time / quantized step time; ``gpu_w8a8_mem_ratio`` / ``gpu_w4a8_mem_ratio`` = allocated
+memory of the quantized / fp16 model. The last line is ``key=value`` pairs.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib_sd3 import LOGGER_NAME, get_logger  # noqa: E402
-from lib_sd3.mixdq import config, layers, model, presets, quantizers  # noqa: E402
+from lib_sd3.mixdq import config, kernels, layers, model, presets, quantizers, selection  # noqa: E402
 from lib_sd3.mixdq.qlinear import QuantLinear  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -46,6 +57,10 @@ TEXT_TOKENS = 154  # 77 CLIP + 77 T5
 IMAGE_TOKENS_1024PX = 4096  # (1024 / 8 / 2)^2
 BOS_GAIN = 30.0
 GEMM_SHAPES = ((1536, 1536), (1536, 6144), (6144, 1536))  # (K, N): attention proj, MLP fc1, MLP fc2
+LAST_KEYS = ("cpu_quant_overhead", "gpu_w8a8_step_ratio", "gpu_fp8_step_ratio", "gpu_w8a8_mem_ratio",
+             "gpu_w4a8_mem_ratio", "large_w8a8_gb", "large_w4a8_gb")
+"""The issue's headline keys, last on the line in this order (``cpu_quant_overhead`` only on CPU)."""
+SD35_LARGE = dict(SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=64 * 38, qk_norm="rms_norm")
 
 
 def transformer(blocks: int, width_heads: int, latent: int, device: str, dtype: torch.dtype):
@@ -141,28 +156,29 @@ def memory_ratios(m, configs: dict[str, object]) -> dict[str, float]:
     m16 = m if next(m.parameters()).dtype == torch.float16 else copy.deepcopy(m).to(torch.float16)
     ratios = {}
     for kind, cfg in configs.items():
-        state = model.quantize(m16, cfg)
+        state = model.quantize(m16, cfg, kernel="weight_only")  # bytes only: no kernel timing needed
         ratios[kind] = state.bytes_after / state.bytes_before
         model.restore(m16)
     return ratios
 
 
-def sd3_medium_ratio(kind: str) -> float:
-    """Full 24-block SD3 Medium in fp16, without allocating it: build it on the meta device and
-    replace each configured Linear by a :class:`QuantLinear` constructed there too; the buffers'
-    shapes and dtypes are the real allocation, so ``module_bytes`` counts what a GPU would hold."""
+def meta_bytes(kind: str, shape: dict[str, object]) -> tuple[int, int]:
+    """fp16 bytes of a full-size transformer before and after quantizing with the shipped ``kind``,
+    without allocating it: built on the meta device, each configured Linear replaced by a
+    :class:`QuantLinear` constructed there too; the buffers' shapes and dtypes are the real
+    allocation, so ``module_bytes`` counts what a GPU would hold (pos_embed included)."""
     from diffusers import SD3Transformer2DModel
 
     with torch.device("meta"):
-        full = SD3Transformer2DModel(**SD3_MEDIUM).to(torch.float16)
+        full = SD3Transformer2DModel(**shape).to(torch.float16)
     before = model.module_bytes(full)
-    cfg = presets.preset(kind, [n for n, _ in layers.linear_layers(full)])
+    cfg = config.load(kind)
     for name, plan in config.resolve(cfg, full).items():
         linear = full.get_submodule(name)
         model.swap_module(full, name, QuantLinear(linear.in_features, linear.out_features, plan.w_bits,
                                                   plan.act_mode, linear.bias is not None, torch.float16,
-                                                  "meta", cfg.group_size, plan.float_rows))
-    return model.module_bytes(full) / before
+                                                  "meta", cfg.group_size, plan.float_rows, cfg.weight_format))
+    return before, model.module_bytes(full)
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
@@ -182,14 +198,18 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[],
 
 
 @torch.no_grad()
-def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype, ...]) -> dict[str, float]:
-    """Quantized Linear (W8A8 / W4A8, dynamic per-token) vs float Linear at SD3 shapes, summed over shapes.
+def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype, ...]) -> tuple[dict[str, float], str]:
+    """Quantized Linear (W8A8 on each kernel path, W4A8, FP8) vs float Linear at SD3 shapes, summed over
+    shapes, and the W8A8 path the library's selection picks on these three layers.
 
-    Per shape it also prints where the W8A8 time goes: the bare int8 GEMM with the weight as stored
+    Per shape it also prints where the time goes: the bare int8 GEMM with the weight as stored
     (``(N, K)``, passed transposed: column-major B), on CUDA the same GEMM with a row-major ``(K, N)``
     copy (the old layout, for comparison), and the per-token activation quantization alone.
     """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    int_paths = [p for p, path in kernels.PATHS.items() if "int" in path.formats and p != "weight_only"
+                 and kernels.missing(p, device) is None]
+    layers_w8: list[QuantLinear] = []
     totals: dict[str, float] = {}
     for k, n in GEMM_SHAPES:
         torch.manual_seed(0)
@@ -203,10 +223,17 @@ def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype
             fns[name] = lambda lin=lin, x=x: lin(x)
             if dtype == dtypes[0]:
                 w8, w4 = QuantLinear.from_linear(lin, 8), QuantLinear.from_linear(lin, 4)
-                fns["w8a8"] = lambda q=w8, x=x: q(x)
-                fns["w4a8"] = lambda q=w4, x=x: q(x)
+                f8 = QuantLinear.from_linear(lin, 8, weight_format="fp8")
+                layers_w8.append(w8)
+                x2 = x.reshape(-1, k)
+                for path in int_paths:
+                    fns[f"w8a8_{path}"] = lambda q=w8, x2=x2, path=path: q.run(x2, path)
+                    fns[f"w4a8_{path}"] = lambda q=w4, x2=x2, path=path: q.run(x2, path)
+                for path in ("fp8", "fp8_compiled"):
+                    if kernels.missing(path, device) is None:
+                        fns[path] = lambda q=f8, x2=x2, path=path: q.run(x2, path)
                 qa = torch.randint(-127, 128, (tokens, k), dtype=torch.int8, device=device)
-                w_kn, x2 = w8.qweight.t().contiguous(), x.reshape(-1, k)
+                w_kn = w8.qweight.t().contiguous()
                 fns["bare_int_mm"] = lambda a=qa, w=w8.qweight: torch._int_mm(a, w.t())
                 if device == "cuda":  # the CPU's oneDNN runs both layouts alike; spare its minutes
                     fns["int_mm_row_major_b"] = lambda a=qa, b=w_kn: torch._int_mm(a, b)
@@ -216,7 +243,11 @@ def gemm_speed(device: str, repeats: int, tokens: int, dtypes: tuple[torch.dtype
               flush=True)
         for key, seconds in shape_times.items():
             totals[key] = totals.get(key, 0.0) + seconds
-    return totals
+    choice = selection.Selector().choose(layers_w8, "int")
+    print(f"# selection on these layers: {choice.path} ({choice.why})", flush=True)
+    for kind in ("w8a8", "w4a8"):
+        totals[kind] = totals.get(f"{kind}_{choice.path}", totals.get(f"{kind}_eager", math.nan))
+    return totals, choice.path
 
 
 @torch.no_grad()
@@ -231,6 +262,31 @@ def step_time(m, ins, repeats: int, configs: dict[str, object], device: str) -> 
         finally:
             model.restore(m)
     return result
+
+
+def allocated(m) -> int:
+    """Bytes allocated on the model's device: the CUDA allocator's count on a GPU, the tensors' own elsewhere."""
+    device = next(m.buffers(), next(m.parameters())).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device)
+    return model.module_bytes(m)
+
+
+def step_and_memory(m, ins, configs: dict[str, object], repeats: int) -> dict[str, float]:
+    """The GPU headline: fp16 step time / quantized step time (``gpu_*_step_ratio``) and allocated memory
+    after / before quantizing (``gpu_*_mem_ratio``). Device-agnostic, so the tests run it on CPU."""
+    device = ins["x"].device.type
+    steps = step_time(m, ins, repeats, configs, device)
+    out = {f"{device}_step_ms_{key}": round(1000 * seconds, 1) for key, seconds in steps.items()}
+    out["gpu_w8a8_step_ratio"] = round(steps["float"] / steps["w8a8"], 3)
+    out["gpu_fp8_step_ratio"] = round(steps["float"] / steps["fp8"], 3)
+    for kind in ("w8a8", "w4a8"):
+        before = allocated(m)
+        model.quantize(m, configs[kind])
+        out[f"gpu_{kind}_mem_ratio"] = round(allocated(m) / before, 4)
+        model.restore(m)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,12 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     m = transformer(blocks, args.heads, latent, args.device, dtype)
     print(f"# model built at {time.perf_counter() - start:.0f}s", flush=True)
     names = [n for n, _ in layers.linear_layers(m)]
-    configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8")}
+    configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "blocks": blocks,
                               "width": 64 * args.heads}
-    if args.heads == 24:  # the headline: SD3 Medium itself, all 24 blocks
+    if args.heads == 24:  # the headlines: SD3 Medium itself, all 24 blocks, and SD3.5 Large, 38 blocks
         for kind in configs:
-            out[f"{kind}_mem_ratio"] = round(sd3_medium_ratio(kind), 4)
+            before, after = meta_bytes(kind, SD3_MEDIUM)
+            out[f"{kind}_mem_ratio"] = round(after / before, 4)
+            out[f"large_{kind}_gb"] = round(meta_bytes(kind, SD35_LARGE)[1] / 2**30, 3)
+        out["large_fp16_gb"] = round(meta_bytes("w8a8", SD35_LARGE)[0] / 2**30, 3)
+        out["large_source"] = "computed_from_shapes"
     for kind, ratio in memory_ratios(m, configs).items():  # measured on the model benchmarked here
         out[f"{kind}_mem_ratio_{blocks}blocks"] = round(ratio, 4)
     print(f"# memory done at {time.perf_counter() - start:.0f}s", flush=True)
@@ -284,25 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# memory and fidelity done at {time.perf_counter() - start:.0f}s", flush=True)
 
     speed_dtypes = (torch.float16, torch.bfloat16) if cuda else (torch.float32,)
-    speed = gemm_speed(args.device, args.repeats, args.tokens, speed_dtypes)
+    speed, chosen = gemm_speed(args.device, args.repeats, args.tokens, speed_dtypes)
     prefix = "cuda" if cuda else "cpu"
     base = speed[str(speed_dtypes[0]).removeprefix("torch.")]
+    out[f"{prefix}_kernel"] = chosen
     out[f"{prefix}_int8_speedup"] = round(base / speed["w8a8"], 3)
     out[f"{prefix}_w4a8_speedup"] = round(base / speed["w4a8"], 3)
     out[f"{prefix}_bare_int_mm_speedup"] = round(base / speed["bare_int_mm"], 3)
+    for key in sorted(k for k in speed if k.startswith("w8a8_")):  # every path, for the docs' table
+        out[f"{prefix}_quant_overhead_{key.removeprefix('w8a8_')}"] = round(speed[key] / speed["bare_int_mm"] - 1, 4)
+    out[f"{prefix}_quant_overhead"] = round(speed["w8a8"] / speed["bare_int_mm"] - 1, 4)
     if cuda:
         out["cuda_int8_speedup_vs_bf16"] = round(speed["bfloat16"] / speed["w8a8"], 3)
-        big = inputs(m, 128, 2, args.device, dtype)  # 1024 px, batch 2 (cond + uncond)
-        steps = step_time(m, big, args.repeats, configs, args.device)
-        for key, seconds in steps.items():
-            out[f"cuda_step_ms_{key}"] = round(1000 * seconds, 1)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        model.quantize(m, configs["w8a8"])
-        torch.cuda.empty_cache()
-        out["cuda_w8a8_allocated_ratio"] = round(torch.cuda.memory_allocated() / before, 4)
-        model.restore(m)
+        out.update(step_and_memory(m, inputs(m, 128, 1, args.device, dtype), configs, args.repeats))  # 1024 px, batch 1
     out["seconds"] = round(time.perf_counter() - start, 1)
+    out = {k: out[k] for k in [k for k in out if k not in LAST_KEYS] + [k for k in LAST_KEYS if k in out]}
     print(" ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in out.items()))
     return 0
 

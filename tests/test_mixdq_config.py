@@ -4,23 +4,60 @@ import pytest
 import torch
 import yaml
 from tiny_mmdit import TinyMMDiT
+from torch import nn
 
 from lib_sd3.mixdq import config, layers, presets
 from lib_sd3.mixdq.config import ConfigError
 
 
-def tiny_diffusers(depth=2):
+def tiny_diffusers(depth=2, **extra):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=depth, attention_head_dim=32,
                                  num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64,
-                                 pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8)
+                                 pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8, **extra)
 
 
-def test_shipped_files_are_the_rules_for_sd3_medium():
+def named_linears(names) -> nn.Module:
+    """A module tree with one small Linear (K = 64, one int4 group) at each dotted name."""
+    root = nn.Module()
+    for name in names:
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(leaf, nn.Linear(64, 8))
+    return root
+
+
+FAMILIES = {"sd3-medium": presets.sd3_medium_linears(), "sd3.5-large": presets.sd35_large_linears(),
+            "sd3.5-medium": presets.sd35_medium_linears()}
+
+
+def test_shipped_files_are_the_pattern_rules():
     for kind in config.SHIPPED:
-        assert config.load(kind) == presets.preset(kind, presets.sd3_medium_linears())
+        assert config.load(kind) == presets.patterns(kind)
+    assert config.load("fp8").weight_format == "fp8"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_pattern_config_fits_every_family(family):
+    """The shipped pattern file gives, layer for layer, the explicit rule: attn2 like attn, embedders float."""
+    names = FAMILIES[family]
+    model = named_linears(names)
+    for kind in config.SHIPPED:
+        assert config.resolve(config.load(kind), model) == config.resolve(presets.preset(kind, names), model)
+    plan = config.resolve(config.load("w4a8"), model)
+    assert "context_embedder" not in plan and "final_layer.linear" not in plan
+    assert plan["joint_blocks.0.x_block.attn.qkv"].w_bits == 8 and plan["joint_blocks.0.x_block.mlp.fc1"].w_bits == 4
+    if family == "sd3.5-medium":
+        assert plan["joint_blocks.12.x_block.attn2.qkv"] == plan["joint_blocks.12.x_block.attn.qkv"]
+        assert plan["joint_blocks.12.x_block.attn2.proj"].act_mode == "dynamic"
+    depth = 38 if family == "sd3.5-large" else 24
+    assert f"joint_blocks.{depth - 1}.x_block.mlp.fc2" in plan
 
 
 def test_shipped_configs_fit_a_depth_24_model_in_both_namings():
@@ -32,13 +69,34 @@ def test_shipped_configs_fit_a_depth_24_model_in_both_namings():
         cfg = config.load(kind)
         plan_a = config.resolve(cfg, a1111)
         plan_d = config.resolve(cfg, diffusers)
-        assert set(plan_a) == set(cfg.weight)
+        assert set(plan_a) == set(presets.preset(kind, medium).weight)
         # diffusers splits each fused qkv into three Linears
-        qkv = sum(1 for n in cfg.weight if n.endswith("attn.qkv"))
+        qkv = sum(1 for n in plan_a if n.endswith("attn.qkv"))
         assert len(plan_d) == len(plan_a) + 2 * qkv
         assert {layers.canonical_name(n) for n in plan_d} == set(plan_a)
         for name, plan in plan_d.items():
             assert plan == plan_a[layers.canonical_name(name)]
+
+
+def test_sd35_qk_norm_and_mmdit_x_in_diffusers_naming():
+    """SD3.5-shaped diffusers transformer (qk-norm, dual attention in block 0): attn2 maps onto
+    ``x_block.attn2`` and is quantized like attn; the RMSNorm qk-norm weights are no Linear and stay float."""
+    from lib_sd3.mixdq import model as mixdq_model
+
+    m = tiny_diffusers(depth=2, qk_norm="rms_norm", dual_attention_layers=(0,))
+    assert layers.canonical_name("transformer_blocks.0.attn2.to_k") == "joint_blocks.0.x_block.attn2.qkv"
+    assert layers.canonical_name("transformer_blocks.0.attn2.to_out.0") == "joint_blocks.0.x_block.attn2.proj"
+    plan = config.resolve(config.load("w8a8"), m)
+    assert plan["transformer_blocks.0.attn2.to_q"] == plan["transformer_blocks.0.attn.to_q"]
+    assert plan["transformer_blocks.0.attn2.to_out.0"].act_mode == "dynamic"
+    norms = {n: p.detach().clone() for n, p in m.named_parameters() if ".norm_q." in n or ".norm_k." in n
+             or "norm_added_" in n}
+    assert norms
+    mixdq_model.quantize(m, config.load("w8a8"))
+    after = dict(m.named_parameters())
+    for name, value in norms.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value)
+    mixdq_model.restore(m)
 
 
 def test_text_stream_layers_are_bos_aware():
@@ -52,7 +110,7 @@ def test_text_stream_layers_are_bos_aware():
 
 def test_names_the_model_lacks_are_listed():
     model = TinyMMDiT(depth=2)
-    cfg = config.load("w8a8")  # made for depth 24
+    cfg = presets.preset("w8a8", presets.sd3_medium_linears())  # an explicit list made for depth 24
     with pytest.raises(ConfigError) as error:
         config.resolve(cfg, model)
     message = str(error.value)
@@ -67,6 +125,17 @@ def test_names_the_model_lacks_are_listed():
     assert "2 layer(s)" in str(error.value)
 
 
+def test_patterns_a_plain_name_wins_and_a_config_that_matches_nothing_fails():
+    model = TinyMMDiT(depth=2)
+    cfg = config.BitConfig(weight={"joint_blocks.*.x_block.mlp.fc1": 4, "joint_blocks.1.x_block.mlp.fc1": 8,
+                                   "joint_blocks.*.x_block.attn2.qkv": 8})  # attn2: none here, fine
+    plan = config.resolve(cfg, model)
+    assert plan["joint_blocks.0.x_block.mlp.fc1"].w_bits == 4 and plan["joint_blocks.1.x_block.mlp.fc1"].w_bits == 8
+    assert len(plan) == 2
+    with pytest.raises(ConfigError, match="matches no Linear layer"):
+        config.resolve(config.BitConfig(weight={"down_blocks.*.attn1.to_q": 8}), model)
+
+
 @pytest.mark.parametrize("data, words", [
     ({"weight": {"a": 2}}, ["weight bits 2", "a"]),
     ({"weight": {"a": 8}, "act": {"a": 4}}, ["activation bits 4"]),
@@ -76,6 +145,8 @@ def test_names_the_model_lacks_are_listed():
     ({"weights": {"a": 8}}, ["'weight:' section"]),
     ({"weight": {"a": 8}, "extra": 1}, ["unknown keys ['extra']"]),
     ({"weight": [1, 2]}, ["must be a mapping"]),
+    ({"weight": {"a": 4}, "weight_format": "fp8"}, ["fp8 is 8 bits"]),
+    ({"weight": {"a": 8}, "weight_format": "fp16"}, ["weight_format 'fp16'"]),
 ])
 def test_bad_configs_say_what_is_wrong(data, words):
     with pytest.raises(ConfigError) as error:

@@ -109,8 +109,8 @@ def test_fingerprint_changes_with_the_weights():
 def test_bad_config_leaves_the_model_untouched():
     m = TinyMMDiT(depth=2)
     before = snapshot(m)
-    with pytest.raises(config.ConfigError):
-        model.quantize(m, config.load("w8a8"))
+    with pytest.raises(config.ConfigError):  # an explicit list made for SD3 Medium's 24 blocks
+        model.quantize(m, presets.preset("w8a8", presets.sd3_medium_linears()))
     assert model.state(m) is None and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
@@ -145,3 +145,30 @@ def test_diffusers_transformer_quantizes_with_sd3_names():
         model.restore(m)
     assert st.bytes_after < st.bytes_before
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_cache_covers_sd35_layers(tmp_path):
+    """An SD3.5-Medium-shaped diffusers transformer (qk-norm, MMDiT-X attn2): the shipped pattern config, cached
+    and loaded back, gives the same model; the qk-norm weights stay float parameters throughout."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
+                              num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64,
+                              pooled_projection_dim=64, out_channels=4, pos_embed_max_size=8, qk_norm="rms_norm",
+                              dual_attention_layers=(0,)).eval()
+    g = torch.Generator().manual_seed(1)
+    args = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
+                pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([500.0]), return_dict=False)
+    cfg = config.load("w4a8")
+    first = model.quantize(m, cfg, cache_dir=tmp_path)
+    assert isinstance(m.transformer_blocks[0].attn2.to_q, QuantLinear)
+    with torch.no_grad():
+        out = m(**args)[0]
+    model.restore(m)
+    second = model.quantize(m, cfg, cache_dir=tmp_path)
+    assert not first.cache_hit and second.cache_hit
+    with torch.no_grad():
+        assert torch.equal(m(**args)[0], out)
+    assert isinstance(m.transformer_blocks[0].attn.norm_q.weight, torch.nn.Parameter)
+    model.restore(m)

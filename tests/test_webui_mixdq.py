@@ -7,6 +7,7 @@ import torch
 from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config as mixdq_config
+from lib_sd3.mixdq import kernels
 from lib_sd3.mixdq import model as mixdq_model
 from lib_sd3.mixdq.qlinear import QuantLinear
 from lib_sd3.webui import hooks, routes, script_args, settings
@@ -86,10 +87,11 @@ def test_routes_get_post_and_errors(webui):
     routes.mount(app)
     client = TestClient(app)
     state = client.get("/sd3/mixdq").json()
-    assert state["active"] is False and state["choices"][:3] == ["off", "w8a8", "w4a8"]
+    assert state["active"] is False and state["choices"][:4] == ["off", "w8a8", "w4a8", "fp8"]
     body = client.post("/sd3/mixdq", json={"config": "w8a8"}).json()
     assert body["active"] is True and body["config"] == "w8a8"
     assert body["memory_after_mb"] < body["memory_before_mb"]
+    assert body["kernel"] in kernels.PATHS and body["kernel_why"]  # which kernel path runs, and why
     assert webui.shared.opts.data["sd3_mixdq"] == "w8a8"  # the next generation agrees with the route
     assert client.get("/sd3/status").json()["features"]["MixDQ"]["active"] is True
     bad = client.post("/sd3/mixdq", json={"config": "w2a2"})
@@ -177,4 +179,4 @@ def test_ui_shows_memory(webui):
     mixdq.build_ui(False)
     assert "MixDQ off" in mixdq.state_html()
     mixdq.apply_choice("w4a8")
-    assert "w4a8" in mixdq.state_html() and "&rarr;" in mixdq.state_html()
+    assert "w4a8" in mixdq.state_html() and "&rarr;" in mixdq.state_html() and "kernel" in mixdq.state_html()

@@ -5,11 +5,13 @@ int8 activations, bit widths from measured sensitivity.
     state = mixdq.quantize(mmdit, mixdq.load_config("w8a8"))   # in place
     mixdq.restore(mmdit)                                        # bit-identical original
 
-Modules: ``quantizers`` (the integer grids), ``kernels`` (``torch._int_mm`` and its shape rules),
-``qlinear`` (the quantized Linear), ``layers`` (SD3 layer names, sd3-ref <-> diffusers),
-``config`` (MixDQ-shaped YAML bit configs), ``presets`` (the shipped W8A8 / W4A8 rules),
-``model`` (quantize / restore / cache), ``calibrate`` (sensitivity + integer programme; CLI in
-``__main__``).
+Modules: ``quantizers`` (the integer grids), ``kernels`` (the table of kernel paths: compiled,
+eager int8, fp8, weight-only; ``torch._int_mm`` and its shape rules), ``selection`` (times the
+paths on the model's shapes and picks one), ``qlinear`` (the quantized Linear), ``layers`` (SD3 /
+SD3.5 layer names, sd3-ref <-> diffusers, config patterns), ``config`` (MixDQ-shaped YAML bit
+configs), ``presets`` (the shipped W8A8 / W4A8 / FP8 rules), ``model`` (quantize / restore /
+cache / quantize_from_file), ``stream`` (safetensors read tensor by tensor), ``calibrate``
+(sensitivity + integer programme; CLI in ``__main__``).
 """
 
 from lib_sd3.mixdq.config import BitConfig, ConfigError

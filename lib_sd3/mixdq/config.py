@@ -11,11 +11,19 @@ list of layers whose activations stay in FP16. We keep the same three pieces in 
     act: {joint_blocks.0.x_block.attn.qkv: 8, ...}        # 8; a layer not listed keeps float activations
     act_protect: [final_layer.linear]
     act_scales: {}           # layer: calibrated per-tensor scale, for act_mode static
+    weight_format: int       # int (int8 / int4 codes) or fp8 (e4m3 weights and activations, 8 bits only)
 
-Layer names are sd3-ref / A1111 names or the model's own module names (see layers.py). A name
-the model lacks is an error that lists every such name -- the silent alternative is a model that
-is half quantized, and MixDQ's own message (``Not all keys in weight yaml map to a module``) did
-not say which keys.
+Layer names are sd3-ref / A1111 names or the model's own module names (see layers.py), or
+patterns with ``*`` (``joint_blocks.*.*_block.attn.qkv``). A plain name the model lacks is an
+error that lists every such name -- the silent alternative is a model that is half quantized,
+and MixDQ's own message (``Not all keys in weight yaml map to a module``) did not say which keys.
+A pattern may match nothing (``attn2`` exists only in SD3.5 Medium), but a config that matches
+no layer at all is an error. A plain name beats a pattern; among patterns the first listed wins.
+
+The shipped configs are patterns, one file per bit mix for every SD3 family (SD3 Medium, SD3.5
+Large / Large Turbo, SD3.5 Medium): the families differ only in depth, width and MMDiT-X's
+``attn2``, which the same rule covers, so per-family files would be three copies of one rule.
+Qk-norm weights (``ln_q`` / ``ln_k``) are RMSNorm, not Linear: no config can touch them.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from lib_sd3.mixdq.qlinear import ACT_BITS, WEIGHT_BITS
 from lib_sd3.mixdq.quantizers import DEFAULT_GROUP_SIZE
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SHIPPED = ("w8a8", "w4a8")
+SHIPPED = ("w8a8", "w4a8", "fp8")
+WEIGHT_FORMATS = ("int", "fp8")
 MAX_LISTED = 30  # unknown names shown in one error message
 
 
@@ -53,6 +62,7 @@ class BitConfig:
     bos_aware: bool = True
     act_scales: dict[str, float] = dataclasses.field(default_factory=dict)
     name: str = "custom"
+    weight_format: str = "int"
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +72,12 @@ class BitConfig:
                      for n, b in self.act.items() if b not in ACT_BITS]
         problems += [f"act bits 8 for {n}, whose weight stays float: the int8 GEMM needs int8 weights"
                      for n, b in self.act.items() if b == 8 and self.weight.get(n, 16) == 16]
+        if self.weight_format not in WEIGHT_FORMATS:
+            problems.append(f"weight_format {self.weight_format!r} (allowed: {', '.join(WEIGHT_FORMATS)})")
+        elif self.weight_format == "fp8":
+            problems += [f"weight bits {b} for {n}: fp8 is 8 bits (e4m3)" for n, b in self.weight.items() if b == 4]
+            if self.act_mode != "dynamic":
+                problems.append("weight_format fp8 needs act_mode dynamic (per-token fp8 scales)")
         if self.act_mode not in ("dynamic", "static"):
             problems.append(f"act_mode {self.act_mode!r} (allowed: dynamic, static)")
         if self.act_mode == "static":
@@ -77,7 +93,8 @@ class BitConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "act_mode": self.act_mode, "group_size": self.group_size,
                 "bos_aware": self.bos_aware, "weight": dict(self.weight), "act": dict(self.act),
-                "act_protect": list(self.act_protect), "act_scales": dict(self.act_scales)}
+                "act_protect": list(self.act_protect), "act_scales": dict(self.act_scales),
+                **({"weight_format": self.weight_format} if self.weight_format != "int" else {})}
 
     def digest(self) -> str:
         """Stable short hash of everything that changes the quantized weights or outputs."""
@@ -88,7 +105,8 @@ class BitConfig:
         counts: dict[int, int] = {}
         for bits in self.weight.values():
             counts[bits] = counts.get(bits, 0) + 1
-        mix = "/".join(f"W{b}x{counts[b]}" for b in sorted(counts))
+        kind = "F" if self.weight_format == "fp8" else "W"
+        mix = "/".join(f"{kind}{b}x{counts[b]}" for b in sorted(counts))
         return f"{self.name} ({self.digest()}; {mix}; A8 {self.act_mode} x{len(self.int8_act_layers())})"
 
 
@@ -104,6 +122,7 @@ def from_dict(data: Any, name: str = "custom") -> BitConfig:
         if not isinstance(data.get(key) or {}, dict):
             raise ConfigError(f"MixDQ config {name!r}: '{key}' must be a mapping layer_name: value")
     data.setdefault("name", name)
+    data["weight_format"] = str(data.get("weight_format") or "int")
     data["weight"] = {str(k): int(v) for k, v in (data.get("weight") or {}).items()}
     data["act"] = {str(k): int(v) for k, v in (data.get("act") or {}).items()}
     data["act_scales"] = {str(k): float(v) for k, v in (data.get("act_scales") or {}).items()}
@@ -142,6 +161,23 @@ def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+class _Matcher:
+    """Which config key decides for a module: its plain name, else the first pattern that matches."""
+
+    def __init__(self, keys) -> None:
+        self.keys = list(keys)
+        self.patterns = [(key, layers.pattern(key)) for key in self.keys]
+
+    def __call__(self, module_name: str, canonical: str) -> str | None:
+        for name in (module_name, canonical):
+            if name in self.keys:
+                return name
+        for key, compiled in self.patterns:
+            if compiled is not None and (compiled.match(canonical) or compiled.match(module_name)):
+                return key
+        return None
+
+
 def resolve(config: BitConfig, model: nn.Module) -> dict[str, LayerPlan]:
     """Map every config entry onto the model's Linear modules; unknown names are one clear error.
 
@@ -149,38 +185,41 @@ def resolve(config: BitConfig, model: nn.Module) -> dict[str, LayerPlan]:
     current one is undone.
     """
     modules = dict(layers.linear_layers(model, include_quantized=True))
-    by_canonical: dict[str, list[str]] = {}
-    for module_name in modules:
-        by_canonical.setdefault(layers.canonical_name(module_name), []).append(module_name)
-
-    def targets(key: str) -> list[str]:
-        if key in modules:
-            return [key]
-        return by_canonical.get(key, [])
-
+    canonical = {name: layers.canonical_name(name) for name in modules}
+    present = set(modules) | set(canonical.values())
     named = set(config.weight) | set(config.act) | set(config.act_protect) | set(config.act_scales)
-    missing = sorted((k for k in named if not targets(k)), key=_natural)
+    missing = sorted((k for k in named if layers.pattern(k) is None and k not in present), key=_natural)
     if missing:
         listed = "\n  ".join(missing[:MAX_LISTED]) + (f"\n  ... and {len(missing) - MAX_LISTED} more"
                                                       if len(missing) > MAX_LISTED else "")
         raise ConfigError(
             f"MixDQ config {config.name!r} names {len(missing)} layer(s) this {layers.naming(model)} model "
             f"does not have (or that are not Linear layers):\n  {listed}\n"
-            "Use sd3-ref/A1111 names (joint_blocks.N.x_block.attn.qkv) or the model's own module names; "
-            "a config made for another model or depth does not fit."
+            "Use sd3-ref/A1111 names (joint_blocks.N.x_block.attn.qkv), the model's own module names or "
+            "patterns (joint_blocks.*.x_block.attn.qkv); a config made for another model or depth does not fit."
         )
-    misfit = sorted(f"{m} (in_features {modules[m].in_features})" for k, b in config.weight.items() if b == 4
-                    for m in targets(k) if modules[m].in_features % config.group_size)
+    weight_key, act_key = _Matcher(config.weight), _Matcher(config.act)
+    protect_key, scale_key = _Matcher(config.act_protect), _Matcher(config.act_scales)
+    int8_act = set(config.int8_act_layers())
+    plan: dict[str, LayerPlan] = {}
+    for module_name in sorted(modules, key=_natural):
+        name = canonical[module_name]
+        key = weight_key(module_name, name)
+        if key is None:
+            continue
+        bits = config.weight[key]
+        if bits == 16:
+            continue
+        act = act_key(module_name, name)
+        quantized_act = act in int8_act and protect_key(module_name, name) is None
+        mode = config.act_mode if quantized_act else "float"
+        rows = 1 if config.bos_aware and layers.is_text_stream(name) else 0
+        plan[module_name] = LayerPlan(bits, mode, config.act_scales.get(scale_key(module_name, name) or ""), rows)
+    if config.weight and not plan and any(b != 16 for b in config.weight.values()):
+        raise ConfigError(f"MixDQ config {config.name!r} matches no Linear layer of this {layers.naming(model)} model")
+    misfit = sorted(f"{m} (in_features {modules[m].in_features})" for m, p in plan.items()
+                    if p.w_bits == 4 and modules[m].in_features % config.group_size)
     if misfit:
         raise ConfigError(f"MixDQ config {config.name!r}: int4 needs in_features divisible by group_size "
                           f"{config.group_size}; these layers are not:\n  " + "\n  ".join(misfit[:MAX_LISTED]))
-    int8_act = set(config.int8_act_layers())
-    plan: dict[str, LayerPlan] = {}
-    for key, bits in config.weight.items():
-        if bits == 16:
-            continue
-        mode = config.act_mode if key in int8_act else "float"
-        rows = 1 if config.bos_aware and layers.is_text_stream(key) else 0
-        for module_name in targets(key):
-            plan[module_name] = LayerPlan(bits, mode, config.act_scales.get(key), rows)
     return plan

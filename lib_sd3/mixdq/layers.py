@@ -26,6 +26,8 @@ _DIFFUSERS_TO_SD3: tuple[tuple[str, str], ...] = (
     (_BLOCK + r"attn\.to_[qkv]", r"joint_blocks.\1.x_block.attn.qkv"),
     (_BLOCK + r"attn\.add_[qkv]_proj", r"joint_blocks.\1.context_block.attn.qkv"),
     (_BLOCK + r"attn\.to_out\.0", r"joint_blocks.\1.x_block.attn.proj"),
+    (_BLOCK + r"attn2\.to_[qkv]", r"joint_blocks.\1.x_block.attn2.qkv"),  # SD3.5 Medium's MMDiT-X layers
+    (_BLOCK + r"attn2\.to_out\.0", r"joint_blocks.\1.x_block.attn2.proj"),
     (_BLOCK + r"attn\.to_add_out", r"joint_blocks.\1.context_block.attn.proj"),
     (_BLOCK + r"ff\.net\.0\.proj", r"joint_blocks.\1.x_block.mlp.fc1"),
     (_BLOCK + r"ff\.net\.2", r"joint_blocks.\1.x_block.mlp.fc2"),
@@ -39,9 +41,10 @@ _COMPILED = tuple((re.compile(f"^{pattern}$"), target) for pattern, target in _D
 TEXT_STREAM = re.compile(r"^(context_embedder|joint_blocks\.\d+\.context_block\.(attn\.(qkv|proj)|mlp\.fc[12]))$")
 """Linears whose input is the text token sequence, position 0 = CLIP's BOS token."""
 
-TOKENWISE = re.compile(r"^(context_embedder|joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])|"
+TOKENWISE = re.compile(r"^(context_embedder|joint_blocks\.\d+\.(x|context)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])|"
                        r"final_layer\.linear)$")
 """Linears applied to every token (M = thousands of rows): the ones an int8 GEMM speeds up.
+``attn2`` is SD3.5 Medium's second image self-attention (MMDiT-X), treated like ``attn``.
 The others (adaLN, timestep / pooled-text embedders) see one row per image."""
 
 PROTECTED = re.compile(r"^(t_embedder|y_embedder|context_embedder|final_layer)\.?")
@@ -69,9 +72,18 @@ def role(name: str) -> str:
     (they decide *what* is drawn: measured on structure), ``quality`` = the rest (image MLPs,
     adaLN, embedders, final layer: they decide how clean it is: measured on pixel error)."""
     canonical = canonical_name(name)
-    if TEXT_STREAM.match(canonical) or re.match(r"^joint_blocks\.\d+\.x_block\.attn\.", canonical):
+    if TEXT_STREAM.match(canonical) or re.match(r"^joint_blocks\.\d+\.x_block\.attn2?\.", canonical):
         return "content"
     return "quality"
+
+
+def pattern(key: str) -> re.Pattern[str] | None:
+    """A config key with ``*`` is a pattern over canonical names: ``*`` stands for one dotted part
+    or a piece of one (``joint_blocks.*.*_block.attn.qkv``). One pattern config then fits SD3 Medium,
+    SD3.5 Large (38 blocks) and SD3.5 Medium (MMDiT-X ``attn2``) alike. None for a plain name."""
+    if "*" not in key:
+        return None
+    return re.compile("^" + r"[^.]*".join(re.escape(part) for part in key.split("*")) + "$")
 
 
 def linear_layers(model: nn.Module, include_quantized: bool = False) -> Iterator[tuple[str, nn.Module]]:

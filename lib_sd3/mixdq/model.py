@@ -7,8 +7,13 @@ RAM when the model is on an accelerator, or -- when the model already lives in R
 safetensors file on disk, read back on :func:`restore`. Both moves are exact copies, so restore
 is bit-identical.
 
-Quantized tensors are cached on disk (safetensors, keyed by model hash + config digest), so
-turning MixDQ on a second time loads int8 codes instead of recomputing them.
+Quantized tensors are cached on disk (safetensors, keyed by model hash + config digest, which
+includes the weight format: int8 / int4 codes or fp8), so turning MixDQ on a second time loads
+codes instead of recomputing them; the kernel path is chosen afresh per device on the loaded codes.
+
+:func:`quantize_from_file` fills a model built on the meta device straight from a safetensors
+file, one layer at a time (the float weights of the whole model are never in memory at once: that
+is what quantizing SD3.5 Large, 16 GB in fp16, on a 16 GB machine needs).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lib_sd3 import get_logger
-from lib_sd3.mixdq import layers
+from lib_sd3.mixdq import layers, stream
 from lib_sd3.mixdq.config import BitConfig, LayerPlan, resolve
 from lib_sd3.mixdq.qlinear import QuantLinear
+from lib_sd3.mixdq.selection import SELECTOR, KernelChoice
 
 log = get_logger("mixdq")
 
@@ -79,13 +85,16 @@ class MixDQState:
     bytes_after: int
     cache_hit: bool
     seconds: float
+    kernel: KernelChoice
+    source_file: Path | None = None  # quantize_from_file: restore reads the float layers from here
+    source_prefix: str = ""
 
     def report(self) -> dict[str, object]:
         return {"config_summary": self.config.summary(), "layers": len(self.originals),
                 "memory_before_mb": round(self.bytes_before / 2**20, 1),
                 "memory_after_mb": round(self.bytes_after / 2**20, 1),
                 "memory_ratio": round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None,
-                "cache_hit": self.cache_hit, "seconds": round(self.seconds, 2)}
+                "cache_hit": self.cache_hit, "seconds": round(self.seconds, 2), **self.kernel.report()}
 
 
 def state(model: nn.Module) -> MixDQState | None:
@@ -100,13 +109,28 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def _empty_quant(linear: nn.Module, plan: LayerPlan, group_size: int) -> QuantLinear:
-    return QuantLinear(linear.in_features, linear.out_features, plan.w_bits, plan.act_mode,
-                       linear.bias is not None, linear.weight.dtype, linear.weight.device, group_size, plan.float_rows)
+def _empty_quant(linear: nn.Module, plan: LayerPlan, config: BitConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> QuantLinear:
+    layer = QuantLinear(linear.in_features, linear.out_features, plan.w_bits, plan.act_mode,
+                        linear.bias is not None, dtype or linear.weight.dtype, device or linear.weight.device,
+                        config.group_size, plan.float_rows, config.weight_format)
+    if plan.act_mode == "static":
+        layer.act_scale.fill_(plan.act_scale)
+    return layer
 
 
-def _build(linear: nn.Module, plan: LayerPlan, group_size: int) -> QuantLinear:
-    return QuantLinear.from_linear(linear, plan.w_bits, plan.act_mode, group_size, plan.act_scale, plan.float_rows)
+def _build(linear: nn.Module, plan: LayerPlan, config: BitConfig) -> QuantLinear:
+    return QuantLinear.from_linear(linear, plan.w_bits, plan.act_mode, config.group_size, plan.act_scale,
+                                   plan.float_rows, config.weight_format)
+
+
+def _set_kernel(model: nn.Module, plans: dict[str, LayerPlan], config: BitConfig, kernel: str) -> KernelChoice:
+    quantized = [model.get_submodule(name) for name in plans]
+    choice = SELECTOR.choose(quantized, config.weight_format, kernel)
+    for layer in quantized:
+        layer.kernel = choice.path
+    log.info("MixDQ %s kernel: %s (%s)", config.name, choice.path, choice.why)
+    return choice
 
 
 def cache_path(cache_dir: str | Path, model_hash: str, config: BitConfig) -> Path:
@@ -125,7 +149,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
             os.remove(tmp)
 
 
-def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], group_size: int) -> dict[str, QuantLinear] | None:
+def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], config: BitConfig) -> dict[str, QuantLinear] | None:
     """Quantized layers from a cache file (staged in RAM, copied to each layer's device), or None."""
     try:
         tensors = load_file(str(path), device="cpu")
@@ -134,9 +158,10 @@ def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], group
         return None
     built = {}
     for name, plan in plans.items():
-        layer = _empty_quant(model.get_submodule(name), plan, group_size)
+        layer = _empty_quant(model.get_submodule(name), plan, config)
         wanted = {k: f"{name}.{k}" for k, _ in layer.named_buffers()}
-        if any(key not in tensors or tensors[key].shape != getattr(layer, k).shape for k, key in wanted.items()):
+        if any(key not in tensors or tensors[key].shape != getattr(layer, k).shape
+               or tensors[key].dtype != getattr(layer, k).dtype for k, key in wanted.items()):
             log.warning("MixDQ cache %s does not match the model; re-quantizing", path.name)
             return None
         layer.load_state_dict({k: tensors[key] for k, key in wanted.items()})
@@ -173,7 +198,15 @@ def _spill(originals: dict[str, nn.Module], devices: dict[str, torch.device], sp
     return Path(path)
 
 
-def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None) -> None:
+def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None,
+                source: Path | None = None, prefix: str = "") -> None:
+    if source is not None:  # built from a file on the meta device: read each float tensor back, one at a time
+        with stream.SafetensorsReader(source) as reader:
+            for name, module in originals.items():
+                for k, t in list(module.named_parameters(recurse=False)):
+                    value = reader.get(f"{prefix}{name}.{k}").to(devices[f"{name}.{k}"], t.dtype)
+                    module._parameters[k] = nn.Parameter(value, requires_grad=False)
+        return
     tensors = _tensors(originals)
     if spill_path is not None:
         with safe_open(str(spill_path), framework="pt", device="cpu") as spilled:
@@ -187,8 +220,12 @@ def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device
 
 @torch.no_grad()
 def quantize(model: nn.Module, config: BitConfig, cache_dir: str | Path | None = None,
-             model_hash: str | None = None, spill_dir: str | Path | None = None) -> MixDQState:
-    """Quantize ``model`` in place with ``config``; raises :class:`ConfigError` before touching it."""
+             model_hash: str | None = None, spill_dir: str | Path | None = None, kernel: str = "auto") -> MixDQState:
+    """Quantize ``model`` in place with ``config``; raises :class:`ConfigError` before touching it.
+
+    ``kernel``: ``auto`` times the paths of :data:`~lib_sd3.mixdq.kernels.PATHS` on the model's
+    shapes and keeps the fastest that passes the fidelity check; a path name forces that one.
+    """
     if state(model) is not None:
         raise RuntimeError("model is already MixDQ-quantized; restore it first")
     start = time.perf_counter()
@@ -198,19 +235,20 @@ def quantize(model: nn.Module, config: BitConfig, cache_dir: str | Path | None =
     if cache_dir:  # the checkpoint hash names the file; the fingerprint catches weights changed since (LoRA merges)
         key = f"{model_hash}-{fingerprint(model)}" if model_hash else fingerprint(model)
         path = cache_path(cache_dir, key, config)
-    cached = _from_cache(path, model, plans, config.group_size) if path and path.is_file() else None
+    cached = _from_cache(path, model, plans, config) if path and path.is_file() else None
     originals: dict[str, nn.Module] = {}
     devices: dict[str, torch.device] = {}
     for name, plan in plans.items():  # one layer at a time: peak memory = model + one quantized layer
-        layer = cached[name] if cached else _build(model.get_submodule(name), plan, config.group_size)
+        layer = cached[name] if cached else _build(model.get_submodule(name), plan, config)
         originals[name] = swap_module(model, name, layer)
         devices.update(_to_ram(name, originals[name]))
     if cached is None and path is not None:
         _atomic_save({f"{n}.{k}": t for n in plans for k, t in model.get_submodule(n).named_buffers()}, path)
     spill = _spill(originals, devices, Path(spill_dir) if spill_dir else None)
     cache_hit = cached is not None
+    choice = _set_kernel(model, plans, config, kernel)
     result = MixDQState(config, originals, devices, spill, before, module_bytes(model), cache_hit,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, choice)
     setattr(model, STATE_ATTR, result)
     log.info("MixDQ %s: %d layers, %.0f -> %.0f MB%s", config.name, len(plans), before / 2**20,
              result.bytes_after / 2**20, " (from cache)" if cache_hit else "")
@@ -223,9 +261,69 @@ def restore(model: nn.Module) -> MixDQState | None:
     current = state(model)
     if current is None:
         return None
-    _bring_back(current.originals, current.devices, current.spill_path)
+    _bring_back(current.originals, current.devices, current.spill_path, current.source_file, current.source_prefix)
     for name, original in current.originals.items():
         swap_module(model, name, original)
     delattr(model, STATE_ATTR)
     log.info("MixDQ off: %d layers restored", len(current.originals))
     return current
+
+
+@torch.no_grad()
+def quantize_from_file(model: nn.Module, path: str | Path, config: BitConfig, prefix: str = "",
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16,
+                       kernel: str = "auto") -> MixDQState:
+    """Fill ``model`` (built on the meta device) from the safetensors file ``path``, quantizing as it reads.
+
+    Each configured Linear is read (one float layer in memory), quantized to ``device`` and swapped
+    in; every other tensor is read into place in ``dtype`` (integer tensors keep theirs). Peak memory
+    is the quantized model plus one float layer, never the float model. A tensor of the model that
+    the file lacks is an error naming it (no silently empty layer). :func:`restore` reads the float
+    layers back from the same file.
+    """
+    if state(model) is not None:
+        raise RuntimeError("model is already MixDQ-quantized; restore it first")
+    start = time.perf_counter()
+    plans = resolve(config, model)
+    source = Path(path)
+    originals: dict[str, nn.Module] = {}
+    devices: dict[str, torch.device] = {}
+    float_bytes = 0
+    with stream.SafetensorsReader(source) as reader:
+        absent = [prefix + k for k, _ in _named_tensors(model) if prefix + k not in reader]
+        if absent:
+            raise ValueError(f"{source.name} lacks {len(absent)} tensor(s) of the model, e.g. {absent[:5]}")
+        for name, plan in plans.items():
+            linear = model.get_submodule(name)
+            layer = _empty_quant(linear, plan, config, device, dtype)
+            weight = reader.get(f"{prefix}{name}.weight").to(device, dtype)
+            bias = reader.get(f"{prefix}{name}.bias").to(device, dtype) if linear.bias is not None else None
+            layer.set_weight(weight, bias)
+            float_bytes += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
+            del weight, bias
+            originals[name] = swap_module(model, name, layer)
+            devices.update({f"{name}.{k}": torch.device(device) for k, _ in originals[name].named_parameters()})
+        for key, _ in _named_tensors(model):
+            owner, _, attr = key.rpartition(".")
+            if owner in plans:  # a QuantLinear's own buffers, filled above
+                continue
+            module = model.get_submodule(owner) if owner else model
+            value = reader.get(prefix + key)
+            value = value.to(device, dtype if value.is_floating_point() else value.dtype)
+            float_bytes += value.numel() * value.element_size()
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+    choice = _set_kernel(model, plans, config, kernel)
+    result = MixDQState(config, originals, devices, None, float_bytes, module_bytes(model), False,
+                        time.perf_counter() - start, choice, source, prefix)
+    setattr(model, STATE_ATTR, result)
+    log.info("MixDQ %s from %s: %d layers, %.0f MB float -> %.0f MB", config.name, source.name, len(plans),
+             float_bytes / 2**20, result.bytes_after / 2**20)
+    return result
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers, as a state dict names them (each once)."""
+    return [(k, t) for k, t in model.state_dict(keep_vars=True).items() if t is not None]

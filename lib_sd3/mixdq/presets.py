@@ -1,8 +1,9 @@
-"""The shipped W8A8 and W4A8 configs, as rules over layer names, and SD3 Medium's layer list.
+"""The shipped W8A8, W4A8 and FP8 configs, as name patterns, and the SD3 families' layer lists.
 
-The YAML files in ``configs/`` are these rules applied to SD3 Medium (depth 24); a test keeps
-them in sync. Rules rather than a fixed list so the benchmark and tests can build the same mix
-for a transformer with fewer blocks.
+The YAML files in ``configs/`` are :data:`PATTERNS` written out (a test keeps them in sync): one
+file per bit mix fits every SD3 family and depth (SD3 Medium, SD3.5 Large, SD3.5 Medium's
+MMDiT-X ``attn2``), so the calibration and benchmark code can also expand it to an explicit list
+(:func:`preset`) for any model.
 
 - ``w8a8``: every block Linear int8 per-channel; int8 per-token activations on the token-wise
   Linears (attention qkv/proj, MLP fc1/fc2); adaLN Linears keep float activations (one row per
@@ -14,6 +15,11 @@ for a transformer with fewer blocks.
   mix lands at ~0.32 of fp16. This is a structural starting point, *not* a measured allocation:
   no SD3 checkpoint was available when it was written. ``python -m lib_sd3.mixdq calibrate``
   measures sensitivity on the user's own model and solves the allocation for a memory budget.
+- ``fp8``: the ``w8a8`` layers with e4m3 weights (per-row scales) and e4m3 per-token activations,
+  for GPUs with FP8 tensor cores (``torch._scaled_mm``); elsewhere it dequantizes (weight-only).
+
+SD3.5's ``attn2`` (MMDiT-X) is quantized like ``attn``; its qk-norm weights are RMSNorm, not
+Linear, and stay float.
 """
 
 from __future__ import annotations
@@ -26,7 +32,43 @@ from lib_sd3.mixdq.config import BitConfig
 
 SD3_MEDIUM_DEPTH = 24
 SD3_MEDIUM_HIDDEN = 1536
-IMAGE_ATTENTION = re.compile(r"^joint_blocks\.\d+\.x_block\.attn\.(qkv|proj)$")
+IMAGE_ATTENTION = re.compile(r"^joint_blocks\.\d+\.x_block\.attn2?\.(qkv|proj)$")
+KINDS = ("w8a8", "w4a8", "fp8")
+
+_TOKENWISE_PATTERNS = ("joint_blocks.*.*_block.attn.qkv", "joint_blocks.*.*_block.attn.proj",
+                       "joint_blocks.*.x_block.attn2.qkv", "joint_blocks.*.x_block.attn2.proj",
+                       "joint_blocks.*.*_block.mlp.fc1", "joint_blocks.*.*_block.mlp.fc2")
+_IMAGE_ATTENTION_PATTERNS = ("joint_blocks.*.x_block.attn.qkv", "joint_blocks.*.x_block.attn.proj",
+                             "joint_blocks.*.x_block.attn2.qkv", "joint_blocks.*.x_block.attn2.proj")
+_ADALN_PATTERN = "joint_blocks.*.*_block.adaLN_modulation.1"
+
+
+def patterns(kind: str) -> BitConfig:
+    """The shipped config ``kind`` as patterns (what ``configs/<kind>.yaml`` holds)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown preset {kind!r}; known: {', '.join(KINDS)}")
+    int4 = kind == "w4a8"
+    weight = dict.fromkeys(_IMAGE_ATTENTION_PATTERNS, 8) if int4 else {}  # listed first: the first match wins
+    for key in (*_TOKENWISE_PATTERNS, _ADALN_PATTERN):
+        weight.setdefault(key, 4 if int4 else 8)
+    return BitConfig(weight=weight, act={key: 8 for key in _TOKENWISE_PATTERNS}, name=kind,
+                     weight_format="fp8" if kind == "fp8" else "int")
+
+
+def sd35_large_linears(depth: int = 38) -> dict[str, tuple[int, int]]:
+    """SD3.5 Large (and Large Turbo): SD3 Medium's layout at depth 38, width 64 x 38 = 2432."""
+    return sd3_medium_linears(depth, 64 * depth)
+
+
+def sd35_medium_linears(depth: int = SD3_MEDIUM_DEPTH, x_layers: int = 13) -> dict[str, tuple[int, int]]:
+    """SD3.5 Medium (MMDiT-X): SD3 Medium's layers plus ``x_block.attn2`` in blocks 0..12 (9-way adaLN there)."""
+    h = SD3_MEDIUM_HIDDEN
+    shapes = sd3_medium_linears(depth)
+    for i in range(x_layers):
+        shapes[f"joint_blocks.{i}.x_block.attn2.qkv"] = (3 * h, h)
+        shapes[f"joint_blocks.{i}.x_block.attn2.proj"] = (h, h)
+        shapes[f"joint_blocks.{i}.x_block.adaLN_modulation.1"] = (9 * h, h)
+    return shapes
 
 
 def sd3_medium_linears(depth: int = SD3_MEDIUM_DEPTH, hidden: int = SD3_MEDIUM_HIDDEN) -> dict[str, tuple[int, int]]:
@@ -54,16 +96,16 @@ def sd3_medium_linears(depth: int = SD3_MEDIUM_DEPTH, hidden: int = SD3_MEDIUM_H
 
 
 def preset(kind: str, names: Iterable[str]) -> BitConfig:
-    """The ``w8a8`` or ``w4a8`` rule applied to these layer names (either naming)."""
-    if kind not in ("w8a8", "w4a8"):
-        raise ValueError(f"unknown preset {kind!r}; known: w8a8, w4a8")
+    """The shipped ``kind`` rule applied to these layer names (either naming): an explicit list."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown preset {kind!r}; known: {', '.join(KINDS)}")
     weight: dict[str, int] = {}
     act: dict[str, int] = {}
     for name in names:
         canonical = layers.canonical_name(name)
         if layers.PROTECTED.match(canonical):
             continue
-        weight[name] = 8 if kind == "w8a8" or IMAGE_ATTENTION.match(canonical) else 4
+        weight[name] = 4 if kind == "w4a8" and not IMAGE_ATTENTION.match(canonical) else 8
         if layers.is_tokenwise(canonical):
             act[name] = 8
-    return BitConfig(weight=weight, act=act, name=kind)
+    return BitConfig(weight=weight, act=act, name=kind, weight_format="fp8" if kind == "fp8" else "int")

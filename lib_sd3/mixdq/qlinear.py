@@ -29,6 +29,7 @@ from lib_sd3.mixdq import kernels, quantizers
 log = get_logger("mixdq")
 
 ActMode = Literal["dynamic", "static", "float"]
+WeightFormat = Literal["int", "fp8"]
 WEIGHT_BITS = (4, 8)
 ACT_BITS = (8, 16)
 FP32_BYTES = 4
@@ -68,18 +69,26 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, w_bits: int, act_mode: ActMode = "dynamic",
                  bias: bool = True, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 group_size: int = quantizers.DEFAULT_GROUP_SIZE, float_rows: int = 0) -> None:
+                 group_size: int = quantizers.DEFAULT_GROUP_SIZE, float_rows: int = 0,
+                 weight_format: WeightFormat = "int") -> None:
         super().__init__()
         if w_bits not in WEIGHT_BITS:
             raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {w_bits}")
+        if weight_format not in ("int", "fp8") or (weight_format == "fp8" and (w_bits != 8 or act_mode == "static")):
+            raise ValueError(f"weight_format must be int, or fp8 with 8 bits and dynamic or float activations; "
+                             f"got {weight_format!r} with {w_bits} bits, act {act_mode!r}")
         if act_mode not in ("dynamic", "static", "float"):
             raise ValueError(f"act_mode must be dynamic, static or float, got {act_mode!r}")
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.act_mode, self.group_size = w_bits, act_mode, group_size
         self.float_rows = float_rows
         self.compute_dtype = dtype
+        self.weight_format = weight_format
+        self.kernel = "fp8" if weight_format == "fp8" else "eager"  # a kernels.PATHS name; selection sets it
         n, k = out_features, in_features
-        if w_bits == 8:
+        if weight_format == "fp8":
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=device))
+        elif w_bits == 8:
             self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))  # .t() feeds _int_mm
         else:
             groups = quantizers.int4_group_layout(k, group_size)
@@ -97,11 +106,11 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, w_bits: int, act_mode: ActMode = "dynamic",
                     group_size: int = quantizers.DEFAULT_GROUP_SIZE, act_scale: float | None = None,
-                    float_rows: int = 0) -> QuantLinear:
+                    float_rows: int = 0, weight_format: WeightFormat = "int") -> QuantLinear:
         weight = linear.weight.detach()
         bias = linear.bias.detach() if linear.bias is not None else None
         layer = cls(weight.shape[1], weight.shape[0], w_bits, act_mode, bias is not None, weight.dtype,
-                    weight.device, group_size, float_rows)
+                    weight.device, group_size, float_rows, weight_format)
         layer.set_weight(weight, bias)
         if act_mode == "static":
             if act_scale is None or not act_scale > 0:
@@ -111,7 +120,11 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if self.w_bits == 8:
+        if self.weight_format == "fp8":
+            q, scale = kernels.fp8_weight(weight)
+            self.qweight.copy_(q)
+            self.wscale.copy_(scale)
+        elif self.w_bits == 8:
             q, scale = quantizers.quantize_weight_int8(weight)
             self.qweight.copy_(q)
             self.wscale.copy_(scale)
@@ -126,8 +139,8 @@ class QuantLinear(nn.Module):
             self.bias.copy_(bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the integer codes stand for, ``(N, K)`` in ``dtype`` (fallback and BOS path)."""
-        if self.w_bits == 8:
+        """The weight the codes stand for, ``(N, K)`` in ``dtype`` (weight-only path and BOS rows)."""
+        if self.weight_format == "fp8" or self.w_bits == 8:
             return (self.qweight.float() * self.wscale[:, None]).to(dtype)
         group_scale = self.group_ratio.float() * self.wscale[:, None]
         return quantizers.dequantize_int4(self.qweight, group_scale, dtype)
@@ -168,22 +181,60 @@ class QuantLinear(nn.Module):
                 torch.addcmul(self.bias, yb, self.wscale, out=ob)
         return out
 
-    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.act_mode == "float" or x2.shape[0] == 0:
-            return self._float_linear(x)
+    def _eager(self, x2: torch.Tensor) -> torch.Tensor | None:
         device = x2.device.type
         plan = kernels.plan_int_mm(x2.shape[0], self.in_features, self.out_features, device,
                                    kernels.int_mm_available(device))
-        if plan == "fallback":
-            return self._float_linear(x)
-        try:
-            return self._int8_linear(x2, plan).reshape(*x.shape[:-1], self.out_features)
-        except RuntimeError as error:  # e.g. a GPU whose cuBLAS has no int8 GEMM: dequantize from now on
-            kernels.mark_failed(device)
-            log.warning("int8 GEMM failed on %s (%s); MixDQ layers dequantize instead (memory is still saved)",
-                        device, error)
-            return self._float_linear(x)
+        return None if plan == "fallback" else self._int8_linear(x2, plan)
+
+    def _compiled(self, x2: torch.Tensor) -> torch.Tensor | None:
+        plan = kernels.plan_int_mm(x2.shape[0], self.in_features, self.out_features, x2.device.type)
+        if self.act_mode == "static" or plan != "int_mm":  # calibrated scales and tiny M: eager does those
+            return self._eager(x2)
+        return kernels.COMPILED(x2, self.int8_weight(), self.wscale, self.bias)
+
+    def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_matmul(x2, self.qweight, self.wscale, self.bias)
+
+    def _fp8_compiled(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.COMPILED_FP8(x2, self.qweight, self.wscale, self.bias)
+
+    _RUNNERS = {"eager": _eager, "compiled": _compiled, "fp8": _fp8, "fp8_compiled": _fp8_compiled}
+
+    def run_path(self, x2: torch.Tensor, path: str) -> torch.Tensor | None:
+        """``path`` alone, errors raised, None where it declines the shape (selection's probe)."""
+        if path == "weight_only":
+            return self._float_linear(x2)
+        return self._RUNNERS[path](self, x2)
+
+    def run(self, x2: torch.Tensor, path: str) -> torch.Tensor:
+        """``X (M, K)`` through kernel path ``path`` (a :data:`~lib_sd3.mixdq.kernels.PATHS` name).
+
+        A path that raises (a GPU whose cuBLAS lacks the int8 or FP8 GEMM, a compiler error) is
+        dropped for this device for the session, with one log line, and the layer dequantizes.
+        """
+        runner = self._RUNNERS.get(path) if self.act_mode != "float" and x2.shape[0] else None
+        if runner is not None and not kernels.path_failed(path, x2.device.type):
+            try:
+                out = runner(self, x2)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a missing kernel: A1111 reports it and the kernel stays
+            except Exception as error:  # noqa: BLE001 -- compile errors come in many types; all mean "not here"
+                device = x2.device.type
+                kernels.mark_path_failed(path, device)
+                if path == "eager":
+                    kernels.mark_failed(device)
+                log.warning("MixDQ kernel %s failed on %s (%s); quantized layers dequantize instead "
+                            "(memory is still saved)", path, device, str(error).splitlines()[0] if str(error) else
+                            type(error).__name__)
+                out = None
+            if out is not None:
+                return out
+        return self._float_linear(x2)
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        return self.run(x2, self.kernel).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.float_rows
@@ -194,4 +245,4 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
-                f"act={self.act_mode}, float_rows={self.float_rows}")
+                f"act={self.act_mode}, float_rows={self.float_rows}, format={self.weight_format}, kernel={self.kernel}")

@@ -8,7 +8,7 @@ FLAG_DEFAULTS: dict[str, Any] = {
     "sd3_t5": None,  # auto | fp16 | fp8 | off; overrides the setting when given
     "sd3_no_fetch": False,
     "sd3_mirror": None,  # comma-separated endpoints
-    "sd3_mixdq": None,  # off | w8a8 | w4a8 | path to a YAML config
+    "sd3_mixdq": None,  # off | w8a8 | w4a8 | fp8 | path to a YAML config
 }
 
 

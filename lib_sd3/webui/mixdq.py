@@ -5,7 +5,9 @@ Where the model lives (both A1111 states): ``shared.sd_model`` is ``SD3Inference
 sd3-ref layer names, which the shipped configs use.
 
 Choosing a config: the SD3 accordion's "MixDQ quantization" dropdown / the ``mixdq`` script arg
-(``off``, ``w8a8``, ``w4a8``, or "setting" = the ``sd3_mixdq`` setting). ``POST /sd3/mixdq``
+(``off``, ``w8a8``, ``w4a8``, ``fp8``, or "setting" = the ``sd3_mixdq`` setting). Which kernel
+path runs (compiled, eager, fp8, weight-only: chosen by timing on this device) and why shows in
+``GET /sd3/mixdq`` (``kernel``, ``kernel_why``) and in the console. ``POST /sd3/mixdq``
 applies a choice at once and makes it the setting, so the next generation agrees with it.
 ``--sd3-mixdq`` sets the setting for this session; given a YAML path, that config is the one
 used whenever MixDQ is on. User configs can also be put in ``models/sd3_mixdq/NAME.yaml`` and
@@ -206,7 +208,7 @@ def _apply_flag_to_setting() -> None:
 # --- routes ------------------------------------------------------------------------------------
 
 class MixDQRequest(BaseModel):
-    """Body of ``POST /sd3/mixdq``: ``off``, ``w8a8``, ``w4a8`` or a config in models/sd3_mixdq/."""
+    """Body of ``POST /sd3/mixdq``: ``off``, ``w8a8``, ``w4a8``, ``fp8`` or a config in models/sd3_mixdq/."""
 
     config: str
 
@@ -254,7 +256,7 @@ def state_html() -> str:
     if not body["active"]:
         return f"<span>MixDQ off; MMDiT {body['mmdit_memory_mb']} MB</span>"
     return (f"<span>MixDQ {html.escape(body['config'])}: MMDiT {body['memory_before_mb']} MB &rarr; "
-            f"{body['memory_after_mb']} MB ({body['layers']} layers)</span>")
+            f"{body['memory_after_mb']} MB ({body['layers']} layers, kernel {html.escape(body['kernel'])})</span>")
 
 
 def build_ui(is_img2img: bool) -> None:

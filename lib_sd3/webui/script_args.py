@@ -138,7 +138,7 @@ MAX_LAYERS = 38
 ARGS: tuple[ScriptArg, ...] = (
     ScriptArg("flow_samplers", "Flow-correct samplers", "sd3_flow_samplers", ON_OFF),
     ScriptArg("nan_guard", "NaN guard", "sd3_nan_guard", ON_OFF),
-    ScriptArg("mixdq", "MixDQ quantization", "sd3_mixdq", ("off", "w8a8", "w4a8")),
+    ScriptArg("mixdq", "MixDQ quantization", "sd3_mixdq", ("off", "w8a8", "w4a8", "fp8")),
     ScriptArg("slg", "Skip-layer guidance", "sd3_slg", ON_OFF),
     ScriptArg("slg_layers", "SLG layers (joint blocks)", "sd3_slg_layers", read=read_layers),
     number_arg("slg_scale", "SLG scale", "sd3_slg_scale", (0.0, 20.0, 0.1)),

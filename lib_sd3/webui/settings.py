@@ -36,7 +36,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
     Setting("sd3_flow_samplers", True, "Use flow-correct samplers and schedules for SD3", infotext=infotext.FLOW_SAMPLERS),
     Setting("sd3_nan_guard", True, "NaN guard: recompute a non-finite step at higher precision", infotext=infotext.NAN_GUARD),
-    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8"), infotext=infotext.MIXDQ),
+    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8", "fp8"), infotext=infotext.MIXDQ),
     Setting("sd3_slg", False, "Skip-layer guidance (SLG): one more cond pass with some joint blocks skipped",
             comment="Stability recommends it for SD3.5 Medium; off unless turned on here, in the "
             "accordion or by a preset"),

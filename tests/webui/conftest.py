@@ -347,8 +347,9 @@ MMDIT_PREFIX = "model.diffusion_model."
 def tiny_mixdq_config(data_dir: Path) -> Path | None:
     """The shipped W8A8 config cut down to the layers the tiny MMDiT has (None without MixDQ in this build).
 
-    The shipped configs name SD3 Medium's 24 blocks; on the depth-2 test model they are, rightly, a
-    config error. The extension's ``--sd3-mixdq PATH`` makes this file the one "w8a8" means.
+    Shipped configs that list SD3 Medium's 24 blocks by name are, rightly, a config error on the
+    depth-2 test model (pattern configs fit it as they are). The extension's ``--sd3-mixdq PATH``
+    makes this file the one "w8a8" means.
     """
     if not MIXDQ_SHIPPED.exists():
         return None
@@ -361,11 +362,11 @@ def tiny_mixdq_config(data_dir: Path) -> Path | None:
                    if key.startswith(MMDIT_PREFIX) and key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2}
     config = yaml.safe_load(MIXDQ_SHIPPED.read_text(encoding="utf-8"))
     config["name"] = "tiny-w8a8"
-    for key, value in list(config.items()):
+    for key, value in list(config.items()):  # patterns ("*") fit any depth and stay
         if isinstance(value, dict) and key != "name":
-            config[key] = {layer: bits for layer, bits in value.items() if layer in linears}
+            config[key] = {layer: bits for layer, bits in value.items() if layer in linears or "*" in layer}
         elif isinstance(value, list):
-            config[key] = [layer for layer in value if layer in linears]
+            config[key] = [layer for layer in value if layer in linears or "*" in layer]
     path = data_dir / "models" / "sd3_mixdq" / "tiny-w8a8.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
