@@ -222,6 +222,19 @@ def test_edm_wrapper_keeps_signature_and_call_count(problem):
     assert [d["i"] for d in seen] == list(range(10))
 
 
+def test_in_edm_space_is_only_a_change_of_variables(problem):
+    """Euler in EDM coordinates is DDIM, and so is Euler on flow levels: the same numbers, whatever the start."""
+    oracle, x1 = problem
+    sigmas = flow.karras(12, 0.003, 0.9).double()
+    x = x1 * sigmas[0]
+    assert torch.allclose(S.in_edm_space(ks.sample_euler)(oracle, x.clone(), sigmas=sigmas, disable=True),
+                          ks.sample_euler(oracle, x.clone(), sigmas=sigmas, disable=True), atol=1e-10)
+    # from pure noise: from_pure_noise takes the exact step to sigmas[1], then the wrapped sampler the rest
+    sigmas = flow.shifted(12).double()
+    assert torch.allclose(S.edm_route(ks.sample_euler)(oracle, x1.clone(), sigmas=sigmas, disable=True),
+                          S.sample_flow_ddim(oracle, x1.clone(), sigmas=sigmas, disable=True), atol=1e-10)
+
+
 # --- NaN guard ------------------------------------------------------------------------------------------
 class HalfOverflowDenoiser(torch.nn.Module):
     """The oracle plus 0 * (an fp16 matmul); at one step that matmul exceeds fp16's range (65504).
