@@ -119,7 +119,7 @@ def test_ays_infotext_and_levels(webui):
     assert p.extra_generation_params["SD3 flow schedule"] == flow.AYS_DESCRIPTION
 
 
-@pytest.mark.parametrize("name", ["Euler", "DDIM", "Euler a"])
+@pytest.mark.parametrize("name", ["Euler", "DDIM", "Euler a", "DPM fast", "DPM++ 2M SDE"])
 def test_img2img_and_hires_start_from_the_flow_latent(webui, name):
     from modules import sd_samplers
 
