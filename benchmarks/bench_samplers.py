@@ -1,13 +1,17 @@
 """Samplers on SD3's rectified flow, measured: accuracy and order on the Gaussian oracle, exact marginals of the
-noise-injecting samplers, the NaN guard's overhead on a small SD3 transformer, and model calls per step.
+noise-injecting samplers, the NaN guard's overhead on a small SD3 transformer, model calls per step, DPM fast /
+adaptive end points, and every sampler x schedule at 1-3 steps.
 
-    /work/venv/bin/python benchmarks/bench_samplers.py
+    python benchmarks/bench_samplers.py
 
-Last line: ``guard_overhead= orders_ok= moments_ok= calls_per_step_equal=`` (see the README for the bounds).
+Last line: ``guard_overhead= orders_ok= moments_ok= calls_per_step_equal= dpm_fast_ok= dpm_adaptive_ok=
+few_steps_ok=`` (bounds and figures: docs/samplers.md).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import statistics
 import sys
 import time
@@ -76,7 +80,7 @@ def moments() -> bool:
 
     ok = True
     print(f"\nmarginal at s=0 over {SEEDS} seeds x {DIM} dims, {NOISE_STEPS} steps: (mean error / c, variance ratio - 1)")
-    runs = {name: (S.in_edm_space(f, second), f) for name, (f, second) in STOCHASTIC.items()}
+    runs = {name: (S.edm_route(f, second), f) for name, (f, second) in STOCHASTIC.items()}
     runs["DDIM eta=1"] = (lambda *a, **k: S.sample_flow_ddim(*a, eta=1.0, **k), None)
     for name, (ours, raw) in runs.items():
         mean, var = err(ours(oracle, x1.clone(), sigmas=sigmas, noise_sampler=noise, disable=True))
@@ -88,10 +92,10 @@ def moments() -> bool:
             line += f"   A1111 unpatched {rmean:+.3f} {rvar:+.3f}"
         print(line)
     smin = float(flow.shift_time(flow.T_MIN))  # DPM fast / adaptive take A1111's range, not a schedule
-    ranged = {"DPM fast": lambda: S.in_edm_space(ks.sample_dpm_fast)(
+    ranged = {"DPM fast": lambda: S.sample_flow_dpm_fast(
                   oracle, x1.clone(), sigma_min=smin, sigma_max=1.0, n=NOISE_STEPS, eta=1.0, noise_sampler=noise,
                   disable=True),
-              "DPM adaptive": lambda: S.in_edm_space(ks.sample_dpm_adaptive)(
+              "DPM adaptive": lambda: S.sample_flow_dpm_adaptive(
                   oracle, x1.clone(), sigma_min=smin, sigma_max=1.0, eta=1.0, noise_sampler=noise, disable=True),
               # LCM's model is a consistency function (the ODE end point map), exact at any step count: 8 here
               "LCM (8 steps)": lambda: S.sample_flow_lcm(
@@ -164,7 +168,7 @@ def calls_per_step() -> bool:
     print("\nmodel calls for 10 steps: ours vs A1111's own sampler")
     for name, (sampler, second) in STOCHASTIC.items():
         ours, theirs = Counter(oracle), Counter(oracle)
-        S.in_edm_space(sampler, second)(ours, x1.clone(), sigmas=sigmas, disable=True)
+        S.edm_route(sampler, second)(ours, x1.clone(), sigmas=sigmas, disable=True)
         sampler(theirs, x1.clone(), sigmas=sigmas, disable=True)
         ok &= ours.calls == theirs.calls
         print(f"{name:14s} {ours.calls:3d} {theirs.calls:3d}")
@@ -179,15 +183,102 @@ def calls_per_step() -> bool:
     return ok
 
 
+SIGMA_MIN = float(flow.shift_time(flow.T_MIN))  # what A1111 passes DPM fast / adaptive: the model's lowest level
+
+
+def dpm_end_points() -> tuple[bool, bool]:
+    """End-point error (eta 0) of DPM fast / adaptive against the exact ODE state where they stop (sigma_min),
+    next to DPM++ 2M's against its end point (s = 0) and unpatched A1111's DPM fast (k-diffusion on raw flow
+    levels), at 8 / 16 / 32 model calls. ok: within 2x of DPM++ 2M's at each, and never worse than unpatched."""
+    oracle = make_oracle()
+    x1 = torch.randn(256, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = (oracle.endpoint(x1, 1.0) - oracle.mu) / oracle.c
+    at_min = (1 - SIGMA_MIN) * oracle.mu + torch.sqrt((1 - SIGMA_MIN) ** 2 * oracle.c**2 + SIGMA_MIN**2) * z
+
+    def error(out, exact):
+        return rms(out - exact) / data_scale(oracle)
+
+    adaptive = error(S.sample_flow_dpm_adaptive(oracle, x1.clone(), SIGMA_MIN, 1.0, disable=True), at_min)
+    adaptive_raw = error(ks.sample_dpm_adaptive(oracle, x1.clone(), SIGMA_MIN, 1.0, disable=True), at_min)
+    fast_ok = adaptive_ok = True
+    print(f"\nend-point error at eta 0 (DPM fast / adaptive: at sigma_min {SIGMA_MIN:.4f}, where they stop)")
+    print(f"{'calls':>5s} {'DPM fast':>10s} {'unpatched':>10s} {'DPM++ 2M':>10s} {'Euler':>10s}")
+    for n in (2, 3, 4, 6, 8, 12, 16, 32):
+        fast = error(S.sample_flow_dpm_fast(oracle, x1.clone(), SIGMA_MIN, 1.0, n, disable=True), at_min)
+        raw = error(ks.sample_dpm_fast(oracle, x1.clone(), SIGMA_MIN, 1.0, n, disable=True), at_min)
+        dpmpp = error(ks.sample_dpmpp_2m(oracle, x1.clone(), sigmas=flow.shifted(n).double(), disable=True),
+                      oracle.endpoint(x1, 1.0))
+        euler = error(ks.sample_euler(oracle, x1.clone(), sigmas=flow.shifted(n).double(), disable=True),
+                      oracle.endpoint(x1, 1.0))
+        fast_ok &= fast <= raw * 1.001 and (n not in (8, 16, 32) or fast <= 2 * dpmpp)
+        adaptive_ok &= n not in (8, 16, 32) or adaptive <= 2 * dpmpp
+        print(f"{n:5d} {fast:10.2e} {raw:10.2e} {dpmpp:10.2e} {euler:10.2e}")
+    adaptive_ok &= adaptive < 0.05 and adaptive <= adaptive_raw * 1.01  # its tolerance: rtol 0.05
+    print(f"DPM adaptive (rtol 0.05): {adaptive:.2e}, unpatched {adaptive_raw:.2e}")
+    return fast_ok, adaptive_ok
+
+
+K_DIFFUSION = {  # A1111's label: (k-diffusion function, second_order, discard_next_to_last_sigma), as A1111 lists them
+    "DPM++ 2M": (ks.sample_dpmpp_2m, False, False), "DPM++ SDE": (ks.sample_dpmpp_sde, True, False),
+    "DPM++ 2M SDE": (ks.sample_dpmpp_2m_sde, False, False),
+    "DPM++ 2M SDE Heun": (functools.partial(ks.sample_dpmpp_2m_sde, solver_type="heun"), False, False),
+    "DPM++ 2S a": (ks.sample_dpmpp_2s_ancestral, True, False), "DPM++ 3M SDE": (ks.sample_dpmpp_3m_sde, False, True),
+    "Euler a": (ks.sample_euler_ancestral, False, False), "Euler": (ks.sample_euler, False, False),
+    "LMS": (ks.sample_lms, False, False), "Heun": (ks.sample_heun, True, False), "DPM2": (ks.sample_dpm_2, True, True),
+    "DPM2 a": (ks.sample_dpm_2_ancestral, True, True), "DPM fast": (ks.sample_dpm_fast, False, False),
+    "DPM adaptive": (ks.sample_dpm_adaptive, False, False),
+}
+
+
+def few_steps() -> bool:
+    """Every sampler label (through lib_sd3.webui.samplers' route tables) x every flow schedule at 1, 2, 3 steps:
+    finite, and a sample rather than garbage (within 10 data scales of the exact end point). Restart is
+    A1111's own function (sd_samplers_extra), not k-diffusion's: not run here."""
+    from lib_sd3.webui import samplers as routes
+
+    oracle = make_oracle()
+    x1 = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = oracle.endpoint(x1, 1.0)
+    runs = {label: (route.wrap(K_DIFFUSION[label][0], K_DIFFUSION[label][1]), K_DIFFUSION[label][2])
+            for label, route in routes.KDIFFUSION_ROUTES.items() if label in K_DIFFUSION}
+    runs.update({label: (func, False) for label, func in routes.TIMESTEP_ROUTES.items() if label != "DDIM CFG++"})
+    broken = []
+    for label, (func, discard) in runs.items():
+        for name in flow.SCHEDULE_NAMES:
+            for n in (1, 2, 3):
+                sigmas = flow.schedule(name, n + discard, SIGMA_MIN, 1.0).double()
+                if discard:
+                    sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+                try:
+                    if "sigma_min" in inspect.signature(func).parameters:
+                        out = func(oracle, x1.clone(), sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), n=n,
+                                   disable=True) if label == "DPM fast" else func(
+                            oracle, x1.clone(), sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), disable=True)
+                    else:
+                        out = func(oracle, x1.clone(), sigmas=sigmas, disable=True)
+                except Exception as error:  # noqa: BLE001 - every broken cell is listed
+                    broken.append(f"{label} / {name} / {n}: {type(error).__name__}: {error}")
+                    continue
+                if not torch.isfinite(out).all() or rms(out - exact) / data_scale(oracle) > 10:
+                    broken.append(f"{label} / {name} / {n}: {'non-finite' if not torch.isfinite(out).all() else 'garbage'}")
+    cells = len(runs) * len(flow.SCHEDULE_NAMES) * 3
+    print(f"\n1-3 steps: {cells - len(broken)} of {cells} sampler x schedule x steps cells finite"
+          + "".join(f"\n  {b}" for b in broken))
+    return not broken
+
+
 def main() -> None:
     start = time.perf_counter()
     orders_ok = orders()
     moments_ok = moments()
     overhead = guard_overhead()
     calls_ok = calls_per_step()
+    fast_ok, adaptive_ok = dpm_end_points()
+    few_ok = few_steps()
     print(f"\n({time.perf_counter() - start:.0f} s)")
     print(f"guard_overhead={overhead:.3f} orders_ok={int(orders_ok)} moments_ok={int(moments_ok)} "
-          f"calls_per_step_equal={int(calls_ok)}")
+          f"calls_per_step_equal={int(calls_ok)} dpm_fast_ok={int(fast_ok)} dpm_adaptive_ok={int(adaptive_ok)} "
+          f"few_steps_ok={int(few_ok)}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """Samplers that are correct on SD3's rectified flow, and the NaN guard around the denoiser.
 
 Every sampler takes k-diffusion's arguments ``(model, x, sigmas, extra_args, callback, disable, ...)``
-with flow levels s in [0, 1] as ``sigmas`` and a ``model(x, s)`` that returns the denoised x0, so
-they drop into A1111's k-diffusion sampler class unchanged.
+(DPM fast / adaptive: ``sigma_min, sigma_max``) with flow levels s in [0, 1] and a ``model(x, s)`` that
+returns the denoised x0, so they drop into A1111's k-diffusion sampler class unchanged.
 
-Why these exist (DESIGN.md section 4): the flow ODE dx/ds = (x - D) / s has the same form as the
-VE ODE, so k-diffusion's deterministic solvers are already right on flow levels. What is wrong is
-(a) A1111's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC), which feed integer timesteps and read
-the output as eps, and (b) everything that injects VE noise, because the flow marginal has signal
-scale 1 - s, not 1. (a) gets native flow forms below; (b) runs the unchanged k-diffusion sampler in
-EDM coordinates (x_edm = x / (1 - s), sigma_edm = s / (1 - s)) where x_edm = x0 + sigma_edm e holds
-exactly, which makes every VE noise formula exact.
+The flow ODE dx/ds = (x - D) / s has the VE ODE's form, so k-diffusion's deterministic solvers are right on
+flow levels as they are. Wrong on flow are A1111's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC: integer
+timesteps, output read as eps), which get native flow forms here, and every VE noise formula, because the
+flow marginal's signal scale is 1 - s, not 1. Noise-injecting samplers therefore run unchanged in EDM
+coordinates (x_edm = x / (1 - s), sigma_edm = s / (1 - s), where x_edm = x0 + sigma_edm e holds exactly),
+after an exact first step from pure noise; DPM fast / adaptive, whose step plan is fixed in log sigma, keep
+flow levels and take their ancestral noise in flow form. Rationale and measured figures: docs/samplers.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma, half_log_snr, shifted
+from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma, half_log_snr
 from lib_sd3.nan_guard import NanGuard
 
 EDM_CAP = 1e-4
@@ -70,97 +70,31 @@ def _iter(n: int, disable: bool | None):
 # Any k-diffusion sampler, run in EDM space
 
 
-DPM_ADAPTIVE_START = 14.6146 / (1 + 14.6146)
-"""Where DPM adaptive starts after the exact first step from pure noise: SD1.5's sigma_max (14.6) as a flow
-level (s = 0.936). Its step control (h_init = 0.05 in log sigma, rtol relative to |x|) was tuned from there;
-from sigma_edm ~ 1e4 the relative tolerance is 1e4 times the data and early errors go unseen."""
+def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a VE/EDM k-diffusion sampler so that it samples a flow model exactly: only the change of variables.
 
-
-def first_exact_level(kwargs: dict[str, Any], end: float) -> float | None:
-    """The level an exact flow step from pure noise goes to before an EDM-space sampler takes over, or None.
-
-    A schedule: its second level (if another step follows). DPM fast (a range and n model calls): the second
-    level of the model's own n-step schedule, so that n - 1 calls remain and the step shrinks as n grows.
-    DPM adaptive (a range only): :data:`DPM_ADAPTIVE_START`.
+    Inputs in flow space (x at level ``sigmas[0]``, flow ``sigmas`` / ``sigma_min`` / ``sigma_max``, a flow
+    ``noise_sampler``) are converted to EDM space, the unchanged sampler runs there against
+    D_edm(x_edm, sigma) = D_flow(x_edm / (1 + sigma), sigma / (1 + sigma)), and the result comes back as a
+    flow latent. Levels above ``1 - EDM_CAP`` are capped there (s = 1 has no EDM sigma); start from pure noise
+    with :func:`from_pure_noise` instead. The wrapper keeps the sampler's signature (A1111 inspects it).
     """
-    if "sigmas" in kwargs:
-        sigmas = kwargs["sigmas"]
-        return float(sigmas[1]) if len(sigmas) > 2 else None
-    level = float(shifted(int(kwargs["n"]), end)[1]) if "n" in kwargs else DPM_ADAPTIVE_START
-    return level if level > end else None
-
-
-def exact_first_step(model, x: torch.Tensor, s: float, s_next: float, extra_args: dict[str, Any],
-                     second_order: bool, callback, eta: float, s_noise: float,
-                     noise: NoiseSampler) -> torch.Tensor:
-    """The flow DDIM step from s (pure noise) to s_next with the sampler's eta, counted as step 0.
-
-    ``second_order``: the sampler calls the model twice per step, so this step does too (a trapezoid in
-    rho = 1/s between s and s_next, as PLMS's first step), and the call count stays A1111's.
-    """
-    level = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
-    denoised = model(x, level, **extra_args)
-    if second_order:
-        x_pred = s_next / s * x + (1 - s_next / s) * denoised
-        denoised = (denoised + model(x_pred, torch.full_like(level, s_next), **extra_args)) / 2
-    if callback is not None:
-        callback({"x": x, "i": 0, "sigma": level[0], "sigma_hat": level[0], "denoised": denoised})
-    next_level = torch.full_like(level[:1], s_next)[0]
-    return ddim_step(x, s, s_next, denoised, denoised, eta, lambda _a, _b: s_noise * noise(level[0], next_level))
-
-
-def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = False) -> Callable[..., torch.Tensor]:
-    """Wrap a VE/EDM k-diffusion sampler so that it samples a flow model exactly.
-
-    Inputs in flow space (x at level ``sigmas[0]``, flow ``sigmas`` / ``sigma_min`` / ``sigma_max``,
-    a flow ``noise_sampler``) are converted to EDM space, the unchanged sampler runs there against
-    D_edm(x_edm, sigma) = D_flow(x_edm / (1 + sigma), sigma / (1 + sigma)), and the result comes back
-    as a flow latent. The wrapper keeps the sampler's signature (A1111 inspects it to pick kwargs).
-    ``second_order``: the sampler calls the model twice per step (DPM2 a, DPM++ 2S a, DPM++ SDE,
-    Restart); the exact first step from pure noise then does too, so the call count stays A1111's.
-    """
-
-    eta_param = inspect.signature(sampler).parameters.get("eta")
-    eta_default = eta_param.default if eta_param is not None else 0.0
 
     @functools.wraps(sampler)
     def flow_sampler(model, x, *args, extra_args=None, callback=None, disable=None, **kwargs):
         if args:
             raise TypeError(f"{sampler.__name__} in EDM space takes sigmas and the rest by keyword")
         top = 1.0 - EDM_CAP
-        scheduled = "sigmas" in kwargs
-        first = float(kwargs["sigmas"][0]) if scheduled else float(kwargs["sigma_max"])
-        end = float(kwargs["sigmas"][-1]) if scheduled else float(kwargs["sigma_min"])
         flow_noise = kwargs.get("noise_sampler")
         if flow_noise is not None:  # e.g. A1111's Brownian tree, built over flow levels
             kwargs["noise_sampler"] = lambda s, s_next: flow_noise(edm_to_flow_sigma(s), edm_to_flow_sigma(s_next))
-        dtype = x.dtype
-
-        target = first_exact_level(kwargs, end) if first >= top else None
-        if target is not None:
-            # From pure noise (s = 1, sigma_edm = inf) no EDM step is well posed: a midpoint or multistep
-            # method would extrapolate across ~1e4 in sigma, and DPM fast / adaptive would spend their
-            # log-sigma steps on (or measure their error against) a state ~1e4 times the latent. The first
-            # step is the exact flow one instead (DDIM with the sampler's eta: fresh noise for ancestral
-            # samplers), the rest runs in EDM space.
-            first_noise = flow_noise if flow_noise is not None else (lambda _s, _s_next: seeded_randn_like(x))
-            x = exact_first_step(model, x, first, target, extra_args or {}, second_order, callback,
-                                 kwargs.get("eta", eta_default), kwargs.get("s_noise", 1.0), first_noise)
-            if scheduled:
-                kwargs["sigmas"] = kwargs["sigmas"][1:]
-            else:
-                kwargs["sigma_max"] = target
-                if "n" in kwargs:
-                    kwargs["n"] = kwargs["n"] - 1
-            callback = (lambda info, outer=callback: outer({**info, "i": info["i"] + 1})) if callback else None
-
-        work = edm_dtype(x)
-        if scheduled:
-            flow = kwargs["sigmas"].clamp(max=top)
-            kwargs["sigmas"] = flow_to_edm_sigma(flow).to(work)
-            start = float(flow[0])
+        dtype, work = x.dtype, edm_dtype(x)
+        if "sigmas" in kwargs:
+            levels = kwargs["sigmas"].clamp(max=top)
+            kwargs["sigmas"] = flow_to_edm_sigma(levels).to(work)
+            start, end = float(levels[0]), float(levels[-1])
         else:
-            start = min(float(kwargs["sigma_max"]), top)
+            start, end = min(float(kwargs["sigma_max"]), top), float(kwargs["sigma_min"])
             kwargs["sigma_max"], kwargs["sigma_min"] = flow_to_edm_sigma(start), flow_to_edm_sigma(end)
 
         def edm_model(x_edm, sigma, **model_kwargs):
@@ -182,8 +116,75 @@ def in_edm_space(sampler: Callable[..., torch.Tensor], second_order: bool = Fals
                       disable=disable, **kwargs)
         return (out / (1 + flow_to_edm_sigma(end))).to(dtype)
 
-    flow_sampler.__sd3_edm__ = True
     return flow_sampler
+
+
+def exact_first_step(model, x: torch.Tensor, s: float, s_next: float, extra_args: dict[str, Any],
+                     second_order: bool, callback, eta: float, s_noise: float,
+                     noise: NoiseSampler) -> torch.Tensor:
+    """The flow DDIM step from s (pure noise) to s_next with the sampler's eta, counted as step 0.
+
+    ``second_order``: the sampler calls the model twice per step, so this step does too (a trapezoid in
+    rho = 1/s between s and s_next, as PLMS's first step), and the call count stays A1111's.
+    """
+    level = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+    denoised = model(x, level, **extra_args)
+    if second_order and s_next > 0:
+        x_pred = s_next / s * x + (1 - s_next / s) * denoised
+        denoised = (denoised + model(x_pred, torch.full_like(level, s_next), **extra_args)) / 2
+    if callback is not None:
+        callback({"x": x, "i": 0, "sigma": level[0], "sigma_hat": level[0], "denoised": denoised})
+    next_level = torch.full_like(level[:1], s_next)[0]
+    return ddim_step(x, s, s_next, denoised, denoised, eta, lambda _a, _b: s_noise * noise(level[0], next_level))
+
+
+def last_step_to_zero(model, x: torch.Tensor, s: torch.Tensor, extra_args: dict[str, Any], callback,
+                      step: int) -> torch.Tensor:
+    """The one step from level s to 0: every k-diffusion sampler returns the denoised prediction there
+    (an Euler step, zero noise). Taken here because the multistep SDE solvers cannot take it alone."""
+    denoised = model(x, s * x.new_ones([x.shape[0]]), **extra_args)
+    if callback is not None:
+        callback({"x": x, "i": step, "sigma": s, "sigma_hat": s, "denoised": denoised})
+    return denoised
+
+
+def from_pure_noise(sampler: Callable[..., torch.Tensor], second_order: bool = False) -> Callable[..., torch.Tensor]:
+    """Wrap a flow-space sampler on a schedule so that the step from pure noise (s = 1) is the exact flow one.
+
+    From s = 1 (sigma_edm = inf) no EDM step is well posed: a midpoint or multistep method would extrapolate
+    across ~1e4 in sigma. The first step is flow DDIM with the sampler's eta (fresh noise for ancestral
+    samplers; ``second_order``: two model calls, as the sampler's own step), then ``sampler`` runs the rest.
+    A rest of one step to 0 is :func:`last_step_to_zero` (k-diffusion's multistep SDE loops fail on it,
+    and A1111 gives them that at 1 and 2 steps).
+    """
+    eta_param = inspect.signature(sampler).parameters.get("eta")
+    eta_default = eta_param.default if eta_param is not None else 0.0
+
+    @functools.wraps(sampler)
+    def run(model, x, *args, extra_args=None, callback=None, disable=None, **kwargs):
+        if args or "sigmas" not in kwargs:
+            return sampler(model, x, *args, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+        sigmas, step = kwargs["sigmas"], 0
+        if len(sigmas) > 1 and float(sigmas[0]) >= 1.0 - EDM_CAP:
+            flow_noise = kwargs.get("noise_sampler") or (lambda _s, _s_next: seeded_randn_like(x))
+            x = exact_first_step(model, x, float(sigmas[0]), float(sigmas[1]), extra_args or {}, second_order,
+                                 callback, kwargs.get("eta", eta_default), kwargs.get("s_noise", 1.0), flow_noise)
+            sigmas, step = sigmas[1:], 1
+        if len(sigmas) < 2:
+            return x
+        if len(sigmas) == 2 and float(sigmas[1]) == 0:
+            return last_step_to_zero(model, x, sigmas[0], extra_args or {}, callback, step)
+        kwargs["sigmas"] = sigmas
+        shifted = (lambda info: callback({**info, "i": info["i"] + step})) if step and callback else callback
+        return sampler(model, x, extra_args=extra_args, callback=shifted, disable=disable, **kwargs)
+
+    return run
+
+
+def edm_route(sampler: Callable[..., torch.Tensor], second_order: bool = False) -> Callable[..., torch.Tensor]:
+    """A noise-injecting k-diffusion sampler made exact on flow: :func:`from_pure_noise` around
+    :func:`in_edm_space`. ``second_order``: A1111's option of that name (two model calls per step)."""
+    return from_pure_noise(in_edm_space(sampler), second_order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +412,148 @@ def sample_flow_unipc(model, x, sigmas, extra_args=None, callback=None, disable=
 
 
 # ---------------------------------------------------------------------------------------------
+# DPM fast and DPM adaptive (Lu et al. 2022, DPM-Solver) on flow levels
+
+
+def ancestral_split(s: float, s_next: float, eta: float, floor: float) -> tuple[float, float]:
+    """(s_down, noise std) of an ancestral step from s to s_next on flow levels, exact for the flow marginal.
+
+    k-diffusion's split (sigma_up = eta sigma' sqrt(1 - sigma'^2 / sigma^2), sigma_down^2 = sigma'^2 - sigma_up^2)
+    taken in EDM sigmas, where it is exact, and mapped back: the ODE goes down to s_down (not below ``floor``),
+    then x' = (1 - s') / (1 - s_down) x + std z lands on the marginal at s'. From s = 1 the step is the ODE's:
+    pure noise needs no fresh noise, and the split's limit there (sigma = inf) would jump to ``floor`` and
+    back, losing at few steps the variance a step-size controller can never win back.
+    """
+    if eta == 0 or s_next <= 0 or s >= 1:
+        return s_next, 0.0
+    sigma_next = flow_to_edm_sigma(s_next)
+    ratio = (sigma_next / flow_to_edm_sigma(s)) ** 2
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(0.0, 1 - ratio)))
+    s_down = max(edm_to_flow_sigma(math.sqrt(max(0.0, sigma_next**2 - sigma_up**2))), floor)
+    return s_down, (1 - s_next) * math.sqrt(max(0.0, sigma_next**2 - flow_to_edm_sigma(s_down) ** 2))
+
+
+class _FlowDPMSolver:
+    """k-diffusion's DPM-Solver steps in ``t = -log s`` on flow levels: its VE steps solve the flow ODE
+    dx/ds = (x - D) / s as they are (the two ODEs have the same form); only the ancestral noise needs the
+    flow form (:meth:`renoise`)."""
+
+    def __init__(self, model, x: torch.Tensor, extra_args: dict[str, Any] | None, disable: bool | None,
+                 eta: float, s_noise: float, noise_sampler: NoiseSampler | None, floor: float) -> None:
+        from k_diffusion.sampling import DPMSolver
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(disable=disable)
+        self.solver = DPMSolver(model, extra_args, eps_callback=self.progress.update)
+        self.dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.device = x.device
+        self.eta, self.s_noise, self.floor = eta, s_noise, floor
+        self.noise = _noise_sampler(x, noise_sampler)
+
+    def t(self, s: float) -> torch.Tensor:
+        return torch.tensor(-math.log(s), dtype=self.dtype, device=self.device)
+
+    def denoised(self, x: torch.Tensor, s: float) -> tuple[torch.Tensor, dict]:
+        """D(x, s) through the solver's eps cache, so the step that follows reuses this model call."""
+        eps, cache = self.solver.eps({}, "eps", x, self.t(s))
+        return x - s * eps, cache
+
+    def split(self, s: float, s_next: float) -> tuple[float, float]:
+        return ancestral_split(s, s_next, self.eta, self.floor)
+
+    def step(self, x: torch.Tensor, s: float, s_to: float, order: int, cache: dict,
+             r1: float = 1 / 2) -> tuple[torch.Tensor, dict]:
+        """One DPM-Solver-``order`` step of the ODE from s to s_to."""
+        t, t_to = self.t(s), self.t(s_to)
+        if order == 1:
+            return self.solver.dpm_solver_1_step(x, t, t_to, eps_cache=cache)
+        if order == 2:
+            return self.solver.dpm_solver_2_step(x, t, t_to, r1=r1, eps_cache=cache)
+        return self.solver.dpm_solver_3_step(x, t, t_to, eps_cache=cache)
+
+    def renoise(self, x: torch.Tensor, s: float, s_next: float, s_down: float, std: float) -> torch.Tensor:
+        """From the ODE state at s_down to the flow marginal at s_next (nothing to do when eta = 0)."""
+        if std == 0:
+            return x
+        z = self.noise(torch.tensor(s), torch.tensor(s_next))
+        return (1 - s_next) / (1 - s_down) * x + std * self.s_noise * z
+
+
+def dpm_fast_orders(n: int) -> list[int]:
+    """DPM-Solver-fast's plan for n model calls (Lu et al. 2022, section 3.4): third-order steps, the
+    remainder in one last step of order n mod 3 (a second- and a first-order step when 3 divides n)."""
+    steps = n // 3 + 1
+    return [3] * (steps - 2) + [2, 1] if n % 3 == 0 else [3] * (steps - 1) + [n % 3]
+
+
+@torch.no_grad()
+def sample_flow_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                         s_noise=1.0, noise_sampler=None):
+    """A1111's DPM fast on flow levels: n model calls in steps uniform in log s from sigma_max to sigma_min.
+
+    With eta = 0 this is k-diffusion's sample_dpm_fast on flow levels, already right for the ODE; with eta > 0
+    the ancestral noise is :func:`ancestral_split`'s instead of VE noise. Like k-diffusion's, it stops at
+    sigma_min (A1111 passes the model's lowest level, 0.003 on SD3), not at 0.
+    """
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0 < sigma_min and sigma_max <= 1):
+        raise ValueError(f"DPM fast needs flow levels in (0, 1], got sigma_min {sigma_min}, sigma_max {sigma_max}")
+    if sigma_min >= sigma_max:  # img2img at (almost) zero strength: nothing to integrate
+        return x
+    dpm = _FlowDPMSolver(model, x, extra_args, disable, eta, s_noise, noise_sampler, sigma_min)
+    orders = dpm_fast_orders(int(n))
+    levels = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), len(orders) + 1, dtype=torch.float64)
+    levels = levels.neg().exp().tolist()
+    with dpm.progress:
+        for i, order in enumerate(orders):
+            denoised, cache = dpm.denoised(x, levels[i])
+            if callback is not None:
+                level = torch.tensor(levels[i])
+                callback({"x": x, "i": i, "sigma": level, "sigma_hat": level, "denoised": denoised})
+            s_down, std = dpm.split(levels[i], levels[i + 1])
+            x, _ = dpm.step(x, levels[i], s_down, order, cache)
+            x = dpm.renoise(x, levels[i], levels[i + 1], s_down, std)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                             rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
+                             accept_safety=0.81, eta=0.0, s_noise=1.0, noise_sampler=None):
+    """A1111's DPM adaptive on flow levels: embedded DPM-Solver 2/3 (or 1/2) pairs in t = -log s under
+    k-diffusion's PID step-size control, from sigma_max to sigma_min. With eta = 0 this is k-diffusion's
+    sample_dpm_adaptive on flow levels (its tolerance is relative to the flow latent, whose scale is the
+    data's); with eta > 0 the ancestral noise is :func:`ancestral_split`'s.
+    """
+    if order not in (2, 3):
+        raise ValueError(f"DPM adaptive's order must be 2 or 3, got {order}")
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0 < sigma_min and sigma_max <= 1):
+        raise ValueError(f"DPM adaptive needs flow levels in (0, 1], got sigma_min {sigma_min}, sigma_max {sigma_max}")
+    from k_diffusion.sampling import PIDStepSizeController
+
+    dpm = _FlowDPMSolver(model, x, extra_args, disable, eta, s_noise, noise_sampler, sigma_min)
+    control = PIDStepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    t, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    x_prev, tried = x, 0
+    with dpm.progress:
+        while t < t_end - 1e-5:
+            s, s_next = math.exp(-t), math.exp(-min(t_end, t + control.h))
+            denoised, cache = dpm.denoised(x, s)
+            s_down, std = dpm.split(s, s_next)
+            x_low, cache = dpm.step(x, s, s_down, order - 1, cache, r1=1 / 3)  # shares the 3-step's first node
+            x_high, _ = dpm.step(x, s, s_down, order, cache)
+            scale = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
+            if control.propose_step(torch.linalg.norm((x_low - x_high) / scale) / x.numel() ** 0.5):
+                x_prev, x, t = x_low, dpm.renoise(x_high, s, s_next, s_down, std), -math.log(s_next)
+            if callback is not None:
+                level = torch.tensor(math.exp(-t))
+                callback({"x": x, "i": tried, "sigma": level, "sigma_hat": level, "denoised": denoised})
+            tried += 1
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # The NaN guard (lib_sd3.nan_guard) around the denoiser
 
 DENOISER_HINT = ("Try: the --no-half command-line flag (or Settings > Stable Diffusion > upcast options), a lower "
@@ -428,6 +571,13 @@ def describe_step(sampler: str, sigmas: torch.Tensor, sigma: torch.Tensor | floa
     level = float(torch.as_tensor(sigma).flatten()[0])
     step = int(torch.argmin((sigmas.double() - level).abs()))
     return f"sampler {sampler}, step {step + 1}/{len(sigmas) - 1}, sigma {level:.4g}"
+
+
+def describe_call(sampler: str, call: int, total: int | None, sigma: torch.Tensor | float) -> str:
+    """``sampler DPM fast, step 3/8, sigma 0.4212`` for samplers without a schedule: the step is the model call
+    (A1111's progress bar counts them too); DPM adaptive has no total."""
+    level = float(torch.as_tensor(sigma).flatten()[0])
+    return f"sampler {sampler}, step {call}{f'/{total}' if total else ''}, sigma {level:.4g}"
 
 
 def guarded_denoiser(model: Callable[..., torch.Tensor], guard: NanGuard, sampler: str,

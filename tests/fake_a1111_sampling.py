@@ -138,7 +138,8 @@ def install(webui, state: str, oracle, uncond_oracle=None) -> FakeSD3Model:
                            use_old_karras_scheduler_sigmas=False, sigma_min=0.0, sigma_max=0.0, rho=0.0,
                            img2img_extra_noise=0.0, uni_pc_variant="bh1", uni_pc_order=3,
                            uni_pc_lower_order_final=True, beta_dist_alpha=0.6, beta_dist_beta=0.6,
-                           no_dpmpp_sde_batch_determinism=True, s_churn=0.0, s_tmin=0.0, s_noise=1.0).items():
+                           no_dpmpp_sde_batch_determinism=True, s_churn=0.0, s_tmin=0.0, s_noise=1.0,
+                           sgm_noise_multiplier=False).items():
         opts.data.setdefault(key, value)
     shared = webui.shared
 
@@ -252,7 +253,11 @@ def install(webui, state: str, oracle, uncond_oracle=None) -> FakeSD3Model:
         def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
             steps = steps or p.steps
             sigmas = self.get_sigmas(p, steps)
-            x = x * sigmas[0]
+            if opts.sgm_noise_multiplier:
+                p.extra_generation_params["SGM noise multiplier"] = True
+                x = x * torch.sqrt(1.0 + sigmas[0] ** 2.0)
+            else:
+                x = x * sigmas[0]
             kwargs = self._kwargs(p, sigmas)
             extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale}
             return self.func(self.model_wrap_cfg, x, extra_args=extra, disable=True, callback=None, **kwargs)

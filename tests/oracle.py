@@ -1,4 +1,4 @@
-"""Closed-form flow denoiser for Gaussian data (DESIGN.md section 4): the exact answer samplers are graded against.
+"""Closed-form flow denoiser for Gaussian data: the exact answer samplers are graded against (docs/samplers.md).
 
 If x0 ~ N(mu, c^2) per coordinate, D(x, s) = E[x0 | x_s = x] = mu + (1-s) c^2 / ((1-s)^2 c^2 + s^2) (x - (1-s) mu),
 and along the probability-flow ODE z = (x - (1-s) mu) / sqrt((1-s)^2 c^2 + s^2) is constant, so the

@@ -27,6 +27,7 @@ FLOW_SAMPLER = "SD3 flow sampler"
 FLOW_SCHEDULE = "SD3 flow schedule"
 NAN_RECOVERY = "SD3 NaN recovery"
 FAMILY = "SD3 family"
+SGM_NOISE = "SD3 SGM noise multiplier"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ FIELDS: tuple[Field, ...] = (
     Field(FLOW_SAMPLER, "which flow form the chosen sampler ran as"),
     Field(FLOW_SCHEDULE, "which flow schedule the chosen scheduler gave"),
     Field(NAN_RECOVERY, "non-finite steps recomputed wider, and in what precision"),
+    Field(SGM_NOISE, "A1111's SGM noise multiplier undone on SD3 (flow: pure noise has std 1)"),
     Field(FAMILY, "the SD3 family the checkpoint was loaded as (the checkpoint itself pastes back as Model)"),
 )
 LABELS = tuple(f.label for f in FIELDS)

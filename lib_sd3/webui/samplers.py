@@ -2,11 +2,8 @@
 
 Three sd3_only patches (SD1.5 / SDXL keep A1111's original functions, the registry undoes them):
 
-- ``sd_samplers.create_sampler``: DDIM, DDIM CFG++, PLMS and UniPC (A1111's timestep samplers, which
-  feed SD3 integer timesteps and read x0 as eps) and LCM (whose denoiser class is SD1.5's) become
-  k-diffusion samplers running our flow forms;
-  every noise-injecting k-diffusion sampler runs in EDM space, where its VE noise formulas are exact;
-  the deterministic ones (Euler, Heun, LMS, DPM2, DPM++ 2M) are already right and stay as they are.
+- ``sd_samplers.create_sampler``: each sampler label runs what :data:`TIMESTEP_ROUTES` /
+  :data:`KDIFFUSION_ROUTES` say; a label from another extension gets :func:`fallback_route`.
 - ``sd_schedulers`` functions: every scheduler in the dropdown returns flow levels in (0, 1], with
   Align Your Steps mapped from SD1.5's levels by log-SNR.
 - ``SD3Denoiser.forward``: the NaN guard (recompute a non-finite step in bf16 / fp32, else a named error).
@@ -20,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,9 +41,63 @@ TIMESTEP_ROUTES: dict[str, Callable[..., Any]] = {
     "UniPC": flow_samplers.sample_flow_unipc,
     "LCM": flow_samplers.sample_flow_lcm,
 }
-"""A1111's samplers whose own code cannot drive SD3, and the flow sampler each one runs on SD3 instead: the
-timestep samplers, and LCM, whose denoiser class (CFGDenoiserLCM -> LCMCompVisDenoiser) is SD1.5's eps
-model and fails on SD3 with "'CFGDenoiserLCM' object has no attribute 'inner_model'"."""
+"""A1111's samplers whose own code cannot drive SD3, and the flow sampler each one runs on SD3 instead (in a
+k-diffusion sampler object): the timestep samplers, and LCM, whose denoiser class (CFGDenoiserLCM ->
+LCMCompVisDenoiser) is SD1.5's eps model and fails on SD3 with "'CFGDenoiserLCM' object has no attribute
+'inner_model'"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """What runs on SD3 for a k-diffusion sampler label: ``wrap(A1111's function, second_order)``, and how the
+    infotext's ``SD3 flow sampler`` says so (``{label}`` is the sampler's label)."""
+
+    note: str
+    wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+
+
+def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callable[..., Any]:
+    """Euler / Heun / DPM2: exact as they are, but s_churn > 0 adds VE noise, so churn runs in EDM space."""
+    in_edm = flow_samplers.edm_route(func, second_order)
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return (in_edm if kwargs.get("s_churn", 0) > 0 else func)(*args, **kwargs)
+
+    return run
+
+
+AS_IS = Route("{label} (flow ODE)", lambda func, _second_order: func)
+"""k-diffusion's own function: the flow ODE has the VE ODE's form, so a deterministic solver is right on flow levels."""
+CHURN_IN_EDM = Route("{label} (flow ODE; churn in EDM space)", churn_aware)
+IN_EDM = Route("{label} in EDM space", flow_samplers.edm_route)
+"""Noise-injecting: the exact first step from pure noise, then the unchanged sampler in EDM coordinates."""
+
+
+def replaced_by(flow_sampler: Callable[..., Any]) -> Route:
+    return Route("{label} -> flow {label}", lambda _func, _second_order: flow_sampler)
+
+
+KDIFFUSION_ROUTES: dict[str, Route] = {
+    "Euler": CHURN_IN_EDM, "Heun": CHURN_IN_EDM, "DPM2": CHURN_IN_EDM,
+    "LMS": AS_IS, "DPM++ 2M": AS_IS,
+    "Euler a": IN_EDM, "DPM2 a": IN_EDM, "DPM++ 2S a": IN_EDM, "DPM++ SDE": IN_EDM, "DPM++ 2M SDE": IN_EDM,
+    "DPM++ 2M SDE Heun": IN_EDM, "DPM++ 3M SDE": IN_EDM, "Restart": IN_EDM,
+    "DPM fast": replaced_by(flow_samplers.sample_flow_dpm_fast),
+    "DPM adaptive": replaced_by(flow_samplers.sample_flow_dpm_adaptive),
+}
+"""A1111's k-diffusion sampler labels and what each runs on SD3. DPM fast / adaptive plan their steps in log
+sigma from sigma_max, which is infinite in EDM space; their flow forms keep flow levels (docs/samplers.md)."""
+
+
+def fallback_route(func: Callable[..., Any], label: str) -> Route:
+    """A sampler another extension adds: in EDM space if it takes eta or a noise sampler (it injects noise), churn
+    in EDM space if it takes s_churn, else as it is."""
+    params = inspect.signature(func).parameters
+    if "eta" in params or "noise_sampler" in params:
+        return IN_EDM
+    return CHURN_IN_EDM if "s_churn" in params else AS_IS
+
 
 MODEL_SCHEDULE = "model's own shifted schedule"
 """Infotext for "Automatic" without a scheduler option: A1111 takes the model's 1000 flow levels."""
@@ -64,10 +116,14 @@ class Generation:
     sampler: str = ""
     sigmas: Any = None
     schedule: str = ""
+    calls: CallCount | None = None
+    sgm_ignored: bool = False
 
     def describe(self, sigma: Any) -> str:
         if self.sigmas is not None:
             return flow_samplers.describe_step(self.sampler, self.sigmas, sigma)
+        if self.calls is not None:
+            return flow_samplers.describe_call(self.sampler, self.calls.calls, self.calls.total, sigma)
         return f"sigma {float(sigma.flatten()[0]):.4g}"
 
 
@@ -94,33 +150,6 @@ def on_process(p: Any, args: dict[str, Any]) -> None:
 # --- which flow form a sampler gets ------------------------------------------------------------------------
 
 
-def injects_noise(func: Callable[..., Any], label: str) -> bool:
-    """Noise-injecting samplers take eta or a noise sampler (Euler a, DPM2 a, DPM++ SDE ..., DPM fast /
-    adaptive, LCM); Restart injects noise between restarts."""
-    params = inspect.signature(func).parameters
-    return label == "Restart" or "eta" in params or "noise_sampler" in params
-
-
-def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callable[..., Any]:
-    """Euler / Heun / DPM2: exact as they are, but s_churn > 0 adds VE noise, so churn runs in EDM space."""
-    in_edm = flow_samplers.in_edm_space(func, second_order)
-
-    @functools.wraps(func)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return (in_edm if kwargs.get("s_churn", 0) > 0 else func)(*args, **kwargs)
-
-    return run
-
-
-def flow_form(func: Callable[..., Any], label: str, second_order: bool = False) -> tuple[Callable[..., Any], str]:
-    """(the sampler to run on SD3, a short description for the infotext)."""
-    if injects_noise(func, label):
-        return flow_samplers.in_edm_space(func, second_order), f"{label} in EDM space"
-    if "s_churn" in inspect.signature(func).parameters:
-        return churn_aware(func, second_order), f"{label} (flow ODE; churn in EDM space)"
-    return func, f"{label} (flow ODE)"
-
-
 def unipc_from_opts(opts: Any) -> Callable[..., Any]:
     """A1111's UniPC options (order, variant, lower-order final) applied to the flow UniPC."""
     variant = getattr(opts, "uni_pc_variant", "bh1")
@@ -133,6 +162,28 @@ def unipc_from_opts(opts: Any) -> Callable[..., Any]:
         return flow_samplers.sample_flow_unipc(*args, **kwargs)
 
     return run
+
+
+def sgm_noise_multiplied(p: Any) -> bool:
+    """Whether A1111's "SGM noise multiplier" option scaled this txt2img's start noise (it says so in the infotext)."""
+    from modules import shared
+
+    return bool(getattr(shared.opts, "sgm_noise_multiplier", False)) and p is not None and bool(
+        getattr(p, "extra_generation_params", {}).get("SGM noise multiplier"))
+
+
+class CallCount:
+    """The CFG denoiser, counting its calls: DPM fast / adaptive have no schedule, so their step is the model call."""
+
+    def __init__(self, model: Any, total: int | None) -> None:
+        self.model, self.total, self.calls = model, total, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
 
 
 def _first_sigma(kwargs: dict[str, Any]) -> float:
@@ -155,17 +206,21 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
         generation = current()
         flow_run = generation.flow and ("sigmas" in kwargs or "sigma_max" in kwargs)
         init = getattr(getattr(sampler, "model_wrap_cfg", None), "init_latent", None)
+        p = getattr(sampler, "p", None)
         if flow_run and init is not None and not hasattr(shared.sd_model, "add_noise_to_latent"):
             x = x - _first_sigma(kwargs) * init
+        generation.sgm_ignored = flow_run and init is None and sgm_noise_multiplied(p)
+        if generation.sgm_ignored:  # A1111 scaled pure noise by sqrt(1 + s^2), SDXL's VP convention; flow's is s
+            x = x * (_first_sigma(kwargs) / math.sqrt(1 + _first_sigma(kwargs) ** 2))
         generation.sampler = label
         generation.sigmas = kwargs.get("sigmas")
+        generation.calls = CallCount(model, kwargs.get("n")) if "sigmas" not in kwargs else None
         try:
-            return func(model, x, *args, **kwargs)
+            return func(generation.calls or model, x, *args, **kwargs)
         finally:
-            p = getattr(sampler, "p", None)
             if p is not None:
                 write_infotext(p, generation, note)
-            generation.sigmas = None
+            generation.sigmas = generation.calls = None
 
     return run
 
@@ -177,6 +232,8 @@ def write_infotext(p: Any, generation: Generation, note: str) -> None:
         params[infotext.FLOW_SCHEDULE] = generation.schedule or MODEL_SCHEDULE
     if generation.guard.recoveries:
         params[infotext.NAN_RECOVERY] = generation.guard.summary()
+    if generation.sgm_ignored:
+        params[infotext.SGM_NOISE] = "ignored (flow model: pure noise has std 1)"
 
 
 # --- patches --------------------------------------------------------------------------------------------
@@ -206,8 +263,10 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
             if func is None:
                 return sampler
             note = label
-            if current().flow and label not in TIMESTEP_ROUTES:
-                func, note = flow_form(func, label, bool(getattr(config, "options", {}).get("second_order")))
+            if current().flow:
+                route = KDIFFUSION_ROUTES.get(label) or fallback_route(func, label)
+                func = route.wrap(func, bool(getattr(config, "options", {}).get("second_order")))
+                note = route.note.format(label=label)
             sampler.func = func
         sampler.func = in_generation(sampler, sampler.func, label, note)
         return sampler
@@ -308,6 +367,7 @@ for _patch in PATCHES:
 hooks.PROCESS.append(on_process)
 hooks.STATUS[FEATURE] = lambda: {
     "timestep_routes": {k: v.__name__ for k, v in TIMESTEP_ROUTES.items()},
+    "routes": {label: route.note.format(label=label) for label, route in KDIFFUSION_ROUTES.items()},
     "schedules": list(flow.SCHEDULE_NAMES),
     "ays": flow.AYS_DESCRIPTION,
 }

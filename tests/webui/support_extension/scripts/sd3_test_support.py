@@ -1,8 +1,9 @@
 """Test-only A1111 extension the real-WebUI suite installs next to sd-webui-sd3 (never shipped to users).
 
 It records what the API cannot show: the final latent of every generation (finite? its std?) as an
-infotext entry ``SD3 test latent`` (from the ``post_sample`` hook, before the VAE), so the sampler
-cases judge the sampler's output rather than a random VAE's picture of it.
+infotext entry ``SD3 test latent`` (from the ``post_sample`` hook, before the VAE), and the latent itself
+as ``SD3 test latent values`` (small images only), so the sampler cases judge the sampler's output rather
+than a random VAE's picture of it.
 
 It also runs inside A1111 when scripts load, before the model loads, and does two things, both driven by
 ``SD3_TEST_T5`` (JSON written by tests/webui/conftest.py):
@@ -65,6 +66,9 @@ print(f"[sd3-test-support] {_safely(_shrink_t5_config)}; {_safely(_use_reduced_t
 
 
 LATENT_KEY = "SD3 test latent"
+VALUES_KEY = "SD3 test latent values"
+"""The final latent itself (base64 float32, first image, at most MAX_VALUES numbers) for end-point comparisons."""
+MAX_VALUES = 4096
 
 
 class SD3TestSupport(scripts.Script):
@@ -84,3 +88,7 @@ class SD3TestSupport(scripts.Script):
         finite = bool(torch.isfinite(samples).all())
         std = float(samples[torch.isfinite(samples)].std()) if finite or torch.isfinite(samples).any() else float("nan")
         p.extra_generation_params[LATENT_KEY] = f"finite {int(finite)} std {std:.6g}"
+        if samples[0].numel() <= MAX_VALUES:
+            import base64
+
+            p.extra_generation_params[VALUES_KEY] = base64.b64encode(samples[0].cpu().numpy().tobytes()).decode()
