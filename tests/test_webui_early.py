@@ -1,0 +1,120 @@
+"""The early-SD3-branch fixes (issue 13) against stand-in A1111 shapes: applied on the early shape, not on dev's.
+
+The real paths (img2img, inpainting, hires fix, long prompts on both states) are in tests/webui/test_real_early.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from lib_sd3.patching import PatchState
+from lib_sd3.webui import early, long_prompts, tokens  # noqa: F401  (early registers its patches)
+from lib_sd3.webui.registry import REGISTRY
+
+
+class EarlyInferencer:
+    """``SD3Inferencer`` as on 34b4443c: encodes, but has no ``get_first_stage_encoding``."""
+
+    def encode_first_stage(self, image):
+        return image
+
+
+class DevInferencer(EarlyInferencer):
+    def get_first_stage_encoding(self, x):
+        return ("dev's own", x)
+
+
+class EarlySD3Cond:
+    def forward(self, prompts):
+        return prompts
+
+
+class DevSD3Cond(EarlySD3Cond):
+    def get_token_count(self, text):
+        return 1
+
+
+class ChunkingBase:
+    """``sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase``'s place on the early branch."""
+
+
+def early_shape(fake_webui):
+    fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=EarlyInferencer, SD3Cond=EarlySD3Cond)
+    fake_webui.module("modules.sd_hijack_clip", FrozenCLIPEmbedderWithCustomWordsBase=ChunkingBase)
+
+
+def dev_shape(fake_webui):
+    fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=DevInferencer)
+    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
+    fake_webui.module("modules.sd_hijack_clip", TextConditionalModel=ChunkingBase)
+
+
+def test_first_stage_encoding_added_on_the_early_shape(fake_webui):
+    early_shape(fake_webui)
+    assert REGISTRY.apply("early.get_first_stage_encoding") is PatchState.APPLIED
+    latent = object()
+    assert EarlyInferencer().get_first_stage_encoding(latent) is latent  # dev's is the identity too
+    REGISTRY.undo("early.get_first_stage_encoding")
+    assert not hasattr(EarlyInferencer, "get_first_stage_encoding")
+
+
+def test_first_stage_encoding_left_alone_on_the_dev_shape(fake_webui, caplog):
+    dev_shape(fake_webui)
+    with caplog.at_level(logging.WARNING):
+        assert REGISTRY.apply("early.get_first_stage_encoding") is PatchState.UNAVAILABLE
+    assert "not needed" in REGISTRY.get("early.get_first_stage_encoding").reason
+    assert DevInferencer().get_first_stage_encoding(1) == ("dev's own", 1)
+    assert not caplog.records, "a patch dev does not need must not warn"
+
+
+def test_first_stage_encoding_without_sd3(fake_webui):
+    assert REGISTRY.apply("early.get_first_stage_encoding") is PatchState.UNAVAILABLE
+    assert "no SD3Inferencer" in REGISTRY.get("early.get_first_stage_encoding").reason
+
+
+def test_long_prompts_applied_on_the_early_shape(fake_webui):
+    early_shape(fake_webui)
+    original = EarlySD3Cond.forward
+    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.APPLIED
+    assert EarlySD3Cond.forward is not original and long_prompts.chunks_like_dev()
+    tokens.on_model_loaded(None)  # the counter decides its rules per model load
+    assert tokens.encoder_state() == tokens.lib.STATE_DEV
+    REGISTRY.undo(long_prompts.PATCH_NAME)
+    assert EarlySD3Cond.forward is original and not long_prompts.chunks_like_dev()
+    tokens.on_model_loaded(None)
+    assert tokens.encoder_state() == tokens.lib.STATE_EARLY
+
+
+def test_long_prompts_left_alone_on_the_dev_shape(fake_webui):
+    dev_shape(fake_webui)
+    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
+    assert "not needed" in REGISTRY.get(long_prompts.PATCH_NAME).reason
+    assert DevSD3Cond.forward is EarlySD3Cond.forward
+
+
+def test_long_prompts_need_a1111s_chunking_model(fake_webui):
+    fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=EarlySD3Cond)
+    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
+    assert "sd_hijack_clip" in REGISTRY.get(long_prompts.PATCH_NAME).reason
+
+
+@pytest.mark.parametrize(("text", "target"), [("a cat", 77), ("a cat BREAK a dog", 77), ("cat " * 100, 77),
+                                              ("cat " * 100, 154)])
+def test_t5_tokens_as_dev(t5_tokenizer, text, target):
+    """Dev's ``Sd3T5.tokenize_line``: BREAK dropped, EOS, padded with 0 or cut to the CLIP length."""
+    def parse(line):  # A1111's parse_prompt_attention on text without emphasis: runs and BREAK markers
+        runs = [[part.strip(), 1.0] for part in line.split("BREAK")]
+        return [piece for run in runs for piece in (run, ["BREAK", -1])][:-1]
+
+    ids = long_prompts.t5_tokens(t5_tokenizer, text, target, parse)
+    words = text.replace("BREAK", " ").split()
+    expected = [i for word in [" ".join(words)] for i in t5_tokenizer(word, add_special_tokens=False)["input_ids"]]
+    end = t5_tokenizer("", padding="max_length", max_length=2)["input_ids"][0]
+    assert len(ids) == target
+    if len(expected) + 1 <= target:
+        assert ids[:len(expected) + 1] == expected + [end]
+        assert set(ids[len(expected) + 1:]) <= {0}
+    else:
+        assert ids == expected[:target]
