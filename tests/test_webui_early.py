@@ -26,6 +26,33 @@ class DevInferencer(EarlyInferencer):
         return ("dev's own", x)
 
 
+class EarlyImg2Img:
+    """``processing.StableDiffusionProcessingImg2Img`` as on 34b4443c: a 4-channel mask in ``sd_model.dtype``."""
+
+    mask = None
+    nmask = None
+
+    def __init__(self, sd_model):
+        self.sd_model = sd_model
+
+    def init(self, latmask):
+        import numpy as np
+        import torch
+
+        latmask = np.tile(latmask[None], (4, 1, 1))
+        self.mask = torch.asarray(1.0 - latmask).type(self.sd_model.dtype)
+        self.nmask = torch.asarray(latmask).type(self.sd_model.dtype)
+
+
+class DevImg2Img(EarlyImg2Img):
+    def init(self, latmask, init_latent):
+        import numpy as np
+        import torch
+
+        latmask = np.tile(latmask[None], (init_latent.shape[1], 1, 1))
+        self.mask = torch.asarray(1.0 - latmask).type(torch.float32)
+
+
 class EarlySD3Cond:
     def forward(self, prompts):
         return prompts
@@ -43,12 +70,15 @@ class ChunkingBase:
 def early_shape(fake_webui):
     fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=EarlyInferencer, SD3Cond=EarlySD3Cond)
     fake_webui.module("modules.sd_hijack_clip", FrozenCLIPEmbedderWithCustomWordsBase=ChunkingBase)
+    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=EarlyImg2Img)
+    fake_webui.module("modules.devices", dtype="the devices.dtype")
 
 
 def dev_shape(fake_webui):
     fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=DevInferencer)
     fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
     fake_webui.module("modules.sd_hijack_clip", TextConditionalModel=ChunkingBase)
+    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=DevImg2Img)
 
 
 def test_first_stage_encoding_added_on_the_early_shape(fake_webui):
@@ -72,6 +102,51 @@ def test_first_stage_encoding_left_alone_on_the_dev_shape(fake_webui, caplog):
 def test_first_stage_encoding_without_sd3(fake_webui):
     assert REGISTRY.apply("early.get_first_stage_encoding") is PatchState.UNAVAILABLE
     assert "no SD3Inferencer" in REGISTRY.get("early.get_first_stage_encoding").reason
+
+
+def test_model_dtype_added_where_img2img_reads_it(fake_webui):
+    early_shape(fake_webui)
+    assert REGISTRY.apply("early.dtype") is PatchState.APPLIED
+    assert EarlyInferencer().dtype == "the devices.dtype"  # what dev casts the mask to
+    REGISTRY.undo("early.dtype")
+    assert not hasattr(EarlyInferencer, "dtype")
+
+
+def test_model_dtype_not_added_on_the_dev_shape(fake_webui):
+    dev_shape(fake_webui)
+    assert REGISTRY.apply("early.dtype") is PatchState.UNAVAILABLE
+    assert not hasattr(DevInferencer, "dtype")
+
+
+def test_inpainting_mask_tiled_to_the_latent_channels_on_the_early_shape(fake_webui):
+    import numpy as np
+    import torch
+
+    early_shape(fake_webui)
+    EarlyInferencer.dtype = torch.float32
+    try:
+        assert REGISTRY.apply("early.inpainting_mask") is PatchState.APPLIED
+        model = EarlyInferencer()
+        model.latent_channels = 16
+        p = EarlyImg2Img(model)
+        latmask = np.array([[0.0, 1.0], [1.0, 0.25]], dtype=np.float32)
+        p.init(latmask)
+        assert p.mask.shape == p.nmask.shape == (16, 2, 2)
+        assert torch.equal(p.nmask, torch.from_numpy(latmask)[None].repeat(16, 1, 1))
+        assert torch.equal(p.mask, 1 - p.nmask)
+        sd15 = EarlyImg2Img(type("SD15", (), {"dtype": torch.float32, "latent_channels": 4})())
+        sd15.init(latmask)
+        assert sd15.mask.shape == (4, 2, 2)  # other models keep A1111's mask
+        REGISTRY.undo("early.inpainting_mask")
+        assert EarlyImg2Img.mask is None and p.mask.shape == (16, 2, 2)
+    finally:
+        del EarlyInferencer.dtype
+
+
+def test_inpainting_mask_left_alone_on_the_dev_shape(fake_webui):
+    dev_shape(fake_webui)
+    assert REGISTRY.apply("early.inpainting_mask") is PatchState.UNAVAILABLE
+    assert DevImg2Img.mask is None
 
 
 def test_long_prompts_applied_on_the_early_shape(fake_webui):

@@ -6,6 +6,10 @@ Found by running those paths in the real early branch (tests/webui/test_real_ear
   non-latent upscaler encodes its image with ``get_first_stage_encoding(encode_first_stage(image))``;
   the early class has no such method (HTTP 500). Dev's is the identity (``encode_first_stage``
   already applies the latent format's scale and shift); so is ours.
+* ``SD3Inferencer.dtype``: the early img2img ``init`` casts the inpainting mask to ``sd_model.dtype``
+  (HTTP 500 with a mask); dev casts it to ``devices.dtype``, which ours returns.
+* the latent inpainting mask: the early ``init`` tiles it to 4 channels, SD3's latent has 16 (HTTP 500
+  in every inpainting); :class:`LatentChannelMask` tiles it to the model's ``latent_channels`` as dev does.
 
 Each is detected by feature: where the class already has the method (dev) nothing is applied.
 The early ``sample_img2img`` noises with ``x + sigma * noise`` and never calls an
@@ -15,10 +19,12 @@ the flow latent ``(1 - s) x + s noise``, so no ``add_noise_to_latent`` is added 
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from lib_sd3 import get_logger
-from lib_sd3.patching import NotNeeded, Patch
+from lib_sd3.patching import AttributeSwap, NotNeeded, Patch
 from lib_sd3.webui.capabilities import a1111_module
 from lib_sd3.webui.registry import REGISTRY
 
@@ -44,13 +50,78 @@ def missing_method(name: str) -> str | None:
     return None
 
 
+def reads_model_dtype() -> str | None:
+    """The detector for ``SD3Inferencer.dtype``: None where A1111's img2img ``init`` reads ``sd_model.dtype``
+    (the early branch, for the inpainting mask) and the SD3 class has none; dev reads ``devices.dtype``."""
+    missing = missing_method("dtype")
+    if missing is not None:
+        return missing
+    processing = a1111_module("modules.processing")
+    img2img = getattr(processing, "StableDiffusionProcessingImg2Img", None)
+    try:
+        source = inspect.getsource(img2img.init)
+    except (TypeError, OSError):  # no source to read: add it, a dtype attribute is harmless
+        return None
+    return None if "sd_model.dtype" in source else NotNeeded("not needed: img2img does not read sd_model.dtype")
+
+
+def model_dtype(_self: Any) -> Any:
+    """``devices.dtype``: what dev's img2img casts the inpainting mask to instead of ``sd_model.dtype``."""
+    from modules import devices
+
+    return devices.dtype
+
+
 def get_first_stage_encoding(_self: Any, x: Any) -> Any:
     """The identity, as dev's: SD3's ``encode_first_stage`` already returns the scaled, shifted latent."""
     return x
 
 
+MASK_FIELDS = ("mask", "nmask")
+"""The latent inpainting masks A1111's img2img ``init`` builds (``1 - mask`` and ``mask``)."""
+
+
+def tiles_mask_to_four() -> str | None:
+    """The detector for :class:`LatentChannelMask`: None where img2img's ``init`` tiles the latent mask to a
+    literal 4 channels (the early branch; dev tiles to ``init_latent.shape[1]``)."""
+    if inferencer_class() is None:
+        return f"no SD3Inferencer in {MODEL_MODULE} (no SD3 support)"
+    img2img = getattr(a1111_module("modules.processing"), "StableDiffusionProcessingImg2Img", None)
+    if img2img is None or not all(hasattr(img2img, name) for name in MASK_FIELDS):
+        return "modules.processing has no StableDiffusionProcessingImg2Img with mask / nmask"
+    try:
+        source = inspect.getsource(img2img.init)
+    except (TypeError, OSError):  # no source to read: apply; the descriptor only acts on a 4-channel mask
+        return None
+    return None if "(4, 1, 1)" in source else NotNeeded("not needed: img2img tiles the mask to the latent's channels")
+
+
+class LatentChannelMask:
+    """A data descriptor for ``p.mask`` / ``p.nmask``: a latent mask tiled to 4 channels (SD1/SDXL) is
+    re-tiled to the model's ``latent_channels`` (SD3: 16) as it is stored, before ``init`` multiplies it
+    with the 16-channel latent (``latent noise`` / ``latent nothing`` fills) or the sampler blends with it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else instance.__dict__.get(self.name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        channels = getattr(getattr(instance, "sd_model", None), "latent_channels", 4)
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) == 3 and shape[0] == 4 and channels != 4:
+            value = value[:1].repeat(channels, 1, 1)
+        instance.__dict__[self.name] = value
+
+
+def mask_swaps() -> list[AttributeSwap]:
+    img2img = a1111_module("modules.processing").StableDiffusionProcessingImg2Img
+    return [AttributeSwap(img2img, name, lambda _default, name=name: LatentChannelMask(name)) for name in MASK_FIELDS]
+
+
 class MethodAddition:
-    """Add a method a class lacks; undo removes exactly ours (``AttributeSwap`` needs an existing attribute)."""
+    """Add an attribute a class lacks; undo removes exactly ours (``AttributeSwap`` needs an existing attribute)."""
 
     def __init__(self, name: str, function: Any) -> None:
         self.name, self.function = name, function
@@ -66,16 +137,19 @@ class MethodAddition:
         self.owner = None
 
 
-ADDED_METHODS: dict[str, Any] = {
-    "get_first_stage_encoding": get_first_stage_encoding,
+ADDED: dict[str, tuple[Any, Callable[[], str | None]]] = {
+    "get_first_stage_encoding": (get_first_stage_encoding, lambda: missing_method("get_first_stage_encoding")),
+    "dtype": (property(model_dtype), reads_model_dtype),
 }
-"""SD3Inferencer methods dev has and the early branch lacks, added where missing."""
+"""SD3Inferencer attributes the early branch's code asks for and its class lacks: (value, detector)."""
 
 
-def _patch(name: str, function: Any) -> Patch:
-    addition = MethodAddition(name, function)
-    return Patch(name=f"early.{name}", feature=FEATURE, detect=lambda: missing_method(name),
-                 apply=addition.apply, undo=addition.undo)
+def _patch(name: str, value: Any, detect: Callable[[], str | None]) -> Patch:
+    addition = MethodAddition(name, value)
+    return Patch(name=f"early.{name}", feature=FEATURE, detect=detect, apply=addition.apply, undo=addition.undo)
 
 
-PATCHES = tuple(REGISTRY.add(_patch(name, function)) for name, function in ADDED_METHODS.items())
+PATCHES = (
+    *(REGISTRY.add(_patch(name, value, detect)) for name, (value, detect) in ADDED.items()),
+    REGISTRY.add(Patch.from_swaps("early.inpainting_mask", FEATURE, tiles_mask_to_four, mask_swaps, sd3_only=True)),
+)

@@ -66,7 +66,8 @@ def checked(webui, route: str, payload: dict) -> tuple[list[np.ndarray], dict]:
 
 
 def img2img(webui, **overrides) -> tuple[list[np.ndarray], dict]:
-    payload = dict(TINY, init_images=[init_image()], denoising_strength=0.6, **overrides)
+    payload = dict(TINY, init_images=[init_image()], denoising_strength=0.6)
+    payload.update(overrides)
     return checked(webui, "/sdapi/v1/img2img", payload)
 
 
