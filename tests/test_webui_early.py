@@ -25,6 +25,14 @@ class DevInferencer(EarlyInferencer):
     def get_first_stage_encoding(self, x):
         return ("dev's own", x)
 
+    def fix_dimensions(self, width, height):
+        return width // 16 * 16, height // 16 * 16
+
+
+def process_images_inner(p):
+    """``processing.process_images_inner``: here it only reports the size it was given."""
+    return (p.width, p.height)
+
 
 class EarlyImg2Img:
     """``processing.StableDiffusionProcessingImg2Img`` as on 34b4443c: a 4-channel mask in ``sd_model.dtype``."""
@@ -70,7 +78,8 @@ class ChunkingBase:
 def early_shape(fake_webui):
     fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=EarlyInferencer, SD3Cond=EarlySD3Cond)
     fake_webui.module("modules.sd_hijack_clip", FrozenCLIPEmbedderWithCustomWordsBase=ChunkingBase)
-    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=EarlyImg2Img)
+    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=EarlyImg2Img,
+                      process_images_inner=process_images_inner)
     fake_webui.module("modules.devices", dtype="the devices.dtype")
 
 
@@ -78,7 +87,8 @@ def dev_shape(fake_webui):
     fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=DevInferencer)
     fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
     fake_webui.module("modules.sd_hijack_clip", TextConditionalModel=ChunkingBase)
-    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=DevImg2Img)
+    fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=DevImg2Img,
+                      process_images_inner=process_images_inner)
 
 
 def test_first_stage_encoding_added_on_the_early_shape(fake_webui):
@@ -147,6 +157,28 @@ def test_inpainting_mask_left_alone_on_the_dev_shape(fake_webui):
     dev_shape(fake_webui)
     assert REGISTRY.apply("early.inpainting_mask") is PatchState.UNAVAILABLE
     assert DevImg2Img.mask is None
+
+
+@pytest.mark.parametrize(("size", "rounded"), [((72, 72), (64, 64)), ((1000, 776), (992, 768)), ((64, 48), (64, 48))])
+def test_sizes_rounded_to_16_on_the_early_shape(fake_webui, size, rounded):
+    import types
+
+    early_shape(fake_webui)
+    assert REGISTRY.apply("early.fix_dimensions") is PatchState.APPLIED
+    processing = fake_webui.module("modules.processing")
+    p = types.SimpleNamespace(width=size[0], height=size[1])
+    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=False)
+    assert processing.process_images_inner(p) == size  # other models: A1111's sizes
+    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True)
+    assert processing.process_images_inner(p) == rounded  # dev's fix_dimensions
+    REGISTRY.undo("early.fix_dimensions")
+    assert processing.process_images_inner is process_images_inner
+
+
+def test_sizes_left_alone_on_the_dev_shape(fake_webui):
+    dev_shape(fake_webui)
+    assert REGISTRY.apply("early.fix_dimensions") is PatchState.UNAVAILABLE
+    assert fake_webui.module("modules.processing").process_images_inner is process_images_inner
 
 
 def test_long_prompts_applied_on_the_early_shape(fake_webui):

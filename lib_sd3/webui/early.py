@@ -10,6 +10,8 @@ Found by running those paths in the real early branch (tests/webui/test_real_ear
   (HTTP 500 with a mask); dev casts it to ``devices.dtype``, which ours returns.
 * the latent inpainting mask: the early ``init`` tiles it to 4 channels, SD3's latent has 16 (HTTP 500
   in every inpainting); :class:`LatentChannelMask` tiles it to the model's ``latent_channels`` as dev does.
+* sizes that are not multiples of 16 (SD3's 2x2 latent patches): dev rounds them down in
+  ``process_images_inner`` (``fix_dimensions``); the early branch does not, so ours does.
 
 Each is detected by feature: where the class already has the method (dev) nothing is applied.
 The early ``sample_img2img`` noises with ``x + sigma * noise`` and never calls an
@@ -120,6 +122,43 @@ def mask_swaps() -> list[AttributeSwap]:
     return [AttributeSwap(img2img, name, lambda _default, name=name: LatentChannelMask(name)) for name in MASK_FIELDS]
 
 
+LATENT_PATCH_PIXELS = 16
+"""SD3 latents are 1/8 of the picture and the MMDiT cuts them into 2x2 patches: sides in multiples of 16."""
+
+
+def fix_dimensions(width: int, height: int) -> tuple[int, int]:
+    """Dev's ``SD3Inferencer.fix_dimensions``: round each side down to a multiple of 16."""
+    return width // LATENT_PATCH_PIXELS * LATENT_PATCH_PIXELS, height // LATENT_PATCH_PIXELS * LATENT_PATCH_PIXELS
+
+
+def make_process_images_inner(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Round an SD3 generation's size as dev's ``process_images_inner`` does, then run A1111's."""
+
+    def process_images_inner(p: Any) -> Any:
+        from modules import shared
+
+        if getattr(shared.sd_model, "is_sd3", False) and not hasattr(shared.sd_model, "fix_dimensions"):
+            p.width, p.height = fix_dimensions(p.width, p.height)
+        return original(p)
+
+    return process_images_inner
+
+
+def dimension_swaps() -> list[AttributeSwap]:
+    processing = a1111_module("modules.processing")
+    return [AttributeSwap(processing, "process_images_inner", make_process_images_inner)]
+
+
+def rounds_dimensions() -> str | None:
+    """The detector for the size rounding: None where SD3Inferencer has no ``fix_dimensions`` (early)."""
+    missing = missing_method("fix_dimensions")
+    if missing is not None:
+        return missing
+    if not hasattr(a1111_module("modules.processing"), "process_images_inner"):
+        return "modules.processing has no process_images_inner"
+    return None
+
+
 class MethodAddition:
     """Add an attribute a class lacks; undo removes exactly ours (``AttributeSwap`` needs an existing attribute)."""
 
@@ -152,4 +191,5 @@ def _patch(name: str, value: Any, detect: Callable[[], str | None]) -> Patch:
 PATCHES = (
     *(REGISTRY.add(_patch(name, value, detect)) for name, (value, detect) in ADDED.items()),
     REGISTRY.add(Patch.from_swaps("early.inpainting_mask", FEATURE, tiles_mask_to_four, mask_swaps, sd3_only=True)),
+    REGISTRY.add(Patch.from_swaps("early.fix_dimensions", FEATURE, rounds_dimensions, dimension_swaps, sd3_only=True)),
 )

@@ -127,3 +127,9 @@ def test_long_prompt_counted_as_on_dev(webui):
     assert prompt["clip"]["target"] == chunks * 75
     assert prompt["clip"]["limit"] is None, "counted with the early branch's single 75-token window"
     assert prompt["t5"]["limit"] == 77 * chunks
+
+
+def test_size_not_a_multiple_of_16(webui):
+    """SD3's 2x2 latent patches need sides that are multiples of 16 pixels; dev rounds down (``fix_dimensions``)."""
+    images, _ = checked(webui, "/sdapi/v1/txt2img", dict(TINY, width=72, height=72))
+    assert images[0].shape in ((64, 64, 3), (72, 72, 3))
