@@ -225,3 +225,80 @@ def test_t5_tokens_as_dev(t5_tokenizer, text, target):
         assert set(ids[len(expected) + 1:]) <= {0}
     else:
         assert ids == expected[:target]
+
+
+class FakeClipLG:
+    """The chunking CLIP-L/G: two 77-token chunks per prompt, pooled vector of 2048."""
+
+    def __init__(self, clip_l, clip_g, tokenizer):
+        self.clip_l, self.clip_g = clip_l, clip_g
+
+    def __call__(self, prompts):
+        import torch
+
+        return torch.ones((len(prompts), 154, 4096)), torch.full((len(prompts), 2048), 2.0)
+
+
+class FakeT5:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, tokens):
+        import torch
+
+        self.calls.append(tokens)
+        return torch.full((len(tokens), len(tokens[0]), 4096), 3.0), None
+
+
+class FakeCond:
+    def __init__(self, t5_tokenizer, t5):
+        import types
+
+        self.clip_l, self.clip_g, self.t5xxl = "clip_l", "clip_g", t5
+        self.tokenizer = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None),
+                                               t5xxl=types.SimpleNamespace(tokenizer=t5_tokenizer))
+
+
+def encoder_env(fake_webui, t5_on):
+    import types
+
+    fake_webui.shared.opts.data.update({"sd3_enable_t5": t5_on, "emphasis": "None"})
+    fake_webui.module("modules.devices", device="cpu")
+    fake_webui.module("modules.prompt_parser", parse_prompt_attention=lambda text: [[text, 1.0]])
+    hijack = types.SimpleNamespace(extra_generation_params={})
+    fake_webui.module("modules.sd_hijack", model_hijack=hijack)
+    return hijack
+
+
+@pytest.mark.parametrize("t5_on", [True, False])
+def test_early_encoder_output_as_dev(fake_webui, t5_tokenizer, t5_on):
+    """Per prompt: CLIP's chunks then T5 padded to the same length (zeros without T5), the pooled vector."""
+    import torch
+
+    hijack = encoder_env(fake_webui, t5_on)
+    t5 = FakeT5()
+    cond = FakeCond(t5_tokenizer, t5)  # the encoder holds it weakly, as A1111's model holds it
+    encoder = long_prompts.EarlyEncoder(cond, FakeClipLG)
+    out = encoder(["a cat", "a dog"])
+    assert [sorted(o) for o in out] == [["crossattn", "vector"]] * 2
+    assert out[0]["crossattn"].shape == (308, 4096) and out[1]["vector"].shape == (2048,)
+    assert torch.equal(out[0]["crossattn"][:154], torch.ones(154, 4096))
+    assert torch.equal(out[0]["crossattn"][154:], torch.full((154, 4096), 3.0 if t5_on else 0.0))
+    if t5_on:
+        assert t5.calls == [[long_prompts.t5_tokens(t5_tokenizer, text, 154, None) for text in ("a cat", "a dog")]]
+    else:
+        assert t5.calls == []
+    assert long_prompts.INFOTEXT_T5_CUT not in hijack.extra_generation_params
+
+
+def test_early_encoder_says_when_t5_is_cut(fake_webui, t5_tokenizer, caplog):
+    hijack = encoder_env(fake_webui, True)
+    cond = FakeCond(t5_tokenizer, FakeT5())
+    encoder = long_prompts.EarlyEncoder(cond, FakeClipLG)
+    text = "cat " * 400
+    whole = len(long_prompts.t5_ids(t5_tokenizer, text, None))
+    with caplog.at_level(logging.WARNING):
+        encoder([text])
+        encoder([text])
+    assert hijack.extra_generation_params[long_prompts.INFOTEXT_T5_CUT].startswith(f"154 of {whole} tokens")
+    assert len([r for r in caplog.records if "T5 gets" in r.getMessage()]) == 1

@@ -109,19 +109,34 @@ def make_clip_lg(base: type, hijack: Any) -> type:
     return ClipLG
 
 
-def t5_tokens(tokenizer: Any, text: str, target: int, parse: Any | None) -> list[int]:
-    """Dev's ``Sd3T5.tokenize_line``: emphasis text without weights, BREAK dropped, EOS, padded or cut to ``target``."""
+def t5_ids(tokenizer: Any, text: str, parse: Any | None) -> list[int]:
+    """Dev's ``Sd3T5.tokenize_line`` before its cut: emphasis text without weights, BREAK dropped, EOS."""
     pieces = parse(text) if parse is not None else [[text, 1.0]]
     ids = tokenizer([piece for piece, _ in pieces], truncation=False, add_special_tokens=False)["input_ids"]
-    empty = tokenizer("", padding="max_length", max_length=2)["input_ids"]
-    end, pad = empty[0], empty[1]
     tokens: list[int] = []
     for piece_ids, (piece, weight) in zip(ids, pieces, strict=True):
         if piece == "BREAK" and weight == -1:
             continue
         tokens += piece_ids
-    tokens.append(end)
-    return (tokens + [pad] * (target - len(tokens)))[:target]
+    return tokens + [t5_specials(tokenizer)[0]]
+
+
+def t5_specials(tokenizer: Any) -> tuple[int, int]:
+    """(end, pad) as dev reads them: ``tokenizer('', padding='max_length', max_length=2)``."""
+    end, pad = tokenizer("", padding="max_length", max_length=2)["input_ids"][:2]
+    return end, pad
+
+
+def t5_tokens(tokenizer: Any, text: str, target: int, parse: Any | None) -> list[int]:
+    """Dev's ``Sd3T5.tokenize_line``: :func:`t5_ids` padded or cut to ``target`` (77 per CLIP chunk)."""
+    tokens = t5_ids(tokenizer, text, parse)
+    return (tokens + [t5_specials(tokenizer)[1]] * (target - len(tokens)))[:target]
+
+
+INFOTEXT_T5_CUT = "SD3 T5 cut"
+"""Infotext entry when T5 got fewer tokens than the prompt has: dev cuts T5 to the CLIP length silently."""
+WARNED_TEXTS = 256
+"""Prompts remembered as already warned about (the console says a cut once per prompt)."""
 
 
 class EarlyEncoder:
@@ -132,6 +147,7 @@ class EarlyEncoder:
         self.cond = weakref.proxy(cond)
         self.clip_lg = clip_lg_class(cond.clip_l, cond.clip_g, ref.clip_l.tokenizer)
         self.t5_tokenizer = ref.t5xxl.tokenizer
+        self.warned: set[str] = set()
 
     def __call__(self, prompts: list[str]) -> list[dict[str, Any]]:
         import torch
@@ -143,12 +159,28 @@ class EarlyEncoder:
         if t5 is not None and getattr(shared.opts, "sd3_enable_t5", False):
             parse = prompt_parser.parse_prompt_attention if getattr(shared.opts, "emphasis", "Original") != "None" \
                 else None
-            t5_out, _ = t5([t5_tokens(self.t5_tokenizer, text, count, parse) for text in prompts])
+            t5_out, _ = t5([self.t5_tokens(text, count, parse) for text in prompts])
         else:
             t5_out = torch.zeros((len(prompts), count, CLIP_WIDTH))
         lgt = torch.cat([lg_out.to(devices.device), t5_out.to(device=devices.device, dtype=lg_out.dtype)], dim=-2)
         vector = vector.to(devices.device)
         return [{"crossattn": lgt[i], "vector": vector[i]} for i in range(len(prompts))]
+
+
+    def t5_tokens(self, text: str, count: int, parse: Any | None) -> list[int]:
+        """T5's tokens for ``text`` as dev makes them; a cut is said once in the console and in the infotext."""
+        from modules import sd_hijack
+
+        whole = len(t5_ids(self.t5_tokenizer, text, parse))
+        if whole > count:
+            note = f"{count} of {whole} tokens (77 per CLIP chunk, as on dev; BREAK adds a chunk)"
+            sd_hijack.model_hijack.extra_generation_params[INFOTEXT_T5_CUT] = note
+            if text not in self.warned:
+                if len(self.warned) > WARNED_TEXTS:
+                    self.warned.clear()
+                self.warned.add(text)
+                log.warning("T5 gets %s", note)
+        return t5_tokens(self.t5_tokenizer, text, count, parse)
 
 
 class Encoders:
