@@ -97,6 +97,12 @@ def test_hires_fix_non_latent_upscaler(webui):
     assert images[0].shape == (96, 96, 3)
 
 
+def test_hires_fix_latent_upscaler(webui):
+    images, _ = checked(webui, "/sdapi/v1/txt2img", dict(TINY, enable_hr=True, hr_upscaler="Latent", hr_scale=1.5,
+                                                          hr_second_pass_steps=2, denoising_strength=0.6))
+    assert images[0].shape == (96, 96, 3)
+
+
 def test_long_prompt(webui):
     """300 CLIP tokens: HTTP 200, and the tokens after the first 75 change the picture."""
     long = words(300)
@@ -112,6 +118,13 @@ def test_break_prompt(webui):
     assert np.isfinite(image).all() and not tracebacks_in(log), tracebacks_in(log)
     joined, _, _ = txt2img(webui, prompt="a cat a dog on a red sofa")
     assert np.abs(image - joined).max() > 0, "BREAK had no effect"
+
+
+def test_emphasis_prompt(webui):
+    image, _, log = txt2img(webui, prompt="a (cat:1.5) on a [red] sofa")
+    assert np.isfinite(image).all() and not tracebacks_in(log), tracebacks_in(log)
+    plain, _, _ = txt2img(webui, prompt="a cat on a red sofa")
+    assert np.abs(image - plain).max() > 0, "emphasis had no effect"
 
 
 def test_long_prompt_counted_as_on_dev(webui):
