@@ -36,6 +36,16 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "IC-Light hooks wrapped in the script runners"),
     SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "MixDQ float layers restored before A1111 loads new weights"),
+    SourceTarget("early.get_first_stage_encoding", ("modules/models/sd3/sd3_model.py",), r"^class SD3Inferencer\b",
+                 "early SD3 branch: img2img and hires fix encode images (dev has it)"),
+    SourceTarget("early.dtype", ("modules/models/sd3/sd3_model.py",), r"^class SD3Inferencer\b",
+                 "early SD3 branch: the inpainting mask's dtype (dev does not need it)"),
+    SourceTarget("early.inpainting_mask", ("modules/processing.py",), r"^class StableDiffusionProcessingImg2Img\b",
+                 "early SD3 branch: the inpainting mask in SD3's 16 latent channels (dev has it)"),
+    SourceTarget("early.fix_dimensions", ("modules/processing.py",), r"^def process_images_inner\(",
+                 "early SD3 branch: sizes rounded to multiples of 16 (dev has it)"),
+    SourceTarget("early.long_prompts", ("modules/models/sd3/sd3_cond.py", "modules/models/sd3/sd3_model.py"),
+                 r"^class SD3Cond\b", "early SD3 branch: prompts over 75 CLIP tokens, BREAK, emphasis (dev has it)"),
 )
 
 
