@@ -127,10 +127,13 @@ def t5_specials(tokenizer: Any) -> tuple[int, int]:
     return end, pad
 
 
+def pad_or_cut(tokens: list[int], target: int, pad: int) -> list[int]:
+    return (tokens + [pad] * (target - len(tokens)))[:target]
+
+
 def t5_tokens(tokenizer: Any, text: str, target: int, parse: Any | None) -> list[int]:
     """Dev's ``Sd3T5.tokenize_line``: :func:`t5_ids` padded or cut to ``target`` (77 per CLIP chunk)."""
-    tokens = t5_ids(tokenizer, text, parse)
-    return (tokens + [t5_specials(tokenizer)[1]] * (target - len(tokens)))[:target]
+    return pad_or_cut(t5_ids(tokenizer, text, parse), target, t5_specials(tokenizer)[1])
 
 
 INFOTEXT_T5_CUT = "SD3 T5 cut"
@@ -166,12 +169,12 @@ class EarlyEncoder:
         vector = vector.to(devices.device)
         return [{"crossattn": lgt[i], "vector": vector[i]} for i in range(len(prompts))]
 
-
     def t5_tokens(self, text: str, count: int, parse: Any | None) -> list[int]:
         """T5's tokens for ``text`` as dev makes them; a cut is said once in the console and in the infotext."""
         from modules import sd_hijack
 
-        whole = len(t5_ids(self.t5_tokenizer, text, parse))
+        ids = t5_ids(self.t5_tokenizer, text, parse)
+        whole = len(ids)
         if whole > count:
             note = f"{count} of {whole} tokens (77 per CLIP chunk, as on dev; BREAK adds a chunk)"
             sd_hijack.model_hijack.extra_generation_params[INFOTEXT_T5_CUT] = note
@@ -180,7 +183,7 @@ class EarlyEncoder:
                     self.warned.clear()
                 self.warned.add(text)
                 log.warning("T5 gets %s", note)
-        return t5_tokens(self.t5_tokenizer, text, count, parse)
+        return pad_or_cut(ids, count, t5_specials(self.t5_tokenizer)[1])
 
 
 class Encoders:
