@@ -81,6 +81,10 @@ class AttributeSwap:
         self._applied = False
 
 
+class NotNeeded(str):
+    """A detector's reason when the WebUI already does what the patch would: not applied, logged at debug only."""
+
+
 @dataclasses.dataclass
 class Patch:
     """One named change to the WebUI.
@@ -169,6 +173,9 @@ class PatchRegistry:
             reason = f"detector raised {error!r}"
         if reason:
             patch.state, patch.reason = PatchState.UNAVAILABLE, reason
+            if isinstance(reason, NotNeeded):
+                log.debug("patch %s not applied: %s", name, reason)
+                return patch.state
             self._log_once(f"{name}:unavailable", "%s disabled: %s (patch %s)", patch.feature, reason, name)
             return patch.state
         try:

@@ -44,6 +44,16 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "bad SD3 script args from the API answered with HTTP 422"),
     SourceTarget("slg.combine_denoised", ("modules/sd_samplers_cfg_denoiser.py",), r"^\s+def combine_denoised\(",
                  "skip-layer guidance added to CFG"),
+    SourceTarget("early.get_first_stage_encoding", ("modules/models/sd3/sd3_model.py",), r"^class SD3Inferencer\b",
+                 "early SD3 branch: img2img and hires fix encode images (dev has it)"),
+    SourceTarget("early.dtype", ("modules/models/sd3/sd3_model.py",), r"^class SD3Inferencer\b",
+                 "early SD3 branch: the inpainting mask's dtype (dev does not need it)"),
+    SourceTarget("early.inpainting_mask", ("modules/processing.py",), r"^class StableDiffusionProcessingImg2Img\b",
+                 "early SD3 branch: the inpainting mask in SD3's 16 latent channels (dev has it)"),
+    SourceTarget("early.fix_dimensions", ("modules/processing.py",), r"^def process_images_inner\(",
+                 "early SD3 branch: sizes rounded to multiples of 16 (dev has it)"),
+    SourceTarget("early.long_prompts", ("modules/models/sd3/sd3_cond.py", "modules/models/sd3/sd3_model.py"),
+                 r"^class SD3Cond\b", "early SD3 branch: prompts over 75 CLIP tokens, BREAK, emphasis (dev has it)"),
 )
 
 

@@ -88,10 +88,14 @@ class SD3Inferencer(torch.nn.Module):
 """
 
 
+PROCESSING = ("class StableDiffusionProcessing:\n    pass\n\n\nclass StableDiffusionProcessingImg2Img:\n    pass\n\n\n"
+              "def process_images_inner(p):\n    pass\n")
+
+
 def make_webui(root, state):
     files = {
         "launch.py": "from modules import launch_utils\n",
-        "modules/processing.py": "class StableDiffusionProcessing:\n    pass\n",
+        "modules/processing.py": PROCESSING,
         "modules/sd_hijack.py": SD_HIJACK_EARLY if state == "early" else SD_HIJACK_DEV,
         "modules/sd_samplers_timesteps.py": SAMPLERS_TIMESTEPS,
         "modules/sd_schedulers.py": SCHEDULERS,

@@ -25,6 +25,8 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.api_args",
     "lib_sd3.webui.slg",
     "lib_sd3.webui.presets",
+    "lib_sd3.webui.early",
+    "lib_sd3.webui.long_prompts",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 

@@ -443,6 +443,7 @@ def webui(request, tmp_path_factory):
             _stop(process)
             keep = os.environ.get("WEBUI_KEEP_LOG")
             if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
                 shutil.copy(log_path, Path(keep) / f"server-{label}.log")
             shutil.rmtree(data_dir, ignore_errors=True)
     for path in checkouts:

@@ -84,7 +84,8 @@ class SD3TestSupport(scripts.Script):
     def post_sample(self, p, ps, *args):
         import torch
 
-        samples = ps.samples.float()
+        samples = ps.samples  # a hires fix with a non-latent upscaler hands over decoded images (a list)
+        samples = (torch.stack(list(samples)) if isinstance(samples, list) else samples).float()
         finite = bool(torch.isfinite(samples).all())
         std = float(samples[torch.isfinite(samples)].std()) if finite or torch.isfinite(samples).any() else float("nan")
         p.extra_generation_params[LATENT_KEY] = f"finite {int(finite)} std {std:.6g}"
