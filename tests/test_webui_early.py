@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from lib_sd3.patching import PatchState
-from lib_sd3.webui import early, long_prompts, tokens  # noqa: F401  (early registers its patches)
+from lib_sd3.webui import early, infotext, long_prompts, tokens  # noqa: F401  (early registers its patches)
 from lib_sd3.webui.registry import REGISTRY
 
 
@@ -288,7 +288,7 @@ def test_early_encoder_output_as_dev(fake_webui, t5_tokenizer, t5_on):
         assert t5.calls == [[long_prompts.t5_tokens(t5_tokenizer, text, 154, None) for text in ("a cat", "a dog")]]
     else:
         assert t5.calls == []
-    assert long_prompts.INFOTEXT_T5_CUT not in hijack.extra_generation_params
+    assert infotext.T5_CUT not in hijack.extra_generation_params
 
 
 def test_early_encoder_says_when_t5_is_cut(fake_webui, t5_tokenizer, caplog):
@@ -300,5 +300,5 @@ def test_early_encoder_says_when_t5_is_cut(fake_webui, t5_tokenizer, caplog):
     with caplog.at_level(logging.WARNING):
         encoder([text])
         encoder([text])
-    assert hijack.extra_generation_params[long_prompts.INFOTEXT_T5_CUT].startswith(f"154 of {whole} tokens")
+    assert hijack.extra_generation_params[infotext.T5_CUT].startswith(f"154 of {whole} tokens")
     assert len([r for r in caplog.records if "T5 gets" in r.getMessage()]) == 1

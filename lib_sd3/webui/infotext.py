@@ -28,6 +28,7 @@ FLOW_SCHEDULE = "SD3 flow schedule"
 NAN_RECOVERY = "SD3 NaN recovery"
 FAMILY = "SD3 family"
 SGM_NOISE = "SD3 SGM noise multiplier"
+T5_CUT = "SD3 T5 cut"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ FIELDS: tuple[Field, ...] = (
     Field(FLOW_SCHEDULE, "which flow schedule the chosen scheduler gave"),
     Field(NAN_RECOVERY, "non-finite steps recomputed wider, and in what precision"),
     Field(SGM_NOISE, "A1111's SGM noise multiplier undone on SD3 (flow: pure noise has std 1)"),
+    Field(T5_CUT, "early SD3 branch: how many T5 tokens dev's 77-per-CLIP-chunk rule kept"),
     Field(FAMILY, "the SD3 family the checkpoint was loaded as (the checkpoint itself pastes back as Model)"),
 )
 LABELS = tuple(f.label for f in FIELDS)

@@ -21,6 +21,7 @@ from typing import Any
 
 from lib_sd3 import get_logger
 from lib_sd3.patching import AttributeSwap, NotNeeded, Patch
+from lib_sd3.webui import infotext
 from lib_sd3.webui.capabilities import a1111_module, sd3_cond_class
 from lib_sd3.webui.registry import REGISTRY
 
@@ -136,8 +137,6 @@ def t5_tokens(tokenizer: Any, text: str, target: int, parse: Any | None) -> list
     return pad_or_cut(t5_ids(tokenizer, text, parse), target, t5_specials(tokenizer)[1])
 
 
-INFOTEXT_T5_CUT = "SD3 T5 cut"
-"""Infotext entry when T5 got fewer tokens than the prompt has: dev cuts T5 to the CLIP length silently."""
 WARNED_TEXTS = 256
 """Prompts remembered as already warned about (the console says a cut once per prompt)."""
 
@@ -177,7 +176,7 @@ class EarlyEncoder:
         whole = len(ids)
         if whole > count:
             note = f"{count} of {whole} tokens (77 per CLIP chunk, as on dev; BREAK adds a chunk)"
-            sd_hijack.model_hijack.extra_generation_params[INFOTEXT_T5_CUT] = note
+            sd_hijack.model_hijack.extra_generation_params[infotext.T5_CUT] = note
             if text not in self.warned:
                 if len(self.warned) > WARNED_TEXTS:
                     self.warned.clear()
