@@ -1,1 +1,1 @@
-"""Stand-in for IC-Light's ``libiclight`` package (see ../README.md)."""
+"""Fake of IC-Light's ``libiclight`` package (see ../README.md)."""
