@@ -30,7 +30,7 @@ def oracles(t5_tokenizer):
     return types.SimpleNamespace(clip=lambda t: len(simple.encode(t)), t5=lambda t: len(pieces.encode(t)))
 
 
-# -- stand-in A1111 ------------------------------------------------------------------------------
+# -- fake A1111 ----------------------------------------------------------------------------------
 
 
 def early_get_prompt_lengths(self, text):  # the early SD3 branch's sd_hijack
