@@ -13,12 +13,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def fake_webui():
-    """A stand-in A1111 ``modules`` package (see tests/fakewebui.py), removed after the test."""
-    from fakewebui import FakeWebUI
+    """A fake A1111 ``modules`` package (see tests/a1111/webui.py), removed after the test."""
+    from a1111.webui import FakeWebUI
 
     from lib_sd3.webui.registry import REGISTRY
 
-    REGISTRY.undo_all()  # verdicts from another test's stand-ins do not hold for this one's
+    REGISTRY.undo_all()  # verdicts from another test's fakes do not hold for this one's
     webui = FakeWebUI()
     yield webui
     REGISTRY.undo_all()

@@ -1,6 +1,6 @@
 """IC-Light shim: both IC-Light shapes in an A1111-like script runner, with and without the shim.
 
-The stand-ins (tests/iclight_shapes, tests/standin_a1111.py) reproduce the field notes first: the old
+The fakes (tests/a1111/iclight, tests/a1111/scripts.py, processing.py) reproduce the field notes first: the old
 shape logs ``AssertionError`` on every generation, the new shape enabled on SD3 fails the request. Then
 the shim must make every combination complete, skip IC-Light only where it cannot work, say so, and
 leave everything else -- other scripts' errors included -- as A1111 does it.
@@ -14,7 +14,8 @@ import types
 from pathlib import Path
 
 import pytest
-import standin_a1111 as a1111
+from a1111 import models, processing
+from a1111 import scripts as fake_scripts
 
 from lib_sd3 import LOGGER_NAME, iclight
 from lib_sd3.patching import PatchState
@@ -22,7 +23,7 @@ from lib_sd3.webui import hooks, startup
 from lib_sd3.webui import iclight as shim
 from lib_sd3.webui.registry import REGISTRY
 
-SHAPES_DIR = Path(__file__).parent / "iclight_shapes"
+SHAPES_DIR = Path(__file__).parent / "a1111" / "iclight"
 SCRIPT_FILES = {
     "old": SHAPES_DIR / "old_8c2963e" / "scripts" / "ic_light_script.py",
     "new": SHAPES_DIR / "new_ff82902" / "scripts" / "ic_light_script.py",
@@ -32,20 +33,20 @@ BROKEN_FILE = "extensions/other/scripts/broken.py"
 FAMILIES = ("SD1", "SD2", "SDXL", "SD3")
 
 
-class BrokenScript(a1111.Script):
+class BrokenScript(fake_scripts.Script):
     """Another extension's script that fails in process() on every generation."""
 
     def title(self):
         return "Broken"
 
     def show(self, is_img2img):
-        return a1111.AlwaysVisible
+        return fake_scripts.AlwaysVisible
 
     def process(self, p, *args):
         raise RuntimeError("another extension's bug")
 
 
-class CountingScript(a1111.Script):
+class CountingScript(fake_scripts.Script):
     """Another extension's script that works; it must see every hook call it saw before."""
 
     def __init__(self):
@@ -60,14 +61,14 @@ class CountingScript(a1111.Script):
 
 @pytest.fixture
 def webui(fake_webui):
-    a1111.ERRORS.reported.clear()
-    fake_webui.module("modules.errors", report=a1111.ERRORS.report)
-    fake_webui.module("modules.scripts", Script=a1111.Script, ScriptRunner=a1111.ScriptRunner,
-                      AlwaysVisible=a1111.AlwaysVisible, PostSampleArgs=a1111.PostSampleArgs,
-                      PostprocessImageArgs=a1111.PostprocessImageArgs, scripts_txt2img=None, scripts_img2img=None)
-    fake_webui.module("modules.processing", StableDiffusionProcessing=a1111.StableDiffusionProcessing,
-                      StableDiffusionProcessingTxt2Img=a1111.StableDiffusionProcessingTxt2Img,
-                      StableDiffusionProcessingImg2Img=a1111.StableDiffusionProcessingImg2Img)
+    fake_scripts.ERRORS.reported.clear()
+    fake_webui.module("modules.errors", report=fake_scripts.ERRORS.report)
+    fake_webui.module("modules.scripts", Script=fake_scripts.Script, ScriptRunner=fake_scripts.ScriptRunner,
+                      AlwaysVisible=fake_scripts.AlwaysVisible, PostSampleArgs=fake_scripts.PostSampleArgs,
+                      PostprocessImageArgs=fake_scripts.PostprocessImageArgs, scripts_txt2img=None, scripts_img2img=None)
+    fake_webui.module("modules.processing", StableDiffusionProcessing=processing.StableDiffusionProcessing,
+                      StableDiffusionProcessingTxt2Img=processing.StableDiffusionProcessingTxt2Img,
+                      StableDiffusionProcessingImg2Img=processing.StableDiffusionProcessingImg2Img)
     yield fake_webui
     REGISTRY.undo(shim.PATCH_NAME)
     for name in [n for n in sys.modules if n == "libiclight" or n.startswith("libiclight.")]:
@@ -76,8 +77,8 @@ def webui(fake_webui):
 
 def build_runner(webui, shape: str, is_img2img: bool = False):
     """A runner as A1111 builds it at UI creation: another extension, IC-Light, a third one."""
-    module = a1111.load_script_module(str(SCRIPT_FILES[shape]), str(SHAPES_DIR))
-    runner = a1111.ScriptRunner()
+    module = fake_scripts.load_script_module(str(SCRIPT_FILES[shape]), str(SHAPES_DIR))
+    runner = fake_scripts.ScriptRunner()
     runner.add(BrokenScript(), [], BROKEN_FILE, is_img2img)
     script = module.ICLightScript()
     runner.add(script, [{}], ICLIGHT_FILE, is_img2img)  # gr.State({}) until the user submits
@@ -89,26 +90,26 @@ def build_runner(webui, shape: str, is_img2img: bool = False):
 
 def generate(runner, family: str, enabled: bool, *, img2img: bool = False, hr: bool = False, first_stage=True):
     args = runner.script_args(**{"IC Light": [{"enabled": enabled, "input_fg": "foreground"}]})
-    kind = a1111.StableDiffusionProcessingImg2Img if img2img else a1111.StableDiffusionProcessingTxt2Img
-    p = kind(runner, a1111.Model(family, first_stage=first_stage), args, enable_hr=hr)
-    return p, a1111.process_images(p)
+    kind = processing.StableDiffusionProcessingImg2Img if img2img else processing.StableDiffusionProcessingTxt2Img
+    p = kind(runner, models.Model(family, first_stage=first_stage), args, enable_hr=hr)
+    return p, processing.process_images(p)
 
 
 def errors_of(filename: str) -> list[tuple[str, str]]:
-    return [entry for entry in a1111.ERRORS.reported if entry[0].endswith(filename)]
+    return [entry for entry in fake_scripts.ERRORS.reported if entry[0].endswith(filename)]
 
 
 def shim_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER_NAME) and "IC-Light skipped" in r.getMessage()]
 
 
-# --- the stand-ins reproduce what users saw -------------------------------------------------------
+# --- the fakes reproduce what users saw -------------------------------------------------------
 
 
 def test_without_shim_old_shape_asserts_on_every_generation(webui):
     runner, _, _ = build_runner(webui, "old")
     for enabled in (False, True):
-        a1111.ERRORS.reported.clear()
+        fake_scripts.ERRORS.reported.clear()
         generate(runner, "SD1", enabled)
         (message, trace), = [e for e in errors_of(ICLIGHT_FILE) if "process_before_every_sampling" in e[0]]
         assert message == f"Error running process_before_every_sampling: {ICLIGHT_FILE}"
@@ -164,7 +165,7 @@ def test_disabled_iclight_gets_nothing_added(webui, shape):
     """Disabled: the same result as without the shim, bar the old shape's AssertionError."""
     outcomes = []
     for with_shim in (False, True):
-        a1111.ERRORS.reported.clear()
+        fake_scripts.ERRORS.reported.clear()
         runner, script, _ = build_runner(webui, shape)
         if with_shim:
             shim.retarget()
@@ -294,7 +295,7 @@ def test_recognised_by_title_and_module_not_path(webui):
     assert iclight.shape_of(new_script) is iclight.Shape.APPLY_BEFORE_SAMPLING
 
     def script_in_module(module_name: str, namespace: dict):
-        namespace = {"__name__": module_name, "Script": a1111.Script, **namespace}
+        namespace = {"__name__": module_name, "Script": fake_scripts.Script, **namespace}
         exec("class ICLightScript(Script):\n    def title(self):\n        return 'IC Light'\n", namespace)
         return namespace["ICLightScript"]()
 
@@ -317,9 +318,9 @@ def test_enabled_in_script_args(args, expected):
 
 def test_model_family_from_a1111_flags():
     for family in FAMILIES:
-        assert iclight.model_family(a1111.Model(family)) == family
-    assert iclight.skip_reason(a1111.Model("SD1")) is None
-    assert "SD3" in iclight.skip_reason(a1111.Model("SD3"))
+        assert iclight.model_family(models.Model(family)) == family
+    assert iclight.skip_reason(models.Model("SD1")) is None
+    assert "SD3" in iclight.skip_reason(models.Model("SD3"))
     before_1_6 = types.SimpleNamespace(is_sdxl=False, is_sd2=False)  # no is_sd1 / is_sd3 yet
     assert iclight.model_family(before_1_6) == "SD1"
     assert iclight.model_family(types.SimpleNamespace(is_sdxl=True, is_sd2=False)) == "SDXL"

@@ -14,7 +14,7 @@ from conftest import ROOT
 from lib_sd3 import requirements
 from lib_sd3.requirements import RUNTIME, Requirement
 
-# A stand-in for A1111's launch.py. It answers is_installed from SD3_FAKE_MISSING, fails run_pip for
+# A fake of A1111's launch.py. It answers is_installed from SD3_FAKE_MISSING, fails run_pip for
 # the names in SD3_FAKE_PIP_FAILS like launch.run raises, and records every call (with the
 # constraints file's content, read while it still exists) and whether torch got imported.
 FAKE_LAUNCH = textwrap.dedent('''

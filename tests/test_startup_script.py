@@ -6,8 +6,8 @@ import sys
 import types
 
 import pytest
+from a1111.scripts import Script
 from conftest import ROOT
-from standin_a1111 import Script
 
 from lib_sd3 import LOGGER_NAME
 from lib_sd3.webui import hooks, script_args, settings, startup

@@ -53,7 +53,7 @@ def tokenizers(tmp_path_factory):
 
 
 def load_source(fake_webui, root: str, name: str):
-    """Execute ``root/modules/....py`` as module ``name`` inside the stand-in ``modules`` package."""
+    """Execute ``root/modules/....py`` as module ``name`` inside the fake ``modules`` package."""
     path = Path(root, *name.split(".")).with_suffix(".py")
     parent, _, leaf = name.rpartition(".")
     fake_webui.module(parent)

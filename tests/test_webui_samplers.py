@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from fake_a1111_sampling import FakeP, install
+from a1111.processing import P as FakeP
+from a1111.sampling import install
 from oracle import data_scale, make_oracle, rms
 
 from lib_sd3 import flow

@@ -1,7 +1,7 @@
-"""The token-counter adapter against stand-in A1111 modules shaped like both SD3 states.
+"""The token-counter adapter against fake A1111 modules shaped like both SD3 states.
 
 ``update_token_counter`` below follows A1111's ``modules/ui.py`` step for step (callbacks, styles,
-extra networks, AND, schedules, max of ``get_prompt_lengths``, the HTML it returns); the stand-in
+extra networks, AND, schedules, max of ``get_prompt_lengths``, the HTML it returns); the fake
 ``get_prompt_lengths`` bodies are the two states' (early: ``self.clip.process_texts`` -> the crash
 from the field notes; dev: ``get_token_count``). Expected numbers come from the CLIP and T5 oracles.
 """
@@ -13,6 +13,7 @@ import types
 from functools import reduce
 
 import pytest
+from a1111.models import Model
 
 from lib_sd3 import tokens as lib
 from lib_sd3.webui import hooks, routes
@@ -29,7 +30,7 @@ def oracles(t5_tokenizer):
     return types.SimpleNamespace(clip=lambda t: len(simple.encode(t)), t5=lambda t: len(pieces.encode(t)))
 
 
-# -- stand-in A1111 ------------------------------------------------------------------------------
+# -- fake A1111 ----------------------------------------------------------------------------------
 
 
 def early_get_prompt_lengths(self, text):  # the early SD3 branch's sd_hijack
@@ -80,7 +81,7 @@ def webui(request, fake_webui, clip_tokenizer, t5_tokenizer):
     cond.tokenizer, cond.t5xxl = ref, object()
     if state == "dev":
         cond.model_lg = types.SimpleNamespace(tokenizer=clip_tokenizer, comma_token=None)
-    sd3 = types.SimpleNamespace(is_sd3=True, cond_stage_model=cond)
+    sd3 = Model("SD3", cond_stage_model=cond)
     hijack_class = type("StableDiffusionModelHijack", (), {
         "get_prompt_lengths": early_get_prompt_lengths if state == "early" else dev_get_prompt_lengths})
     hijack = hijack_class()
@@ -163,7 +164,7 @@ def test_counter_works_for_sd3_on_both_states(webui, oracles):
 
 
 def test_other_models_get_a1111s_own_function(webui):
-    sd1 = types.SimpleNamespace(is_sd3=False, cond_stage_model=SD1Clip())
+    sd1 = Model("SD1", cond_stage_model=SD1Clip())
     sync(True)
     webui.fake.shared.sd_model = sd1  # patched, but the model is not SD3: dispatch to A1111's original
     webui.hijack.clip = sd1.cond_stage_model

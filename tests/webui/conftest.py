@@ -45,6 +45,7 @@ from webui_support import (
     T5_FILE,
     T5_REPO,
     configured_states,
+    install_fake_iclight,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -331,9 +332,7 @@ def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) 
         for folder, checkout in real_iclight.items():
             (extensions / folder).symlink_to(checkout, target_is_directory=True)
     else:
-        # "new" sorts before "old": the API's alwayson_scripts {"IC Light": ...} reaches the first one.
-        shutil.copytree(HERE / "standins" / "iclight_new", extensions / "sd3-test-iclight-a-new")
-        shutil.copytree(HERE / "standins" / "iclight_old", extensions / "sd3-test-iclight-b-old")
+        install_fake_iclight(extensions)  # tests/a1111/iclight, the unit suite's pair
     # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
     # before it sees a download start by itself.
     (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),

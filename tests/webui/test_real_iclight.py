@@ -1,9 +1,10 @@
-"""IC-Light next to SD3 in a real A1111 (issue 7), with stand-in extensions shaped like IC-Light.
+"""IC-Light next to SD3 in a real A1111 (issue 7), with the fake IC-Light pair of the unit suite (tests/a1111/iclight).
 
-The fixture installs two stand-ins: ``sd3-test-iclight-b-old`` shaped like 8c2963e (asserts Forge in
-``process_before_every_sampling``: an ``AssertionError`` on every A1111 generation) and
-``sd3-test-iclight-a-new`` shaped like ff82902 (applies before every sampling; on SD3 it fails the
-request). The API's ``alwayson_scripts["IC Light"]`` reaches the first by load order, the new one.
+The fixture installs both fakes as extensions (``scripts/`` with ``libiclight/`` beside): ``sd3-test-iclight-b-old``
+shaped like 8c2963e (asserts Forge in ``process_before_every_sampling``: an ``AssertionError`` on every A1111
+generation) and ``sd3-test-iclight-a-new`` shaped like ff82902 (applies before every sampling through
+``p.model_patcher``, which this A1111 has not got). The API's ``alwayson_scripts["IC Light"]`` reaches the
+first by load order, the new one; the old one's ``ICLightArgs.fetch_from`` reads that first one too, as the real one does.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 ``SD3_TEST_ICLIGHT_NEW`` (ff82902: applies before every sampling, fails the request on SD3), each with
 ``SD3_TEST_MODEL_PATCHER`` (huchenlei/sd-webui-model-patcher, which IC-Light's A1111 backend imports).
 Each variant gets its own server per A1111 state, with only that IC-Light in ``extensions/`` (no
-stand-ins), so the API's ``alwayson_scripts["IC Light"]`` reaches it. Unset, every case here is skipped.
+fakes), so the API's ``alwayson_scripts["IC Light"]`` reaches it. Unset, every case here is skipped.
 Nothing downloads: ``remove_bg`` is off, and with SD3 loaded the shim skips IC-Light before it needs a model.
 """
 

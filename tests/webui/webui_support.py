@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,8 +86,19 @@ def browser_page(webui):
             browser.close()
 
 
-STANDIN_MARK = "sd3-test-iclight"
-"""Folder prefix of the stand-in IC-Light extensions; their errors belong to the IC-Light cases only."""
+FAKE_ICLIGHT_MARK = "sd3-test-iclight"
+"""Folder prefix of the fake IC-Light extensions; their errors belong to the IC-Light cases only."""
+FAKE_ICLIGHT = Path(__file__).resolve().parent.parent / "a1111" / "iclight"
+FAKE_ICLIGHT_EXTENSIONS = {"sd3-test-iclight-a-new": "new_ff82902", "sd3-test-iclight-b-old": "old_8c2963e"}
+"""Extension folder -> shape in tests/a1111/iclight. "new" sorts before "old": the API's
+``alwayson_scripts {"IC Light": ...}`` reaches the first one."""
+
+
+def install_fake_iclight(extensions: Path) -> None:
+    """The unit suite's fake IC-Light pair as two A1111 extensions: each shape's ``scripts/``, ``libiclight/`` beside."""
+    for folder, shape in FAKE_ICLIGHT_EXTENSIONS.items():
+        shutil.copytree(FAKE_ICLIGHT / shape / "scripts", extensions / folder / "scripts")
+        shutil.copytree(FAKE_ICLIGHT / "libiclight", extensions / folder / "libiclight")
 
 
 def _error_blocks(text: str) -> list[str]:
@@ -111,6 +123,6 @@ def _error_blocks(text: str) -> list[str]:
     return blocks
 
 
-def tracebacks_in(text: str, include_standins: bool = False) -> list[str]:
-    """Error blocks in a server-log slice; the stand-in IC-Light's own errors only when asked for."""
-    return [b for b in _error_blocks(text) if include_standins or STANDIN_MARK not in b]
+def tracebacks_in(text: str, include_fakes: bool = False) -> list[str]:
+    """Error blocks in a server-log slice; the fake IC-Light's own errors only when asked for."""
+    return [b for b in _error_blocks(text) if include_fakes or FAKE_ICLIGHT_MARK not in b]

@@ -1,4 +1,4 @@
-"""Stand-ins for A1111's sampling modules, with an SD3 model whose denoiser is the Gaussian oracle.
+"""Fakes of A1111's sampling modules, with the SD3 model's denoiser the Gaussian oracle.
 
 Shaped after A1111's sd_samplers / sd_samplers_kdiffusion / sd_samplers_timesteps / sd_schedulers and
 models/sd3/sd3_model.py, in the two states that differ:
@@ -24,6 +24,7 @@ import k_diffusion.external
 import k_diffusion.sampling
 import torch
 
+from a1111.models import Model
 from lib_sd3 import flow
 
 K_SAMPLERS = [  # (label, k-diffusion function name or callable, options), as in sd_samplers_kdiffusion
@@ -102,15 +103,15 @@ def make_schedulers(state: str) -> list[Scheduler]:
     return schedulers
 
 
-class FakeSD3Model:
-    """SD3Inferencer's surface: is_sd3, create_denoiser, alphas_cumprod, apply_model(x, sigma, cond) -> x0."""
+class FakeSD3Model(Model):
+    """The fake SD3 model with SD3Inferencer's sampling surface: create_denoiser, alphas_cumprod,
+    apply_model(x, sigma, cond) -> x0 (the oracle's), and on dev ``add_noise_to_latent``."""
 
-    is_sd3 = True
-    is_sdxl = False
     cond_stage_key = "txt"
     parameterization = "eps"
 
     def __init__(self, oracle, uncond_oracle, state: str) -> None:
+        super().__init__("SD3", first_stage=state == "dev")
         self.oracle, self.uncond_oracle = oracle, uncond_oracle
         self.model = types.SimpleNamespace(conditioning_key="crossattn",
                                            model_sampling=types.SimpleNamespace(shift=3.0))
@@ -360,18 +361,3 @@ def install(webui, state: str, oracle, uncond_oracle=None) -> FakeSD3Model:
                  create_sampler=create_sampler)
     return FakeSD3Model(oracle, uncond_oracle or oracle, state)
 
-
-@dataclasses.dataclass
-class FakeP:
-    """The fields of StableDiffusionProcessing the sampling path reads."""
-
-    steps: int = 20
-    scheduler: str = "Automatic"
-    hr_scheduler: str | None = None
-    is_hr_pass: bool = False
-    cfg_scale: float = 1.0
-    eta: float | None = None
-    denoising_strength: float = 0.75
-    s_churn: float = 0.0
-    extra_generation_params: dict = dataclasses.field(default_factory=dict)
-    sd_model: Any = None

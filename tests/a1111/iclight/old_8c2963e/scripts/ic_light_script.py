@@ -1,4 +1,4 @@
-"""Shape of sd-forge-ic-light 8c2963e ``scripts/ic_light_script.py`` (see ../../README.md)."""
+"""Fake of sd-forge-ic-light 8c2963e ``scripts/ic_light_script.py`` (see ../../README.md)."""
 
 from enum import Enum
 
@@ -33,7 +33,9 @@ class ICLightScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool):
-        return ({},)
+        import gradio as gr  # the real A1111 needs a component; the unit suite never builds the UI
+
+        return (gr.State({"enabled": False}),)
 
     def process(self, p: StableDiffusionProcessing, *args, **kwargs):
         if self.backend_type != BackendType.A1111:

@@ -1,10 +1,10 @@
-"""Stand-ins for A1111's script machinery (modules/scripts.py, processing.py, errors.py) as of v1.10 / dev.
+"""Fakes of A1111's script machinery (modules/scripts.py, script_loading.py, errors.py) as of v1.10 / dev.
 
 Shaped like the real code on both states (``ScriptRunner`` is identical on dev and the early SD3
 branch 34b4443c): a hook runs for the always-on scripts whose *class* overrides ``Script``'s method,
 each gets ``p.script_args[args_from:args_to]``, and an exception from one script is reported with
-``errors.report("Error running <hook>: <filename>", exc_info=True)`` and the loop goes on. An exception
-from sampling itself is not caught: it fails the request (HTTP 500 in the API).
+``errors.report("Error running <hook>: <filename>", exc_info=True)`` and the loop goes on. The processing
+object and ``process_images`` are in a1111/processing.py.
 """
 
 from __future__ import annotations
@@ -155,91 +155,6 @@ class ScriptRunner:
 
     def postprocess(self, p, processed):
         self._each("postprocess", p, processed)
-
-
-class Model:
-    """``shared.sd_model`` with the flags ``sd_models.set_model_type`` sets (all five on both states)."""
-
-    def __init__(self, family: str, first_stage: bool = True) -> None:
-        for flag in ("is_sd1", "is_sd2", "is_sdxl", "is_ssd", "is_sd3"):
-            setattr(self, flag, False)
-        setattr(self, {"SD1": "is_sd1", "SD2": "is_sd2", "SDXL": "is_sdxl", "SD3": "is_sd3"}[family], True)
-        self.family = family
-        if first_stage:  # the early SD3 state's SD3Inferencer has no get_first_stage_encoding
-            self.encode_first_stage = lambda image: ("latent", image)
-            self.get_first_stage_encoding = lambda latent: latent
-
-
-class ModelPatcher:
-    """What sd-webui-model-patcher puts on ``p``; patches are applied around sampling."""
-
-    def __init__(self) -> None:
-        self.module_patches: list[tuple[str, Any]] = []
-
-    def add_module_patch(self, name: str, patch: Any) -> None:
-        self.module_patches.append((name, patch))
-
-
-class StableDiffusionProcessing:
-    def __init__(self, runner: ScriptRunner, model: Model, script_args: list[Any], enable_hr: bool = False):
-        self.scripts = runner
-        self.script_args = script_args
-        self.sd_model = model
-        self.enable_hr = enable_hr
-        self.extra_generation_params: dict[str, Any] = {}
-        self.comments: dict[str, int] = {}
-        self.model_patcher = ModelPatcher()
-        self.sampled_with_patches: list[list[tuple[str, Any]]] = []
-
-    def comment(self, text):
-        self.comments[text] = 1
-
-
-class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
-
-
-class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.init_images = ["init image"]
-
-
-class Processed:
-    def __init__(self, p: StableDiffusionProcessing, images: list[Any]) -> None:
-        self.images = images
-        self.comments = "".join(f"{comment}\n" for comment in p.comments)
-        self.extra_generation_params = p.extra_generation_params
-
-
-def sample(p: StableDiffusionProcessing) -> str:
-    """The sampler: an IC-Light-patched UNet forward on a model that is not SD1.5 fails the request."""
-    patches = list(p.model_patcher.module_patches)
-    if patches and not p.sd_model.is_sd1:
-        raise TypeError("MMDiT.forward() got multiple values for argument 'y'")
-    p.sampled_with_patches.append(patches)
-    return "samples"
-
-
-def process_images(p: StableDiffusionProcessing) -> Processed:
-    """``processing.process_images`` for one image: the script hooks in A1111's order."""
-    runner = p.scripts
-    runner.before_process(p)
-    runner.process(p)
-    runner.before_process_batch(p, batch_number=0, prompts=[""], seeds=[1], subseeds=[1])
-    runner.process_batch(p, batch_number=0, prompts=[""], seeds=[1], subseeds=[1])
-    runner.process_before_every_sampling(p, x="x", noise="noise", c="c", uc="uc")
-    samples = sample(p)
-    if p.enable_hr:
-        runner.before_hr(p)
-        runner.process_before_every_sampling(p, x=samples, noise="noise", c="c", uc="uc")
-        samples = sample(p)
-    runner.post_sample(p, PostSampleArgs(samples))
-    image = "image"
-    runner.postprocess_image(p, PostprocessImageArgs(image))
-    processed = Processed(p, [image])
-    runner.postprocess(p, processed)
-    return processed
 
 
 def load_script_module(path: str, basedir: str) -> Any:

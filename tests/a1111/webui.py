@@ -1,4 +1,4 @@
-"""Stand-ins for A1111's ``modules`` package, shaped like the real ones, for adapter tests.
+"""Fakes of A1111's ``modules`` package, shaped like the real ones, for adapter tests.
 
 A1111 cannot be installed in CI, so tests put a small ``modules`` package into ``sys.modules``
 with only what the adapter touches. Each test module adds the shapes it needs (for example
@@ -47,7 +47,7 @@ class OptionInfo:
 
 
 class Component:
-    """A gradio component or block stand-in: records its arguments; usable as a context manager."""
+    """A fake gradio component or block: records its arguments; usable as a context manager."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs = args, kwargs

@@ -1,4 +1,4 @@
-"""Stand-in for ``libiclight/args.py``: the script args arrive as one dict, read back from ``p``."""
+"""Fake of ``libiclight/args.py``: the script args arrive as one dict, read back from ``p``."""
 
 from modules import scripts
 

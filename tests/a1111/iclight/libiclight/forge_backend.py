@@ -1,4 +1,4 @@
-"""Stand-in for ``libiclight/forge_backend.py``: imports Forge's ``ldm_patched``, absent in A1111."""
+"""Fake of ``libiclight/forge_backend.py``: imports Forge's ``ldm_patched``, absent in A1111."""
 
 from ldm_patched.modules.model_patcher import ModelPatcher  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""Stand-in for ``libiclight/a1111_backend.py``: VAE-encode the foreground with the LDM's first stage,
+"""Fake of ``libiclight/a1111_backend.py``: VAE-encode the foreground with the LDM's first stage,
 then patch the UNet's forward through ``p.model_patcher`` (sd-webui-model-patcher)."""
 
 

@@ -1,0 +1,11 @@
+"""Fakes of AUTOMATIC1111's WebUI for the unit suite, and the fake IC-Light pair both suites load.
+
+- ``webui``: the ``modules`` package container (``FakeWebUI``) with ``shared``, ``script_callbacks`` and gradio.
+- ``models``: ``Model``, ``shared.sd_model`` with the family flags A1111 sets (the one SD3 model).
+- ``processing``: ``P`` (``StableDiffusionProcessing``), ``process_images`` and the hooks' order.
+- ``scripts``: ``Script``, ``ScriptRunner``, ``errors.report`` and ``load_script_module``.
+- ``sampling``: sd_samplers / sd_schedulers / SD3Denoiser with an oracle denoiser (``install``).
+- ``iclight/``: huchenlei/sd-forge-ic-light's old (8c2963e) and new (ff82902) script shapes and ``libiclight``.
+
+docs/testing.md says what each one mirrors in A1111 and on which state.
+"""

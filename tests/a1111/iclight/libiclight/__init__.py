@@ -1,0 +1,1 @@
+"""Fake of IC-Light's ``libiclight`` package (see ../README.md)."""

@@ -1,1 +1,0 @@
-"""Stand-in for IC-Light's ``libiclight`` package (see ../README.md)."""
