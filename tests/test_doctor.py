@@ -443,7 +443,7 @@ def add_extension(root, name, scripts=None, packages=()):
     ("sd-forge-ic-light", {"ic_light_script.py": ICLIGHT_HAOMING}, ("lib_iclight",), OK, "new version"),
     ("my-relight", {"relight.py": ICLIGHT_OLD}, ("lib_iclight",), WARN, "asserts Forge"),  # renamed folder
 ])
-def test_iclight_shapes(tmp_path, name, scripts, packages, status, words):
+def test_iclight_versions(tmp_path, name, scripts, packages, status, words):
     root = make_webui(tmp_path / "webui", "dev")
     add_extension(root, name, scripts, packages)
     add_extension(root, "sd-webui-controlnet", {"controlnet.py": ICLIGHT_NEW.replace("apply_ic_light", "x")})

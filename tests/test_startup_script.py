@@ -1,4 +1,4 @@
-"""startup.install() and scripts/sd3.py against the stand-in A1111: callbacks, features, patches, the script."""
+"""startup.install() and scripts/sd3.py against the fake A1111 (tests/a1111): callbacks, features, patches, the script."""
 
 import importlib.util
 import logging
@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+from a1111.models import Model
 from a1111.scripts import Script
 from conftest import ROOT
 
@@ -60,7 +61,7 @@ def _helper():
 
 @pytest.fixture
 def webui(fake_webui, monkeypatch, tmp_path):
-    """The stand-in A1111 plus an isolated extension state (registry, hooks, features) per test."""
+    """The fake A1111 plus an isolated extension state (registry, hooks, features) per test."""
     fake_webui.module("modules.scripts", Script=Script, AlwaysVisible=object())
     fake_webui.module("modules.sd_hijack", StableDiffusionModelHijack=StableDiffusionModelHijack, helper=_helper)
     monkeypatch.setattr(REGISTRY, "_patches", {})
@@ -108,7 +109,7 @@ def feature():
 
 
 def model(is_sd3):
-    return types.SimpleNamespace(is_sd3=is_sd3, sd_checkpoint_info=None)
+    return Model("SD3" if is_sd3 else "SD1", sd_checkpoint_info=None)
 
 
 # --- start-up ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The adapter core against stand-in A1111 modules: state detection, settings, status route."""
 
+from a1111.models import Model
+
 from lib_sd3.webui import capabilities, routes, settings
 
 
@@ -23,7 +25,7 @@ def test_state_detection_by_features(fake_webui):
 
 def test_model_is_sd3(fake_webui):
     assert not capabilities.model_is_sd3()
-    fake_webui.shared.sd_model = type("M", (), {"is_sd3": True})()
+    fake_webui.shared.sd_model = Model("SD3")
     assert capabilities.model_is_sd3()
 
 

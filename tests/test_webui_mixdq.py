@@ -4,6 +4,8 @@ import types
 
 import pytest
 import torch
+from a1111.models import Model
+from a1111.processing import P
 from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config as mixdq_config
@@ -20,7 +22,7 @@ def webui(fake_webui, tmp_path):
 
     torch.manual_seed(0)
     mmdit = TinyMMDiT(depth=24, dim=64)  # SD3 Medium's depth and layer names, toy width
-    sd_model = types.SimpleNamespace(is_sd3=True, sd_model_hash="0123abcd", model=types.SimpleNamespace(diffusion_model=mmdit))
+    sd_model = Model("SD3", sd_model_hash="0123abcd", model=types.SimpleNamespace(diffusion_model=mmdit))
     fake_webui.shared.sd_model = sd_model
     fake_webui.shared.opts.data["sd3_mixdq"] = "off"
     fake_webui.module("modules.paths_internal", models_path=str(tmp_path))
@@ -31,7 +33,7 @@ def webui(fake_webui, tmp_path):
 
 
 def processing():
-    return types.SimpleNamespace(extra_generation_params={}, sd_model=None)
+    return P()
 
 
 def run_hooks(p, api_args):
@@ -97,7 +99,7 @@ def test_routes_get_post_and_errors(webui):
     bad = client.post("/sd3/mixdq", json={"config": "w2a2"})
     assert bad.status_code == 400 and "w2a2" in bad.json()["detail"]
     assert client.post("/sd3/mixdq", json={"config": "off"}).json()["active"] is False
-    webui.shared.sd_model = types.SimpleNamespace(is_sd3=False)
+    webui.shared.sd_model = Model("SD1")
     assert client.post("/sd3/mixdq", json={"config": "w8a8"}).status_code == 409
     assert client.get("/sd3/mixdq").json()["sd3_loaded"] is False
 

@@ -1,8 +1,8 @@
-"""The samplers feature against stand-in A1111 sampling modules (early SD3 branch and dev shapes)."""
+"""The samplers feature against the fake A1111 sampling modules (tests/a1111) (early SD3 branch and dev shapes)."""
 
 import pytest
 import torch
-from a1111.processing import P as FakeP
+from a1111.processing import P
 from a1111.sampling import install
 from oracle import data_scale, make_oracle, rms
 
@@ -32,7 +32,7 @@ def webui(request, fake_webui):
 def load_sd3(webui, flow_on=True, guard_on=True, p=None):
     webui.shared.sd_model = webui.model
     REGISTRY.sync(True)
-    p = p or FakeP(sd_model=webui.model)
+    p = p or P(sd_model=webui.model)
     feature.on_process(p, {"flow_samplers": flow_on, "nan_guard": guard_on})
     return p
 
@@ -72,7 +72,7 @@ def test_every_sampler_and_scheduler_gives_finite_flow_results(webui):
     failures = []
     for config in sd_samplers.all_samplers:
         for scheduler in sd_schedulers.schedulers:
-            p = FakeP(steps=24, scheduler=scheduler.label, sd_model=webui.model)
+            p = P(steps=24, scheduler=scheduler.label, sd_model=webui.model)
             sampler = sd_samplers.create_sampler(config.name, webui.model)
             sigmas = sampler.get_sigmas(p, 24) if hasattr(sampler, "get_sigmas") else None
             if sigmas is not None:
@@ -89,7 +89,7 @@ def test_every_sampler_and_scheduler_gives_finite_flow_results(webui):
 
 
 def test_ddim_eta0_equals_euler_through_the_webui(webui):
-    p = load_sd3(webui, p=FakeP(steps=15, scheduler="Karras"))
+    p = load_sd3(webui, p=P(steps=15, scheduler="Karras"))
     _, ddim = txt2img(webui, "DDIM", p)
     _, euler = txt2img(webui, "Euler", p)
     assert torch.allclose(ddim, euler, atol=1e-5)
@@ -99,7 +99,7 @@ def test_ddim_eta0_equals_euler_through_the_webui(webui):
 
 
 def test_flow_off_is_a1111s_behaviour_and_infotext_says_so(webui):
-    p = load_sd3(webui, flow_on=False, p=FakeP(steps=10, scheduler="Align Your Steps"))
+    p = load_sd3(webui, flow_on=False, p=P(steps=10, scheduler="Align Your Steps"))
     noise, ddim = txt2img(webui, "DDIM", p)
     exact = webui.oracle.endpoint(noise.double(), 1.0).float()
     assert not torch.isfinite(ddim).all() or rms(ddim - exact) / data_scale(webui.oracle) > 0.5  # the bug
@@ -112,7 +112,7 @@ def test_flow_off_is_a1111s_behaviour_and_infotext_says_so(webui):
 
 
 def test_ays_infotext_and_levels(webui):
-    p = load_sd3(webui, p=FakeP(steps=10, scheduler="Align Your Steps"))
+    p = load_sd3(webui, p=P(steps=10, scheduler="Align Your Steps"))
     from modules import sd_samplers
 
     sampler = sd_samplers.create_sampler("DPM++ 2M", webui.model)
@@ -125,7 +125,7 @@ def test_ays_infotext_and_levels(webui):
 def test_img2img_and_hires_start_from_the_flow_latent(webui, name):
     from modules import sd_samplers
 
-    p = load_sd3(webui, p=FakeP(steps=10, denoising_strength=0.6, scheduler="Karras"))
+    p = load_sd3(webui, p=P(steps=10, denoising_strength=0.6, scheduler="Karras"))
     init = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
     for hires in (False, True):
@@ -143,7 +143,7 @@ def test_extra_noise_keeps_working(webui):
     from modules import sd_samplers
 
     webui.shared.opts.data["img2img_extra_noise"] = 0.2
-    p = load_sd3(webui, p=FakeP(steps=8, denoising_strength=0.5))
+    p = load_sd3(webui, p=P(steps=8, denoising_strength=0.5))
     init, noise = torch.randn(64, 4), torch.randn(64, 4)
     sampler = sd_samplers.create_sampler("Euler", webui.model)
     s = float(sampler.get_sigmas(p, 8)[8 - 4 - 1])
@@ -156,7 +156,7 @@ def test_extra_noise_keeps_working(webui):
 def test_ddim_cfgpp_and_unipc_options(webui):
     from modules import sd_samplers
 
-    p = load_sd3(webui, p=FakeP(steps=10, cfg_scale=6.0))
+    p = load_sd3(webui, p=P(steps=10, cfg_scale=6.0))
     if webui.state == "dev":
         sampler = sd_samplers.create_sampler("DDIM CFG++", webui.model)
         assert sampler.model_wrap_cfg.cond_scale_miltiplier == feature.CFGPP_SCALE
@@ -168,17 +168,17 @@ def test_ddim_cfgpp_and_unipc_options(webui):
 
 
 def test_nan_guard_error_names_sampler_step_and_sigma(webui):
-    p = load_sd3(webui, p=FakeP(steps=6))
+    p = load_sd3(webui, p=P(steps=6))
     webui.model.apply_model = lambda x, sigma, cond: x * float("nan")
     with pytest.raises(NonFiniteError, match=r"sampler Heun, step 1/6, sigma 1\b"):
         txt2img(webui, "Heun", p)
-    p = load_sd3(webui, guard_on=False, p=FakeP(steps=6))
+    p = load_sd3(webui, guard_on=False, p=P(steps=6))
     _, out = txt2img(webui, "Heun", p)  # guard off: A1111 sees the NaN (and raises NansException itself)
     assert torch.isnan(out).all()
 
 
 def test_nan_guard_recovery_goes_into_the_infotext(webui):
-    p = load_sd3(webui, p=FakeP(steps=6))
+    p = load_sd3(webui, p=P(steps=6))
     original = webui.model.apply_model
 
     def nan_outside_autocast(x, sigma, cond):
@@ -196,12 +196,12 @@ def test_lcm_runs_on_sd3_in_flow_form(webui, monkeypatch):
     attribute 'inner_model'"); with the flow samplers it runs the flow LCM on SD3's own denoiser."""
     from lib_sd3 import samplers as flow_samplers
 
-    p = load_sd3(webui, flow_on=False, p=FakeP(steps=4))
+    p = load_sd3(webui, flow_on=False, p=P(steps=4))
     with pytest.raises(AttributeError, match="inner_model"):
         txt2img(webui, "LCM", p)  # flow samplers off: A1111's own behaviour, the bug
     z = torch.full((64, 4), 0.5)
     monkeypatch.setattr(flow_samplers, "seeded_randn_like", lambda x: z.to(x))
-    p = load_sd3(webui, p=FakeP(steps=4))
+    p = load_sd3(webui, p=P(steps=4))
     webui.model.calls.clear()
     noise, out = txt2img(webui, "LCM", p)
     from modules import sd_samplers
@@ -228,7 +228,7 @@ def cfg_model(webui, scale):
 
 
 def dpm_run(webui, name, steps, cfg_scale, flow_on=True, seed=0):
-    p = load_sd3(webui, flow_on=flow_on, p=FakeP(steps=steps, cfg_scale=cfg_scale, eta=0.0))
+    p = load_sd3(webui, flow_on=flow_on, p=P(steps=steps, cfg_scale=cfg_scale, eta=0.0))
     return txt2img(webui, name, p, seed)
 
 
@@ -269,7 +269,7 @@ def test_every_sampler_and_scheduler_runs_at_one_to_three_steps(webui, steps):
     failures = []
     for config in sd_samplers.all_samplers:
         for scheduler in sd_schedulers.schedulers:
-            p = FakeP(steps=steps, scheduler=scheduler.label, cfg_scale=4.5, sd_model=webui.model)
+            p = P(steps=steps, scheduler=scheduler.label, cfg_scale=4.5, sd_model=webui.model)
             try:
                 noise, out = txt2img(webui, config.name, p)
             except Exception as error:  # noqa: BLE001 - collected, so one run names every broken cell
@@ -285,16 +285,16 @@ def test_every_sampler_and_scheduler_runs_at_one_to_three_steps(webui, steps):
 def test_sgm_noise_multiplier_is_ignored_on_sd3_and_the_infotext_says_so(webui):
     """A1111 scales txt2img's start noise by sqrt(1 + sigma_max^2) with this option (SDXL's convention): on flow,
     sqrt(2) too much at s = 1 (Euler's final variance +22 % on the real model)."""
-    p = load_sd3(webui, p=FakeP(steps=12))
+    p = load_sd3(webui, p=P(steps=12))
     _, plain = txt2img(webui, "Euler", p)
     webui.shared.opts.data["sgm_noise_multiplier"] = True
     try:
-        p = load_sd3(webui, p=FakeP(steps=12))
+        p = load_sd3(webui, p=P(steps=12))
         _, multiplied = txt2img(webui, "Euler", p)
         assert torch.allclose(multiplied, plain, atol=1e-6)
         assert p.extra_generation_params["SGM noise multiplier"] is True  # A1111's own entry stays
         assert p.extra_generation_params[infotext.SGM_NOISE].startswith("ignored")
-        p = load_sd3(webui, flow_on=False, p=FakeP(steps=12))
+        p = load_sd3(webui, flow_on=False, p=P(steps=12))
         _, a1111 = txt2img(webui, "Euler", p)  # flow samplers off: A1111's behaviour
         assert not torch.allclose(a1111, plain, atol=1e-3) and infotext.SGM_NOISE not in p.extra_generation_params
     finally:
@@ -304,7 +304,7 @@ def test_sgm_noise_multiplier_is_ignored_on_sd3_and_the_infotext_says_so(webui):
 @pytest.mark.parametrize("name, where", [("DPM fast", r"sampler DPM fast, step 1/6, sigma 1\b"),
                                          ("DPM adaptive", r"sampler DPM adaptive, step 1, sigma 1\b")])
 def test_nan_guard_names_the_sampler_and_step_for_dpm_fast_and_adaptive(webui, name, where):
-    p = load_sd3(webui, p=FakeP(steps=6))
+    p = load_sd3(webui, p=P(steps=6))
     webui.model.apply_model = lambda x, sigma, cond: x * float("nan")
     with pytest.raises(NonFiniteError, match=where):
         txt2img(webui, name, p)
@@ -317,6 +317,6 @@ def test_route_table_names_every_sampler(webui):
     labels = {config.name for config in sd_samplers.all_samplers}
     assert labels <= set(feature.KDIFFUSION_ROUTES) | set(feature.TIMESTEP_ROUTES)
     assert feature.KDIFFUSION_ROUTES["DPM fast"].wrap(None, False) is feature.flow_samplers.sample_flow_dpm_fast
-    p = load_sd3(webui, p=FakeP(steps=6))
+    p = load_sd3(webui, p=P(steps=6))
     txt2img(webui, "DPM fast", p)
     assert p.extra_generation_params["SD3 flow sampler"] == "DPM fast -> flow DPM fast"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from a1111.models import Model
+from a1111.processing import P
 from hf_mirror import HFMirror
 
 from lib_sd3 import fetch as fetcher
@@ -252,7 +254,7 @@ def load_sd3(webui):
     """What A1111 does: build SD3Cond (our patch inside), then fire on_model_loaded."""
     cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
                   else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
-    model = types.SimpleNamespace(is_sd3=True, cond_stage_model=cond_class())
+    model = Model("SD3", cond_stage_model=cond_class())
     webui.shared.sd_model = model
     webui.t5.attachment.decide(model)
     return model
@@ -266,7 +268,7 @@ class Processing:
 
 
 def generate(webui, model, prompts=("a cat", "sign")):
-    p = Processing(model)
+    p = P(sd_model=model)
     webui.t5.process(p, {})
     with torch.no_grad():
         return model.cond_stage_model(list(prompts)), p.extra_generation_params["SD3 T5"]
@@ -283,7 +285,7 @@ def test_a1111_never_builds_t5_itself(webui):
 def load_sd3_without_refresh(webui):
     cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
                   else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
-    return types.SimpleNamespace(is_sd3=True, cond_stage_model=cond_class())
+    return Model("SD3", cond_stage_model=cond_class())
 
 
 def test_missing_t5_fetched_in_background_then_switched_on(webui, mirror):

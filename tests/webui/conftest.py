@@ -9,13 +9,13 @@ is skipped. Per state, one session fixture:
    builder and A1111's SD3 sources are unchanged;
 2. makes a throwaway ``--data-dir`` (models, extensions, config, outputs all live there, so the
    checkout itself gets nothing): this checkout is symlinked into its ``extensions/`` beside a
-   test-support extension and two stand-in IC-Light extensions (old and new shape);
+   test-support extension and two fake IC-Light extensions (old and new shape);
 3. starts a T5 mirror on 127.0.0.1 and A1111 on 127.0.0.1 with ``--api`` on the CPU, waits for the
    model, runs the cases, stops A1111 and the mirror, removes the data dir, and checks that the
    checkout's ``git status`` is what it was before.
 
 Cases that ask for ``webui`` with a ``"<state>:<variant>"`` param (:func:`real_iclight_params`) get their
-own server of that state whose ``extensions/`` holds, instead of the stand-ins, the contributor's own
+own server of that state whose ``extensions/`` holds, instead of the fakes, the contributor's own
 checkouts of the real IC-Light and sd-webui-model-patcher (``SD3_TEST_ICLIGHT_OLD`` /
 ``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; unset, those cases are skipped.
 ``webui`` is one session fixture, so pytest stops one server before it starts the next.
@@ -248,7 +248,7 @@ class WebUI:
     process: subprocess.Popen
     t5_config: dict
     variant: str = ""
-    """Empty with the stand-in IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout."""
+    """Empty with the fake IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout."""
 
     def mark(self) -> int:
         """Where the server log ends now; pass to :meth:`log_since` to read what a case caused."""
