@@ -1,10 +1,9 @@
 """Resumable, verified downloads from a Hugging Face endpoint or mirror.
 
 Why our own and not ``huggingface_hub``: A1111's venv pins ``huggingface_hub`` 0.36 (its
-transformers 4.30 caps it below 1.0). Measured against a local mirror that drops the connection
-at 50 %, 0.36 raised ``ChunkedEncodingError``, left a 0-byte ``.incomplete`` and restarted from
-zero; 2.x resumes, but neither checks more than the byte count, neither tries a list of mirrors,
-and neither can be told to stop. A T5-XXL file is 9.8 GB, so each of those matters. We use
+transformers 4.30 caps it below 1.0), which does not resume a dropped download; no version checks
+more than the byte count, tries a list of mirrors, or can be told to stop. A T5-XXL file is 9.8 GB,
+so each of those matters (what was measured: docs/t5.md). We use
 ``huggingface_hub`` only for where its cache lives (:mod:`lib_sd3.t5`), and ``requests`` (in every
 A1111 venv) for HTTP.
 

@@ -3,10 +3,10 @@
 ``torch._int_mm(a, b)`` multiplies int8 ``a (M, K)`` by int8 ``b (K, N)`` into int32. On CUDA
 (cuBLASLt) it insists on ``M > 16`` and ``K``, ``N`` multiples of 8. Weights are stored like
 ``nn.Linear``'s, ``(N, K)`` contiguous, and passed as ``w.t()``: a column-major ``b`` is cuBLASLt's
-native int8 layout ("TN"), measured 5.5x faster on an H200 than a row-major ``(K, N)`` at SD3's
-shapes with identical results; oneDNN on the CPU takes it as fast or faster. SD3's adaLN and embedder Linears run with ``M`` = batch size (1-4 rows):
-their rows are zero-padded up to :data:`CUDA_MIN_ROWS` (zero rows give zero outputs, dropped
-after). The CPU kernel (PyTorch >= 2.3, oneDNN/VNNI) has no shape rules. Anything else (MPS, a
+native int8 layout ("TN"), much faster than a row-major ``(K, N)`` with identical results (figures:
+docs/mixdq.md); oneDNN on the CPU takes it as fast or faster. SD3's adaLN and embedder Linears run
+with ``M`` = batch size (1-4 rows): their rows are zero-padded up to :data:`CUDA_MIN_ROWS` (zero
+rows give zero outputs, dropped after). The CPU kernel (PyTorch >= 2.3, oneDNN/VNNI) has no shape rules. Anything else (MPS, a
 PyTorch without ``_int_mm``) takes the caller's dequantize-then-matmul fallback.
 
 :data:`PATHS` is the one table of ways to run a quantized layer (compiled, eager, fp8,

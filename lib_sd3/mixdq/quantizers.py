@@ -10,7 +10,7 @@ that ``-q`` is always representable and the grid is exactly symmetric):
 Weights: int8 per output channel (one scale per row of W), or int4 in groups of ``group_size``
 input channels per output channel (a scale per group), two codes packed per byte. Both are kept
 as ``W`` is, ``(N, K)`` row-major: ``W.t()`` is then the column-major ``(K, N)`` operand that
-cuBLASLt's int8 GEMM runs fastest (5.5x faster than a row-major ``(K, N)`` on an H200). Activations:
+cuBLASLt's int8 GEMM runs fastest (docs/mixdq.md). Activations:
 int8 per token (dynamic, one scale per row of X, computed on the fly) or per tensor (static, one
 scale from calibration).
 """
@@ -112,7 +112,7 @@ CPU_CHUNK_BYTES = 1 << 24
 cache, so the second pass over a block hits cache, and no full-size fp32 temporary is allocated
 (a fresh 100 MB buffer is mmap'ed and page-faulted on every call: at K = 6144 that alone cost more
 than the GEMM). Not smaller: every block is a few OpenMP-parallel ops, and on a busy machine each
-op can wait a scheduler slice for a descheduled thread (1 MiB blocks measured 2x slower there)."""
+op can wait a scheduler slice for a descheduled thread (docs/mixdq.md)."""
 
 ROUND_MAGIC = 1.5 * 2**23
 """fp32 value whose neighbours are exactly 1 apart: ``v + ROUND_MAGIC`` for ``|v| < 2^22`` rounds ``v``

@@ -1,7 +1,7 @@
 """Pick the kernel path a quantized model runs, by timing the candidates on its own layer shapes.
 
 Which path is fastest depends on the device, not on a rule: on a GPU eager per-token quantization
-costs 3-5x the int8 GEMM (so a fused compiled kernel or FP8 wins), on a CPU oneDNN's int8 GEMM
+costs more than the int8 GEMM itself (so a fused compiled kernel or FP8 wins; docs/mixdq.md), on a CPU oneDNN's int8 GEMM
 dominates and the fused path only saves passes over memory, and where Triton or a C++ compiler is
 missing only eager and weight-only exist. So at quantize time every path in
 :data:`~lib_sd3.mixdq.kernels.PATHS` that serves the config's weight format and can run on the

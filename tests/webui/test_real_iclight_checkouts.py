@@ -20,7 +20,7 @@ pytestmark = pytest.mark.parametrize("webui", real_iclight_params(), indirect=Tr
 
 EXPECTED_SHAPE = {"iclight-old": Shape.APPLY_IN_PROCESS, "iclight-new": Shape.APPLY_BEFORE_SAMPLING}
 SKIP_NOTE = "IC-Light: skipped (SD3 model)"
-"""The infotext entry the README promises for an enabled IC-Light with SD3 loaded."""
+"""The infotext entry docs/iclight.md promises for an enabled IC-Light with SD3 loaded."""
 OLD_FAILURE = "AssertionError"
 NEW_FAILURE = "MMDiT.forward() got multiple values"
 IC_LIGHT_WORDS = ("ic_light", "ic-light", "iclight", "ic light", "modelpatcher", "model_patcher", "model-patcher")
