@@ -21,6 +21,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.samplers",
     "lib_sd3.webui.tokens",
     "lib_sd3.webui.mixdq",
+    "lib_sd3.webui.lora",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 
