@@ -60,8 +60,8 @@ def _mat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).float()
 
 
-def dense(params: dict[str, torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-    """The full delta ``(out, in[, kh, kw])`` one module adds at strength 1, in fp32."""
+def unscaled(params: dict[str, torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The delta one module adds before its ``scale``, shaped ``shape``, in fp32 (one matmul for a LoRA)."""
     what = kind(params)
     if what == "lora":
         if "lora_mid.weight" in params:
@@ -84,7 +84,12 @@ def dense(params: dict[str, torch.Tensor], shape: Sequence[int]) -> torch.Tensor
         raise ValueError(UNKNOWN_KIND)
     if delta.numel() != _numel(shape):
         raise ValueError(SHAPE_MISMATCH)
-    return delta.reshape(shape) * scale(params)
+    return delta.reshape(shape)
+
+
+def dense(params: dict[str, torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The full delta ``(out, in[, kh, kw])`` one module adds at strength 1, in fp32."""
+    return unscaled(params, shape) * scale(params)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -174,4 +179,4 @@ def merge(weights: dict[str, torch.Tensor], modules: dict[str, dict[str, torch.T
     """``W += strength * delta`` in place for every module (name -> its ``.weight`` in ``weights``)."""
     for name, params in modules.items():
         weight = weights[name]
-        weight += (strength * dense(params, weight.shape)).to(weight.dtype)
+        weight.add_(unscaled(params, weight.shape).to(weight.dtype), alpha=strength * scale(params))

@@ -16,8 +16,10 @@ path (:mod:`lib_sd3.lora.sidepath`) fed from the same loaded networks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -84,6 +86,25 @@ class Targets:
         self.index = keys.KeyIndex(layout)
 
 
+@contextlib.contextmanager
+def _shape_visible(module: Any, shape: tuple[int, ...]) -> Iterator[None]:
+    """Let A1111 read the weight shape of a float original MixDQ has spilled to disk (its tensor is empty then).
+
+    A1111's network modules read ``sd_module.weight.shape`` once, when they are built; a zero-stride view
+    of one element answers that without allocating, and the empty tensor is put back at once.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.numel() or not shape:
+        yield
+        return
+    saved = weight.data
+    weight.data = saved.new_zeros(()).expand(shape)
+    try:
+        yield
+    finally:
+        weight.data = saved
+
+
 class Sd3LoraLoader:
     """Builds A1111 ``network.Network`` objects from SD3 LoRA files; remembers what each load left out."""
 
@@ -110,8 +131,9 @@ class Sd3LoraLoader:
             if sd_key is None:
                 unmatched[label] = NO_NETWORK_NAME
                 continue
-            module = self._module(networks, net, network.NetworkWeights(
-                network_key=label, sd_key=sd_key, w=weights, sd_module=sd_module))
+            with _shape_visible(sd_module, targets.index.layout[namespace][module_name]):
+                module = self._module(networks, net, network.NetworkWeights(
+                    network_key=label, sd_key=sd_key, w=weights, sd_module=sd_module))
             if module is None:
                 unmatched[label] = NO_MODULE_TYPE
                 continue
@@ -309,10 +331,11 @@ def unmerge(mmdit: Any) -> None:
     restore = getattr(networks, "network_restore_weights_from_backup", None)
     if restore is None or mmdit is None:
         return
-    for module in mmdit.modules():
-        if getattr(module, "network_current_names", ()):
-            restore(module)
-            module.network_current_names = ()
+    with torch.no_grad():  # A1111 restores inside forward, under no_grad; its weights are Parameters
+        for module in mmdit.modules():
+            if getattr(module, "network_current_names", ()):
+                restore(module)
+                module.network_current_names = ()
 
 
 def attach_side_paths(_p: Any = None, _values: Any = None) -> None:
