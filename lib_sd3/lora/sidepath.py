@@ -34,6 +34,11 @@ class Term:
             return F.linear(x, self.up) * self.scale
         return F.linear(F.linear(x, self.down), self.up) * self.scale
 
+    def add_into(self, out2d: torch.Tensor, x2d: torch.Tensor) -> None:
+        """``out2d += scale * x2d (up down)^T`` with the second matmul, the scale and the add in one ``addmm_``."""
+        hidden = x2d if self.down is None else x2d @ self.down.t()
+        out2d.addmm_(hidden, self.up.t(), alpha=self.scale)
+
 
 KeyFn = Callable[[nn.Module], object]
 """(layer) -> a cheap key that changes whenever the set of active LoRAs or their strengths change."""
@@ -62,9 +67,11 @@ class SidePath:
         if not terms:
             return output
         x = args[0]
+        out = output if output.is_contiguous() else output.contiguous()
+        out2d, x2d = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
         for term in terms:
-            output = output + term(x)
-        return output
+            term.add_into(out2d, x2d)
+        return out
 
 
 def attach(module: nn.Module, key_fn: KeyFn, terms_fn: TermsFn) -> SidePath:
