@@ -36,6 +36,10 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "IC-Light hooks wrapped in the script runners"),
     SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "MixDQ float layers restored before A1111 loads new weights"),
+    SourceTarget("lora.load_network", ("extensions-builtin/Lora/networks.py",), r"^def load_network\(",
+                 "SD3 / SD3.5 LoRA files in every layout through the built-in Lora extension"),
+    SourceTarget("lora.card_version", ("extensions-builtin/Lora/ui_extra_networks_lora.py",),
+                 r"^\s+def create_item\(", "SD3 LoRAs shown as SD3 on the Lora tab"),
 )
 
 
