@@ -40,6 +40,8 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "SD3 / SD3.5 LoRA files in every layout through the built-in Lora extension"),
     SourceTarget("lora.card_version", ("extensions-builtin/Lora/ui_extra_networks_lora.py",),
                  r"^\s+def create_item\(", "SD3 LoRAs shown as SD3 on the Lora tab"),
+    SourceTarget("lora.weightless_layers", ("extensions-builtin/Lora/networks.py",), r"^def network_apply_weights\(",
+                 "LoRA on SD3 without a crash at weightless norms (early SD3 branch)"),
 )
 
 

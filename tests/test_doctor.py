@@ -99,7 +99,8 @@ def make_webui(root, state):
         "modules/sd_samplers.py": SD_SAMPLERS,
         "modules/sd_models.py": SD_MODELS,
         "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
-        "extensions-builtin/Lora/networks.py": "def load_network(name, network_on_disk):\n    pass\n",
+        "extensions-builtin/Lora/networks.py": (
+            "def load_network(name, network_on_disk):\n    pass\n\n\ndef network_apply_weights(self):\n    pass\n"),
         "extensions-builtin/Lora/ui_extra_networks_lora.py": (
             "class ExtraNetworksPageLora:\n    def create_item(self, name, index=None, enable_filter=True):\n        pass\n"),
     }

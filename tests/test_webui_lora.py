@@ -53,16 +53,22 @@ def lora_webui(fake_webui, tmp_path):
 
     sys.modules["network"] = types.SimpleNamespace(
         Network=Network, NetworkWeights=collections.namedtuple("NetworkWeights", "network_key sd_key w sd_module"))
+    def early_apply_weights(layer):  # the early branch's: backs up layer.weight unconditionally
+        layer.backup = layer.weight.to("cpu", copy=True)
+
     sys.modules["networks"] = types.SimpleNamespace(load_network=original_load, module_types=[RecordingModuleType()],
-                                                    loaded_networks=[], available_networks={})
+                                                    loaded_networks=[], available_networks={},
+                                                    network_apply_weights=early_apply_weights)
     sys.modules["ui_extra_networks_lora"] = types.SimpleNamespace(ExtraNetworksPageLora=Page)
     from lib_sd3.webui import lora
 
     lora.retarget()
+    REGISTRY.sync(True)
     fake_webui.mmdit, fake_webui.tmp, fake_webui.original_calls = mmdit, tmp_path, original_calls
     yield fake_webui
     REGISTRY.undo(lora.PATCH_LOAD)
     REGISTRY.undo(lora.PATCH_CARD)
+    REGISTRY.undo(lora.PATCH_WEIGHTLESS)
     for name, module in saved.items():
         if module is None:
             sys.modules.pop(name, None)
@@ -142,3 +148,13 @@ def test_unmerge_restores_a1111_backups_without_grad(lora_webui):
     sys.modules["networks"].network_restore_weights_from_backup = restore
     lora.unmerge(lora_webui.mmdit)
     assert torch.equal(layer.weight, backup) and layer.network_current_names == ()
+
+
+def test_weightless_norms_are_skipped_not_crashed(lora_webui):
+    networks = sys.modules["networks"]
+    norm = lora_webui.mmdit.joint_blocks[0].x_block.norm1  # LayerNorm(elementwise_affine=False): weight None
+    assert norm.weight is None
+    networks.network_apply_weights(norm)  # the early branch would raise 'NoneType' object has no attribute 'to'
+    layer = lora_webui.mmdit.context_embedder
+    networks.network_apply_weights(layer)
+    assert torch.equal(layer.backup, layer.weight)

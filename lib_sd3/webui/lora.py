@@ -36,6 +36,7 @@ log = get_logger("lora")
 FEATURE = "SD3 LoRA"
 PATCH_LOAD = "lora.load_network"
 PATCH_CARD = "lora.card_version"
+PATCH_WEIGHTLESS = "lora.weightless_layers"
 SD3_VERSION = "SD3"
 UNET_PREFIX = "diffusion_model_"  # A1111's network name of ``sd_model.model.diffusion_model.<name>``
 TEXT_ENCODERS = (("te1", "clip_l"), ("te2", "clip_g"), ("te3", "t5xxl"))
@@ -194,6 +195,31 @@ def load_swaps() -> list[AttributeSwap]:
     return [AttributeSwap(extension_module("networks"), "load_network", _wrap_load_network)]
 
 
+def _wrap_apply_weights(original: Any) -> Any:
+    """Skip layers without a weight (SD3's ``LayerNorm(elementwise_affine=False)``): nothing to merge there.
+
+    The early SD3 branch's ``network_apply_weights`` backs up ``self.weight.to(...)`` unconditionally, so any
+    ``<lora:...>`` on SD3 raises ``'NoneType' object has no attribute 'to'`` at the MMDiT's first norm; dev
+    returns early for them (``allowed_layer_without_weight``), which is what this does on both states.
+    """
+    def network_apply_weights(self):
+        if hasattr(self, "weight") and self.weight is None:
+            return None
+        return original(self)
+
+    return network_apply_weights
+
+
+def detect_weightless() -> str | None:
+    if not hasattr(extension_module("networks"), "network_apply_weights"):
+        return "Lora extension lacks networks.network_apply_weights"
+    return None
+
+
+def weightless_swaps() -> list[AttributeSwap]:
+    return [AttributeSwap(extension_module("networks"), "network_apply_weights", _wrap_apply_weights)]
+
+
 # --- the Lora tab: SD3 LoRAs are cards of version "SD3" -------------------------------------------
 
 class CardVersions:
@@ -343,10 +369,11 @@ def attach_side_paths(_p: Any = None, _values: Any = None) -> None:
 
 
 def retarget() -> None:
-    """(Re)apply both patches to the Lora extension modules that exist now (after each app start / UI reload)."""
-    for name in (PATCH_LOAD, PATCH_CARD):
+    """(Re)apply the patches to the Lora extension modules that exist now (after each app start / UI reload)."""
+    for name in (PATCH_LOAD, PATCH_CARD, PATCH_WEIGHTLESS):
         REGISTRY.undo(name)
-        REGISTRY.apply(name)
+        if not REGISTRY.get(name).sd3_only or model_is_sd3():
+            REGISTRY.apply(name)
 
 
 def status() -> dict[str, Any]:
@@ -355,6 +382,7 @@ def status() -> dict[str, Any]:
 
 REGISTRY.add(Patch.from_swaps(PATCH_LOAD, FEATURE, detect_load, load_swaps))
 REGISTRY.add(Patch.from_swaps(PATCH_CARD, FEATURE, detect_card, card_swaps))
+REGISTRY.add(Patch.from_swaps(PATCH_WEIGHTLESS, FEATURE, detect_weightless, weightless_swaps, sd3_only=True))
 hooks.APP_STARTED.append(retarget)
 hooks.PROCESS.append(attach_side_paths)
 hooks.BEFORE_EVERY_SAMPLING.append(attach_side_paths)
