@@ -54,6 +54,12 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "early SD3 branch: sizes rounded to multiples of 16 (dev has it)"),
     SourceTarget("early.long_prompts", ("modules/models/sd3/sd3_cond.py", "modules/models/sd3/sd3_model.py"),
                  r"^class SD3Cond\b", "early SD3 branch: prompts over 75 CLIP tokens, BREAK, emphasis (dev has it)"),
+    SourceTarget("lora.load_network", ("extensions-builtin/Lora/networks.py",), r"^def load_network\(",
+                 "SD3 / SD3.5 LoRA files in every layout through the built-in Lora extension"),
+    SourceTarget("lora.card_version", ("extensions-builtin/Lora/ui_extra_networks_lora.py",),
+                 r"^\s+def create_item\(", "SD3 LoRAs shown as SD3 on the Lora tab"),
+    SourceTarget("lora.weightless_layers", ("extensions-builtin/Lora/networks.py",), r"^def network_apply_weights\(",
+                 "LoRA on SD3 without a crash at weightless norms (early SD3 branch)"),
 )
 
 

@@ -105,6 +105,10 @@ def make_webui(root, state):
         "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
         "modules/api/api.py": "class Api:\n    def init_script_args(self, request, default_script_args):\n        pass\n",
         "modules/sd_samplers_cfg_denoiser.py": "class CFGDenoiser:\n    def combine_denoised(self, x_out):\n        pass\n",
+        "extensions-builtin/Lora/networks.py": (
+            "def load_network(name, network_on_disk):\n    pass\n\n\ndef network_apply_weights(self):\n    pass\n"),
+        "extensions-builtin/Lora/ui_extra_networks_lora.py": (
+            "class ExtraNetworksPageLora:\n    def create_item(self, name, index=None, enable_filter=True):\n        pass\n"),
     }
     if state == "dev":
         files["modules/models/sd3/sd3_cond.py"] = SD3_COND_DEV

@@ -18,6 +18,7 @@ ROUTES: list[Callable[[Any], None]] = []  # (fastapi.APIRouter) -> None
 UI: list[Callable[[bool], None]] = []  # (is_img2img) -> None, builds gradio blocks in the accordion
 STATUS: dict[str, Callable[[], dict[str, Any]]] = {}  # feature -> extra status for /sd3/status
 MODEL_LOADED: list[Callable[[Any], None]] = []  # (sd_model) -> None
+BEFORE_MMDIT_REWRITE: list[Callable[[Any], None]] = []  # (mmdit) -> None, before MixDQ re-reads its float weights
 APP_STARTED: list[Callable[[], None]] = []  # after A1111 built its UI/API and script runners (each UI reload too)
 INSTALL: list[Callable[[Any], None]] = []  # (modules.script_callbacks) -> None; at every install(), since
 # A1111 drops every callback on a UI reload while feature modules stay imported

@@ -142,6 +142,8 @@ def apply_choice(choice: str, sd_model: Any = None) -> dict[str, Any]:
     if state is not None:
         mixdq_model.restore(mmdit)
     if wanted is not None:
+        for hook in hooks.BEFORE_MMDIT_REWRITE:  # e.g. take A1111's merged LoRA deltas out of the float weights
+            hook(mmdit)
         folder = user_dir()
         cache = folder / "cache" if folder is not None else None
         mixdq_model.quantize(mmdit, wanted, cache_dir=cache, spill_dir=cache,

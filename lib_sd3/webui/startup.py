@@ -27,6 +27,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.presets",
     "lib_sd3.webui.early",
     "lib_sd3.webui.long_prompts",
+    "lib_sd3.webui.lora",
 )
 """Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
 

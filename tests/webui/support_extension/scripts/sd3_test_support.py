@@ -93,3 +93,23 @@ class SD3TestSupport(scripts.Script):
             import base64
 
             p.extra_generation_params[VALUES_KEY] = base64.b64encode(samples[0].cpu().numpy().tobytes()).decode()
+
+
+def _lora_cards() -> list[dict]:
+    """What the Lora tab lists now (``list_items`` applies A1111's "show only compatible" filter)."""
+    from modules import ui_extra_networks
+
+    page = next((p for p in ui_extra_networks.extra_pages if p.name == "lora"), None)
+    if page is None:
+        return []
+    page.refresh()
+    return [{"name": item["name"], "sd_version": item.get("sd_version")} for item in page.list_items()]
+
+
+def _add_routes(_demo, app):
+    app.add_api_route("/sd3-test/lora-cards", _lora_cards, methods=["GET"])
+
+
+from modules import script_callbacks  # noqa: E402
+
+script_callbacks.on_app_started(_add_routes)
