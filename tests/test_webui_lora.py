@@ -105,7 +105,7 @@ def test_sd3_lora_builds_a1111_modules_on_a1111_names(lora_webui, caplog):
     assert len(lines) == 1 and "lora_unet_nothing_here.alpha" in lines[0]
     from lib_sd3.webui import routes
 
-    report = routes.status()["features"]["SD3 LoRA"]["loras"]["mixed"]
+    report = routes.status()["features"]["LoRA"]["loras"]["mixed"]
     assert report["unmatched"] == 1 and report["modules"] == 2 and report["formats"] == ["diffusers", "kohya"]
     assert not lora_webui.original_calls
 

@@ -12,7 +12,8 @@ call only, so the resident size is 4.25 bits per weight.
 
 The class deliberately is *not* an ``nn.Linear`` subclass: A1111's built-in Lora extension
 replaces ``nn.Linear.forward`` for every Linear and would try to merge float deltas into our
-integer codes. A quantized layer therefore ignores LoRA; turn MixDQ off to use LoRA.
+integer codes. LoRA reaches a quantized layer as a float low-rank side path instead
+(:mod:`lib_sd3.lora.sidepath`).
 """
 
 from __future__ import annotations

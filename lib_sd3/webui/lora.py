@@ -33,7 +33,7 @@ from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("lora")
 
-FEATURE = "SD3 LoRA"
+FEATURE = "LoRA"
 PATCH_LOAD = "lora.load_network"
 PATCH_CARD = "lora.card_version"
 PATCH_WEIGHTLESS = "lora.weightless_layers"

@@ -138,7 +138,7 @@ def test_lora_equals_offline_merge(webui, loras, fmt):
     assert psnr(loras["base"], loras["merged"]) <= CHANGED_MAX_PSNR_DB, "the test LoRA is too weak to see"
     assert to_base <= CHANGED_MAX_PSNR_DB, f"{fmt}: the LoRA did not change the image"
     assert to_merged >= MIN_PSNR_DB, f"{fmt}: {to_merged:.1f} dB from the offline merge"
-    report = webui.status()["features"]["SD3 LoRA"]["loras"][f"sd3lora_{fmt}"]
+    report = webui.status()["features"]["LoRA"]["loras"][f"sd3lora_{fmt}"]
     assert report["unmatched"] == 0, report
 
 
@@ -156,7 +156,7 @@ def test_garbage_keys_one_line_and_http_200(webui, loras):
     assert len(lines) == 1, log[-3000:]
     assert not tracebacks_in(log), tracebacks_in(log)
     assert np.array_equal(image, loras["base"])
-    report = webui.status()["features"]["SD3 LoRA"]["loras"]["sd3lora_garbage"]
+    report = webui.status()["features"]["LoRA"]["loras"]["sd3lora_garbage"]
     assert report["unmatched"] == 4 and report["modules"] == 0, report
 
 
@@ -168,7 +168,7 @@ def test_lora_on_mixdq_w8a8(webui, loras):
     try:
         base_q, _, _ = txt2img(webui, sampler_name="Euler")
         lora_q, _, log = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:sd3lora_kohya:{STRENGTH}>")
-        status = webui.status()["features"]["SD3 LoRA"]
+        status = webui.status()["features"]["LoRA"]
     finally:
         assert webui.post("/sd3/mixdq", {"config": "off"}).status_code == 200
     print(f"\n[{webui.state}] W8A8: LoRA vs offline merge {psnr(lora_q, loras['merged']):.1f} dB, "
