@@ -1,4 +1,5 @@
-"""SD3.5 Large / Medium in a real A1111 (issue 14): load, generate, report the family, switch, bad files.
+"""SD3.5 Large / Medium in a real A1111 (issue 14): load, generate, report the family, switch, bad files,
+and the features on top of SD3.5: SLG on the MMDiT-X model, presets per family, MixDQ's ``attn2`` layers.
 
 The assets hold tiny SD3-, SD3.5-Large- and SD3.5-Medium-shaped checkpoints (tests/webui/build_assets.py)
 and an SD3-shaped file cut short. Every case ends with sd3-tiny loaded again, as the other cases expect.
