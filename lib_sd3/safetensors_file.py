@@ -74,14 +74,15 @@ def read_header(path: Path | str) -> Header:
     return Header(tensors, metadata, max((t.end for t in tensors.values()), default=base), size)
 
 
-def load_tensors(path: Path | str, keys: Iterable[str], device: Any = "cpu") -> dict[str, Any]:
-    """``{key: tensor}`` of the named tensors only (a full checkpoint's VAE / text encoders are never
-    touched), through safetensors' own mapping: as fast as ``load_file``, for callers that keep
-    every tensor as read. Converting or streaming callers use :class:`SafetensorsReader`."""
+def load_tensors(path: Path | str, keys: Iterable[str] | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """``{key: tensor}`` of the named tensors only (all when ``keys`` is None; a full checkpoint's
+    VAE / text encoders are never touched when only the MMDiT's are named), through safetensors'
+    own mapping: as fast as ``load_file``, for callers that keep every tensor as read. Converting
+    or streaming callers use :class:`SafetensorsReader`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as mapped:
-        return {key: mapped.get_tensor(key) for key in keys}
+        return {key: mapped.get_tensor(key) for key in (mapped.keys() if keys is None else keys)}
 
 
 def _torch_dtype(name: str) -> Any:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lib_sd3 import get_logger
@@ -34,7 +34,7 @@ from lib_sd3.mixdq import layers
 from lib_sd3.mixdq.config import BitConfig, LayerPlan, resolve
 from lib_sd3.mixdq.qlinear import QuantLinear
 from lib_sd3.mixdq.selection import SELECTOR, KernelChoice
-from lib_sd3.safetensors_file import SafetensorsReader
+from lib_sd3.safetensors_file import SafetensorsReader, load_tensors
 
 log = get_logger("mixdq")
 
@@ -152,7 +152,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], config: BitConfig) -> dict[str, QuantLinear] | None:
     """Quantized layers from a cache file (staged in RAM, copied to each layer's device), or None."""
     try:
-        tensors = load_file(str(path), device="cpu")
+        tensors = load_tensors(path)
     except Exception as error:  # a truncated or foreign file: rebuild rather than fail the toggle
         log.warning("MixDQ cache %s unreadable (%r); re-quantizing", path.name, error)
         return None
