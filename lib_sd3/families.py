@@ -14,14 +14,14 @@ and checks the file is as long as the header promises (a truncated download is n
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # bytes; the format's own limit
+from lib_sd3 import safetensors_file
+from lib_sd3.safetensors_file import Header
+
 HEAD_DIM = 64  # sd3-ref's "magic": hidden size = 64 * depth, heads = depth
 PREFIXES = ("model.diffusion_model.", "")  # A1111 / Stability full checkpoints, then a bare MMDiT file
 PROBE = "joint_blocks.0.x_block.attn.qkv.weight"
@@ -85,43 +85,22 @@ LABELS = {SD3_MEDIUM: "SD3 Medium", SD35_LARGE: "SD3.5 Large", SD35_LARGE_TURBO:
 
 # --- the safetensors header ---------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Header:
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, str]
-    extent: int  # bytes the file must have: 8 + header + tensor data
-
-
 def read_header(path: str | Path) -> Header:
-    """Tensor shapes and metadata of a safetensors file, read without touching tensor data.
+    """Tensor shapes and metadata of a safetensors file, read without touching tensor data
+    (:func:`lib_sd3.safetensors_file.read_header`).
 
     Raises :class:`CheckpointError` for a file that is not safetensors or is shorter than its
     header says (an interrupted download).
     """
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path.name}: {size} bytes, shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len == 0 or header_len > SAFETENSORS_MAX_HEADER:
-            raise CheckpointError(f"{path.name}: not a safetensors file (header length {header_len})")
-        raw = file.read(header_len)
-    if len(raw) < header_len:
-        raise CheckpointError(f"{path.name}: truncated inside its header ({size} bytes of {8 + header_len}+)")
     try:
-        header = json.loads(raw)
-        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-        shapes = {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items()}
-        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        raise CheckpointError(f"{path.name}: not a safetensors file (header: {error.__class__.__name__})") from None
-    extent = 8 + header_len + end
-    if size < extent:
-        raise CheckpointError(f"{path.name}: truncated: {size} bytes, its header promises {extent} "
-                              f"({100 * size / extent:.1f} %); download it again")
-    return Header(shapes, metadata, extent)
+        header = safetensors_file.read_header(path)
+    except ValueError as error:
+        raise CheckpointError(f"{path.name}: {error}") from None
+    if header.size < header.extent:
+        raise CheckpointError(f"{path.name}: truncated: {header.size} bytes, its header promises {header.extent} "
+                              f"({100 * header.size / header.extent:.1f} %); download it again")
+    return header
 
 
 # --- detection ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 
 from lib_sd3.families import FIRST_ERRORS, CheckpointError, Family, MMDiTConfig, detect, read_header
 from lib_sd3.mmdit import MMDiT, QkvLinear
+from lib_sd3.safetensors_file import load_tensors
 
 
 class KeyMismatchError(CheckpointError):
@@ -66,10 +67,9 @@ def load_mmdit(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     """The family and a filled MMDiT of a safetensors checkpoint.
 
     Detection reads the header only; the model is built on the meta device and its parameters are
-    the loaded tensors themselves (``assign=True``), so no random init and no second copy.
+    the loaded tensors themselves (``assign=True``), so no random init and no second copy; of a
+    full checkpoint only the MMDiT's tensors are read (not its VAE or text encoders).
     """
-    from safetensors.torch import load_file
-
     header = read_header(path)
     family = detect(header.shapes, header.metadata, str(path))
     if family is None:
@@ -77,9 +77,8 @@ def load_mmdit(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     model = build_mmdit(family.config, dtype=dtype, device="meta", qkv_linear=qkv_linear)
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     check_complete(family, expected, header.shapes, Path(path).name)
-    tensors = load_file(str(path), device=str(device))
-    prefix = family.prefix
-    state = {k[len(prefix):]: v.to(dtype) for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = load_tensors(path, (family.prefix + key for key in expected), device)
+    state = {key: tensors.pop(family.prefix + key).to(dtype) for key in expected}
     model.load_state_dict(state, strict=True, assign=True)
     model.dtype = dtype
     return family, model.eval()

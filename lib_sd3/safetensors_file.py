@@ -1,10 +1,13 @@
-"""A safetensors file read with plain reads, one tensor at a time: the header for the doctor and the
-T5 file check, the tensors for loading T5.
+"""The one reader of safetensors files: the header without tensor data (family detection, the
+doctor, the T5 file check) and tensors one at a time with plain reads (T5, MMDiT and MixDQ loading).
 
 Why not ``safetensors.safe_open``: it maps the whole file, and every page a conversion touches
 stays resident in the process until the file is closed. Making fp8 T5 from the 9.8 GB fp16 file
 that way peaked at ~18 GB resident (the mapped fp16 file plus the fp8 copy being built). Reading
-each tensor into its own buffer keeps the peak at what is kept plus one tensor.
+each tensor into its own buffer keeps the peak at what is kept plus one tensor, and the page cache
+stays the kernel's to reclaim. Where every tensor read is kept as it is (a model filled from the
+file), :func:`load_tensors` maps instead: 3-7x faster than plain reads on the MMDiT load benchmark. The format is 8 bytes of header length, a JSON header (name ->
+dtype, shape, byte offsets), then the data.
 The header parse is standard library only (the doctor runs without torch).
 """
 
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,57 +40,89 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     extent: int  # the file length the header promises (8 + header + tensor data)
+    size: int  # the file length when the header was read
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: info.shape for key, info in self.tensors.items()}
 
 
 def read_header(path: Path | str) -> Header:
     """Parse the header; ValueError when the start of the file is not one (an HTML page saved under
-    the right name, a zero-filled pre-allocation, another format)."""
+    the right name, a zero-filled pre-allocation, another format). A file shorter than ``extent``
+    is the caller's to judge (the doctor and the T5 check name it, detection refuses it)."""
     with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
         prefix = file.read(8)
         if len(prefix) < 8:
-            raise ValueError("shorter than a safetensors header")
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len == 0 or header_len > MAX_HEADER_BYTES:
-            raise ValueError("not a safetensors file (bad header length)")
+            raise ValueError(f"not a safetensors file (header length {header_len})")
         raw = file.read(header_len)
     if len(raw) < header_len:
-        raise ValueError("header cut short")
+        raise ValueError(f"truncated inside its header ({size} bytes of {8 + header_len}+)")
     base = 8 + header_len
     try:
         header = json.loads(raw)
         tensors = {key: TensorInfo(str(entry["dtype"]), tuple(int(n) for n in entry["shape"]),
                                    base + int(entry["data_offsets"][0]), base + int(entry["data_offsets"][1]))
                    for key, entry in header.items() if key != "__metadata__"}
-        metadata = dict(header.get("__metadata__") or {})
+        metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise ValueError(f"not a safetensors file (header: {error.__class__.__name__})") from None
-    return Header(tensors, metadata, max((t.end for t in tensors.values()), default=base))
+    return Header(tensors, metadata, max((t.end for t in tensors.values()), default=base), size)
+
+
+def load_tensors(path: Path | str, keys: Iterable[str] | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """``{key: tensor}`` of the named tensors only (all when ``keys`` is None; a full checkpoint's
+    VAE / text encoders are never touched when only the MMDiT's are named), through safetensors'
+    own mapping: as fast as ``load_file``, for callers that keep every tensor as read. Converting
+    or streaming callers use :class:`SafetensorsReader`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as mapped:
+        in_file_order = getattr(mapped, "offset_keys", mapped.keys)()  # sequential pages: as fast as load_file
+        wanted = set(in_file_order if keys is None else keys)
+        return {key: mapped.get_tensor(key) for key in [*(k for k in in_file_order if k in wanted),
+                                                        *(wanted - set(in_file_order))]}
 
 
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[name]
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+    dtype = getattr(torch, names.get(name, ""), None)  # PyTorch < 2.1 has no float8
+    if dtype is None:
+        raise ValueError(f"tensor dtype {name} is not supported by this PyTorch")
+    return dtype
 
 
 class SafetensorsReader:
-    """``with SafetensorsReader(path) as f: f.get_tensor(key)``: each tensor read into its own memory."""
+    """``with SafetensorsReader(path) as f: f.get_tensor(key)``: each tensor read into its own memory
+    (a CPU tensor owning it). ValueError, naming the file, for a file that is not safetensors."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.header = read_header(self.path)
+        try:
+            self.header = read_header(self.path)
+        except ValueError as error:
+            raise ValueError(f"{self.path.name}: {error}") from None
         self._fd: int | None = None
 
     def __enter__(self) -> SafetensorsReader:
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.header.tensors
 
     def keys(self) -> list[str]:
         return list(self.header.tensors)
@@ -94,6 +131,9 @@ class SafetensorsReader:
         import torch
 
         info = self.header.tensors[key]
+        dtype = _torch_dtype(info.dtype)
+        if info.end - info.start != math.prod(info.shape) * DTYPE_BYTES[info.dtype]:
+            raise ValueError(f"{self.path.name}: {key} has {info.end - info.start} bytes for shape {list(info.shape)}")
         buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
         view, offset = memoryview(buffer.numpy()), info.start
         while view:
@@ -101,7 +141,7 @@ class SafetensorsReader:
             if read <= 0:
                 raise ValueError(f"{self.path.name}: {key} cut short (file truncated?)")
             view, offset = view[read:], offset + read
-        return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
+        return buffer.view(dtype).reshape(info.shape)
 
     def _read_at(self, view: memoryview, offset: int) -> int:  # Windows: no preadv
         data = os.pread(self._fd, len(view), offset) if hasattr(os, "pread") else self._seek_read(len(view), offset)

@@ -3,8 +3,8 @@
 Configs are written in the canonical names of Stability's sd3-ref code, which A1111 uses verbatim
 (``joint_blocks.3.x_block.attn.qkv``). diffusers' ``SD3Transformer2DModel`` names the same
 weights differently and splits each fused qkv into three Linears; :func:`canonical_name` maps a
-diffusers name to the canonical one, so one config serves both (a canonical ``qkv`` entry
-applies to ``to_q``, ``to_k`` and ``to_v`` alike).
+diffusers name to the canonical one (by :mod:`lib_sd3.mmdit_keys`' table), so one config serves
+both (a canonical ``qkv`` entry applies to ``to_q``, ``to_k`` and ``to_v`` alike).
 """
 
 from __future__ import annotations
@@ -14,29 +14,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-_BLOCK = r"transformer_blocks\.(\d+)\."
-_DIFFUSERS_TO_SD3: tuple[tuple[str, str], ...] = (
-    (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0"),
-    (r"time_text_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2"),
-    (r"time_text_embed\.text_embedder\.linear_1", "y_embedder.mlp.0"),
-    (r"time_text_embed\.text_embedder\.linear_2", "y_embedder.mlp.2"),
-    (r"context_embedder", "context_embedder"),
-    (_BLOCK + r"norm1\.linear", r"joint_blocks.\1.x_block.adaLN_modulation.1"),
-    (_BLOCK + r"norm1_context\.linear", r"joint_blocks.\1.context_block.adaLN_modulation.1"),
-    (_BLOCK + r"attn\.to_[qkv]", r"joint_blocks.\1.x_block.attn.qkv"),
-    (_BLOCK + r"attn\.add_[qkv]_proj", r"joint_blocks.\1.context_block.attn.qkv"),
-    (_BLOCK + r"attn\.to_out\.0", r"joint_blocks.\1.x_block.attn.proj"),
-    (_BLOCK + r"attn2\.to_[qkv]", r"joint_blocks.\1.x_block.attn2.qkv"),  # SD3.5 Medium's MMDiT-X layers
-    (_BLOCK + r"attn2\.to_out\.0", r"joint_blocks.\1.x_block.attn2.proj"),
-    (_BLOCK + r"attn\.to_add_out", r"joint_blocks.\1.context_block.attn.proj"),
-    (_BLOCK + r"ff\.net\.0\.proj", r"joint_blocks.\1.x_block.mlp.fc1"),
-    (_BLOCK + r"ff\.net\.2", r"joint_blocks.\1.x_block.mlp.fc2"),
-    (_BLOCK + r"ff_context\.net\.0\.proj", r"joint_blocks.\1.context_block.mlp.fc1"),
-    (_BLOCK + r"ff_context\.net\.2", r"joint_blocks.\1.context_block.mlp.fc2"),
-    (r"norm_out\.linear", "final_layer.adaLN_modulation.1"),
-    (r"proj_out", "final_layer.linear"),
-)
-_COMPILED = tuple((re.compile(f"^{pattern}$"), target) for pattern, target in _DIFFUSERS_TO_SD3)
+from lib_sd3.mmdit_keys import stability_module
 
 TEXT_STREAM = re.compile(r"^(context_embedder|joint_blocks\.\d+\.context_block\.(attn\.(qkv|proj)|mlp\.fc[12]))$")
 """Linears whose input is the text token sequence, position 0 = CLIP's BOS token."""
@@ -53,10 +31,8 @@ PROTECTED = re.compile(r"^(t_embedder|y_embedder|context_embedder|final_layer)\.
 
 def canonical_name(name: str) -> str:
     """sd3-ref / A1111 name of a layer given either naming (other names are returned unchanged)."""
-    for pattern, target in _COMPILED:
-        if pattern.match(name):
-            return pattern.sub(target, name)
-    return name
+    found = stability_module(name)
+    return found[0] if found else name
 
 
 def is_text_stream(name: str) -> bool:

@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lib_sd3 import get_logger
-from lib_sd3.mixdq import layers, stream
+from lib_sd3.mixdq import layers
 from lib_sd3.mixdq.config import BitConfig, LayerPlan, resolve
 from lib_sd3.mixdq.qlinear import QuantLinear
 from lib_sd3.mixdq.selection import SELECTOR, KernelChoice
+from lib_sd3.safetensors_file import SafetensorsReader, load_tensors
 
 log = get_logger("mixdq")
 
@@ -152,7 +152,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _from_cache(path: Path, model: nn.Module, plans: dict[str, LayerPlan], config: BitConfig) -> dict[str, QuantLinear] | None:
     """Quantized layers from a cache file (staged in RAM, copied to each layer's device), or None."""
     try:
-        tensors = load_file(str(path), device="cpu")
+        tensors = load_tensors(path)
     except Exception as error:  # a truncated or foreign file: rebuild rather than fail the toggle
         log.warning("MixDQ cache %s unreadable (%r); re-quantizing", path.name, error)
         return None
@@ -201,16 +201,16 @@ def _spill(originals: dict[str, nn.Module], devices: dict[str, torch.device], sp
 def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None,
                 source: Path | None = None, prefix: str = "") -> None:
     if source is not None:  # built from a file on the meta device: read each float tensor back, one at a time
-        with stream.SafetensorsReader(source) as reader:
+        with SafetensorsReader(source) as reader:
             for name, module in originals.items():
                 for k, t in list(module.named_parameters(recurse=False)):
-                    value = reader.get(f"{prefix}{name}.{k}").to(devices[f"{name}.{k}"], t.dtype)
+                    value = reader.get_tensor(f"{prefix}{name}.{k}").to(devices[f"{name}.{k}"], t.dtype)
                     module._parameters[k] = nn.Parameter(value, requires_grad=False)
         return
     tensors = _tensors(originals)
     if spill_path is not None:
-        with safe_open(str(spill_path), framework="pt", device="cpu") as spilled:
-            for key in spilled.keys():  # noqa: SIM118 (safe_open is not a dict)
+        with SafetensorsReader(spill_path) as spilled:
+            for key in spilled.keys():  # noqa: SIM118 (a reader, not a dict)
                 tensors[key].data = spilled.get_tensor(key)
         spill_path.unlink(missing_ok=True)
     for key, t in tensors.items():
@@ -289,15 +289,15 @@ def quantize_from_file(model: nn.Module, path: str | Path, config: BitConfig, pr
     originals: dict[str, nn.Module] = {}
     devices: dict[str, torch.device] = {}
     float_bytes = 0
-    with stream.SafetensorsReader(source) as reader:
+    with SafetensorsReader(source) as reader:
         absent = [prefix + k for k, _ in _named_tensors(model) if prefix + k not in reader]
         if absent:
             raise ValueError(f"{source.name} lacks {len(absent)} tensor(s) of the model, e.g. {absent[:5]}")
         for name, plan in plans.items():
             linear = model.get_submodule(name)
             layer = _empty_quant(linear, plan, config, device, dtype)
-            weight = reader.get(f"{prefix}{name}.weight").to(device, dtype)
-            bias = reader.get(f"{prefix}{name}.bias").to(device, dtype) if linear.bias is not None else None
+            weight = reader.get_tensor(f"{prefix}{name}.weight").to(device, dtype)
+            bias = reader.get_tensor(f"{prefix}{name}.bias").to(device, dtype) if linear.bias is not None else None
             layer.set_weight(weight, bias)
             float_bytes += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
             del weight, bias
@@ -308,7 +308,7 @@ def quantize_from_file(model: nn.Module, path: str | Path, config: BitConfig, pr
             if owner in plans:  # a QuantLinear's own buffers, filled above
                 continue
             module = model.get_submodule(owner) if owner else model
-            value = reader.get(prefix + key)
+            value = reader.get_tensor(prefix + key)
             value = value.to(device, dtype if value.is_floating_point() else value.dtype)
             float_bytes += value.numel() * value.element_size()
             if attr in module._parameters:
