@@ -1,18 +1,8 @@
 """The adapter core against stand-in A1111 modules: state detection, settings, status route."""
 
-from a1111.models import Model
+from a1111.models import DevSD3Cond, EarlySD3Cond, Model
 
 from lib_sd3.webui import capabilities, routes, settings
-
-
-class EarlySD3Cond:
-    def forward(self, prompts):
-        return prompts
-
-
-class DevSD3Cond(EarlySD3Cond):
-    def get_token_count(self, text):
-        return 1
 
 
 def test_state_detection_by_features(fake_webui):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from a1111.models import DevSD3Cond, EarlySD3Cond
 
 from lib_sd3.patching import PatchState
 from lib_sd3.webui import early, infotext, long_prompts, tokens  # noqa: F401  (early registers its patches)
@@ -60,15 +61,6 @@ class DevImg2Img(EarlyImg2Img):
         latmask = np.tile(latmask[None], (init_latent.shape[1], 1, 1))
         self.mask = torch.asarray(1.0 - latmask).type(torch.float32)
 
-
-class EarlySD3Cond:
-    def forward(self, prompts):
-        return prompts
-
-
-class DevSD3Cond(EarlySD3Cond):
-    def get_token_count(self, text):
-        return 1
 
 
 class ChunkingBase:
