@@ -27,6 +27,7 @@ import torch
 from lib_sd3 import get_logger
 from lib_sd3.lora import detect, keys, sidepath
 from lib_sd3.patching import AttributeSwap, Patch
+from lib_sd3.safetensors_file import read_header
 from lib_sd3.webui import hooks
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
@@ -246,11 +247,8 @@ class CardVersions:
         if not filename.lower().endswith(".safetensors"):
             return []
         try:
-            from safetensors import safe_open
-
-            with safe_open(filename, framework="pt", device="cpu") as f:
-                return list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
-        except Exception:
+            return list(read_header(filename).tensors)
+        except (OSError, ValueError):
             return []
 
 

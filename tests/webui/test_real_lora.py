@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from webui_support import tracebacks_in, txt2img
+from webui_support import psnr, tracebacks_in, txt2img
 
 from lib_sd3.lora import names
 
@@ -24,11 +24,6 @@ RANK, ALPHA, STRENGTH = 4, 8.0, 0.8
 MIN_PSNR_DB = 40.0
 CHANGED_MAX_PSNR_DB = 30.0  # the LoRA must visibly change the picture
 FORMATS = ("kohya", "diffusers", "peft", "onetrainer", "lycoris_lokr")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _checkpoint(webui) -> Path:

@@ -7,15 +7,10 @@ the unquantized image back exactly (weights restored bit for bit, so the same se
 from __future__ import annotations
 
 import numpy as np
-from webui_support import TINY, browser_page, tracebacks_in, txt2img
+from webui_support import TINY, browser_page, psnr, tracebacks_in, txt2img
 
 W8A8_MIN_PSNR_DB = 25.0
 """8-bit weights and activations on a random 2-block MMDiT: differences of a few levels at most."""
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _mixdq(value: str) -> dict:

@@ -253,7 +253,8 @@ def test_mixdq_w8a8_on_sd35_medium_quantizes_attn2_and_stays_close(webui):
     layers per MMDiT-X block than SD3 Medium of the same depth), and the image stays close to the float one."""
     if webui.get("/sd3/mixdq").status_code != 200:
         pytest.skip("no MixDQ in this build")
-    from test_real_mixdq import W8A8_MIN_PSNR_DB, psnr
+    from test_real_mixdq import W8A8_MIN_PSNR_DB
+    from webui_support import psnr
 
     with back_to_sd3(webui):
         generate(webui, **_mixdq("w8a8"))  # on SD3 Medium (sd3-tiny, depth 2, no MMDiT-X)

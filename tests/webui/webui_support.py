@@ -47,6 +47,12 @@ def decode_image(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB"), dtype=np.float64)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images, in dB (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
 def txt2img(webui, **overrides) -> tuple[np.ndarray, dict, str]:
     """Run a tiny txt2img; return (image, infotext dict, log slice); fail with the server's words on an error."""
     payload = dict(TINY, **overrides)
