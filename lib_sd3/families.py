@@ -113,10 +113,6 @@ def mmdit_prefix(keys: Mapping[str, object] | set[str]) -> str | None:
     return None
 
 
-def is_sd3_shaped(keys: Mapping[str, object] | set[str]) -> bool:
-    return mmdit_prefix(keys) is not None
-
-
 def _contiguous(indices: set[int]) -> bool:
     return indices == set(range(len(indices)))
 

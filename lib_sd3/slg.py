@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
-import torch
 from torch import nn
 
 _NO_OWN_FORWARD = object()
@@ -69,17 +68,6 @@ def skip_blocks(diffusion_model: nn.Module, layers: Iterable[int]) -> Iterator[t
                 del block.forward
             else:
                 block.forward = own
-
-
-def slg_combine(uncond: torch.Tensor, cond: torch.Tensor, cond_skipped: torch.Tensor,
-                cfg_scale: float, slg_scale: float) -> torch.Tensor:
-    """``uncond + cfg (cond - uncond) + slg (cond - cond_skipped)`` -- the reference's combination.
-
-    Works on whatever the denoiser returns (velocity or denoised x0): the map from one to the other is
-    affine in the model output with the same coefficients for every branch, and the weights of the
-    three branches sum to 1, so the combination commutes with it.
-    """
-    return uncond + cfg_scale * (cond - uncond) + slg_scale * (cond - cond_skipped)
 
 
 def in_window(step: int, steps: int, start: float, end: float) -> bool:

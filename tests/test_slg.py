@@ -7,8 +7,20 @@ import math
 import pytest
 import torch
 
-from lib_sd3.slg import checked_layers, in_window, skip_blocks, slg_combine
+from lib_sd3.slg import checked_layers, in_window, skip_blocks
 from tests.tiny_mmdit import TinyMMDiT
+
+
+def slg_combine(uncond: torch.Tensor, cond: torch.Tensor, cond_skipped: torch.Tensor,
+                cfg_scale: float, slg_scale: float) -> torch.Tensor:
+    """Stability's reference combination (``SkipLayerCFGDenoiser``), the oracle the WebUI wiring is held to:
+    ``uncond + cfg (cond - uncond) + slg (cond - cond_skipped)``.
+
+    Works on whatever the denoiser returns (velocity or denoised x0): the map from one to the other is
+    affine in the model output with the same coefficients for every branch, and the weights of the
+    three branches sum to 1, so the combination commutes with it.
+    """
+    return uncond + cfg_scale * (cond - uncond) + slg_scale * (cond - cond_skipped)
 
 
 def _inputs(seed: int = 0):

@@ -67,10 +67,6 @@ class NormalisedLora:
     unmatched: dict[str, str]  # original key -> why it is not used
     formats: set[str]  # which layouts the keys were in (for the log line and /sd3/status)
 
-    @property
-    def matched_keys(self) -> int:
-        return sum(len(w) for w in self.modules.values())
-
 
 @dataclasses.dataclass
 class _Piece:
