@@ -249,27 +249,38 @@ def test_process_rejects_bad_api_args_with_a_clear_error(webui):
         script.process(object(), {"mixdq": "w2a2"})
 
 
-def test_global_patches_are_in_place_before_the_first_model_load(webui):
-    """Reading ``shared.sd_model`` loads A1111's model on first access: construction patches must already hold."""
-    seen = []
+def test_start_up_never_loads_a_model(webui, monkeypatch):
+    """Reading ``shared.sd_model`` loads A1111's checkpoint on first access, which inside script loading would
+    load it before later extensions are imported: install() looks at ``sd_models.model_data`` instead, and the
+    global (construction) patches are in place for the load A1111 starts after the scripts."""
+    reads = []
 
     class Shared(types.ModuleType):
         @property
         def sd_model(self):
-            seen.append(a1111("modules.sd_hijack").helper())
+            reads.append(a1111("modules.sd_hijack").helper())
             return None
 
     shared = a1111("modules.shared")
     lazy = Shared("modules.shared")
     lazy.__dict__.update({k: v for k, v in vars(shared).items() if k != "sd_model"})
-    sys.modules["modules.shared"] = lazy
-    sys.modules["modules"].shared = lazy
-    try:
-        load_script()
-    finally:
-        sys.modules["modules.shared"] = shared
-        sys.modules["modules"].shared = shared
-    assert seen and seen[0] == "patched"
+    monkeypatch.setitem(sys.modules, "modules.shared", lazy)
+    monkeypatch.setattr(sys.modules["modules"], "shared", lazy)
+    webui.module("modules.sd_models", model_data=types.SimpleNamespace(sd_model=None))
+    load_script()
+    assert reads == []
+    assert a1111("modules.sd_hijack").helper() == "patched"
+    assert not [e for e in feature().SEEN if e[0] == "model_loaded"]
+    assert REGISTRY.get("test_token_counter").state.value == "pending"
+
+
+def test_a_model_loaded_before_the_scripts_is_looked_at(webui):
+    """"Reload UI" (after an install, say): A1111 keeps its model and calls no on_model_loaded for it."""
+    loaded = model(True)
+    webui.module("modules.sd_models", model_data=types.SimpleNamespace(sd_model=loaded))
+    load_script()
+    assert REGISTRY.get("test_token_counter").state.value == "applied"
+    assert ("model_loaded", loaded) in feature().SEEN
 
 
 def test_script_hands_a1111_its_paste_fields(webui):

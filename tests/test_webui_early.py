@@ -114,6 +114,22 @@ def test_model_dtype_added_where_img2img_reads_it(fake_webui):
     assert not hasattr(EarlyInferencer, "dtype")
 
 
+def test_status_reports_the_added_methods_as_targets_found(fake_webui):
+    """Once applied, the detector finds the method the patch added ("not needed"): the status must still say
+    the target is there, not report a missing one."""
+    from lib_sd3.webui.capabilities import capabilities
+
+    early_shape(fake_webui)
+    for name in ("early.get_first_stage_encoding", "early.dtype"):
+        assert REGISTRY.apply(name) is PatchState.APPLIED
+    try:
+        targets = capabilities()["patch_targets"]
+        assert targets["early.get_first_stage_encoding"] is True and targets["early.dtype"] is True
+    finally:
+        for name in ("early.get_first_stage_encoding", "early.dtype"):
+            REGISTRY.undo(name)
+
+
 def test_model_dtype_not_added_on_the_dev_shape(fake_webui):
     dev_shape(fake_webui)
     assert REGISTRY.apply("early.dtype") is PatchState.UNAVAILABLE

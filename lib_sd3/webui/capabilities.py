@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from lib_sd3 import __version__
+from lib_sd3.patching import PatchState
 from lib_sd3.sd3_state import STATE_DEV, STATE_EARLY, STATE_NONE, classify
 
 __all__ = ["STATE_DEV", "STATE_EARLY", "STATE_NONE", "a1111_module", "a1111_option", "a1111_state", "capabilities",
@@ -56,6 +57,15 @@ def a1111_state() -> str:
 
 
 def loaded_model() -> Any | None:
+    """The model A1111 has loaded, or None; never loads one.
+
+    Reading ``shared.sd_model`` loads the checkpoint when none is loaded yet (both states), which at
+    script import would load it before later extensions are even imported. ``sd_models.model_data``
+    holds the loaded model without that side effect; an A1111 without it keeps a plain attribute.
+    """
+    model_data = getattr(a1111_module("modules.sd_models"), "model_data", None)
+    if model_data is not None and hasattr(model_data, "sd_model"):
+        return model_data.sd_model
     shared = a1111_module("modules.shared")
     return getattr(shared, "sd_model", None) if shared is not None else None
 
@@ -72,6 +82,9 @@ def capabilities() -> dict[str, Any]:
 
     targets = {}
     for patch in REGISTRY:
+        if patch.state is PatchState.APPLIED:  # its detector may now find what the patch added (early.dtype)
+            targets[patch.name] = True
+            continue
         try:
             targets[patch.name] = patch.detect() is None
         except Exception:

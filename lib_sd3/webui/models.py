@@ -224,6 +224,22 @@ def current() -> dict[str, Any]:
             "mmdit_x_layers": list(family.config.x_block_self_attn_layers)}
 
 
+def adopt(sd_model: Any) -> None:
+    """Name the family of an SD3 model loaded before the extension (installed, then "Reload UI"):
+    the loaders above never saw it, so read the family from the MMDiT A1111 built."""
+    mmdit = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if mmdit is None or not getattr(sd_model, "is_sd3", False) or getattr(sd_model, FAMILY_ATTR, None) is not None:
+        return
+    filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+    try:
+        family = family_of_state_dict(mmdit.state_dict(), filename)
+    except CheckpointError as error:
+        log.warning("the loaded SD3 model fits no known family: %s", error)
+        return
+    if family is not None:
+        setattr(sd_model, FAMILY_ATTR, family)
+
+
 def process(p: Any, _values: dict[str, Any]) -> None:
     family = getattr(getattr(p, "sd_model", None) or loaded_model(), FAMILY_ATTR, None)
     if family is not None:
@@ -241,4 +257,5 @@ LOADING = Patch.from_swaps(
 REGISTRY.add(CONSTRUCTION)
 REGISTRY.add(LOADING)
 hooks.PROCESS.append(process)
+hooks.MODEL_LOADED.append(adopt)
 hooks.STATUS[FEATURE] = current

@@ -10,7 +10,7 @@ import importlib
 
 from lib_sd3 import get_logger
 from lib_sd3.webui import hooks, routes, settings
-from lib_sd3.webui.capabilities import a1111_state, model_is_sd3
+from lib_sd3.webui.capabilities import a1111_state, loaded_model, model_is_sd3
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("startup")
@@ -76,7 +76,8 @@ def install() -> None:
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_script_unloaded(REGISTRY.undo_all)
     _run_each(hooks.INSTALL, script_callbacks, what="install")
-    REGISTRY.sync(sd3_loaded=False)  # global patches first: reading shared.sd_model below may load a model,
-    # and the SD3.5 construction patch must be in place when it does
-    REGISTRY.sync(model_is_sd3(getattr(shared, "sd_model", None)))
+    REGISTRY.sync(sd3_loaded=False)  # global patches (the SD3.5 construction among them) before any model loads
+    model = loaded_model()  # never shared.sd_model: reading it loads the checkpoint inside script loading
+    if model is not None:  # a UI reload: A1111 keeps its model and calls no on_model_loaded for it
+        on_model_loaded(model)
     log.info("sd-webui-sd3 ready (A1111 state: %s)", a1111_state())

@@ -19,6 +19,17 @@ def test_status_route(webui):
         assert patch["state"] != "failed", f"patch {name} failed on {webui.state}: {patch}"
 
 
+def test_an_extension_loaded_after_ours_sees_the_first_model_load(webui):
+    """Start-up never loads the model inside script loading (reading ``shared.sd_model`` would): the
+    test-support extension, imported after sd-webui-sd3, sees no model yet at import and the first load
+    through its own ``on_model_loaded``."""
+    log = webui.log_path.read_text(errors="replace")
+    assert 0 <= log.find("sd-webui-sd3 ready") < log.find("[sd3-test-support]"), "support extension loaded first"
+    loads = webui.get("/sd3-test/model-loads").json()
+    assert loads["loaded_before_this_script"] == "False", loads
+    assert loads["seen"] and loads["seen"][0].startswith("sd3-tiny"), loads
+
+
 def test_accordion_in_ui(webui):
     """The real page (headless Chromium) shows the SD3 accordion in txt2img, and it opens."""
     with browser_page(webui) as page:

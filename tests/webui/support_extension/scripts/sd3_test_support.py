@@ -106,10 +106,28 @@ def _lora_cards() -> list[dict]:
     return [{"name": item["name"], "sd_version": item.get("sd_version")} for item in page.list_items()]
 
 
+def _loaded_model():
+    """The loaded model without loading one (``shared.sd_model`` would load it)."""
+    from modules import sd_models
+
+    return sd_models.model_data.sd_model
+
+
+MODEL_LOADS = {"loaded_before_this_script": _safely(lambda: str(_loaded_model() is not None)), "seen": []}
+"""What an extension loaded after sd-webui-sd3 sees of the model loads: A1111 loads the model after
+every script is imported, so this script's own ``on_model_loaded`` must see the first load."""
+
+
+def _saw_model_load(sd_model):
+    MODEL_LOADS["seen"].append(getattr(getattr(sd_model, "sd_checkpoint_info", None), "name", None))
+
+
 def _add_routes(_demo, app):
     app.add_api_route("/sd3-test/lora-cards", _lora_cards, methods=["GET"])
+    app.add_api_route("/sd3-test/model-loads", lambda: MODEL_LOADS, methods=["GET"])
 
 
 from modules import script_callbacks  # noqa: E402
 
 script_callbacks.on_app_started(_add_routes)
+script_callbacks.on_model_loaded(_saw_model_load)
