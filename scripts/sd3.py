@@ -1,21 +1,20 @@
 """The SD3 accordion in txt2img / img2img: one AlwaysVisible script; the work is in lib_sd3.
 
 API: ``"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8", "nan_guard": "on", "slg": "on"}]}}``
-(names in lib_sd3/webui/script_args.py; bad values are answered with HTTP 422).
+(names in lib_sd3/webui/options.py; bad values are answered with HTTP 422).
 """
 
 import gradio as gr
 from modules import scripts
 
-from lib_sd3.webui import hooks, infotext, script_args, settings, startup
+from lib_sd3.webui import hooks, options, script_args, settings, startup
+from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.presets import PresetButton
 
 startup.install()
 
-ROWS = (("flow_samplers", "nan_guard", "mixdq"), ("slg", "slg_layers", "slg_scale", "slg_start", "slg_end"))
 
-
-def arg_component(arg: script_args.ScriptArg, tab: str):
+def arg_component(arg: options.Option, tab: str):
     """Only allowed values can be picked: a dropdown of "default (<setting>)" + the choices, a multiselect of
     block indices (none picked: the default), or a slider starting at the setting's value."""
     current = settings.get(arg.setting_key)
@@ -42,16 +41,16 @@ class SD3Script(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         fields = {}
         with gr.Accordion("SD3", open=False, elem_id=f"sd3_accordion_{tab}"):
-            for row in ROWS:
+            for row in options.ROWS:
                 with gr.Row():
                     for name in row:
-                        fields[name] = arg_component(script_args.BY_NAME[name], tab)
+                        fields[name] = arg_component(options.BY_NAME[name], tab)
             self._preset_button(tab).build(fields)
             for build in hooks.UI:
                 build(is_img2img)
-        self.infotext_fields = infotext.paste_fields(fields)
-        self.paste_field_names = list(infotext.PASTED)
-        return [fields[name] for name in script_args.NAMES]
+        self.infotext_fields = options.paste_fields(fields)
+        self.paste_field_names = list(options.PASTED)
+        return [fields[name] for name in options.NAMES]
 
     def _preset_button(self, tab: str) -> PresetButton:
         if getattr(self, "preset_button", None) is None or self.preset_button.tab != tab:
@@ -61,20 +60,28 @@ class SD3Script(scripts.Script):
     def after_component(self, component, **kwargs) -> None:
         self._preset_button("img2img" if self.is_img2img else "txt2img").saw(component, kwargs.get("elem_id"))
 
-    def _args(self, args: tuple) -> dict:
-        return script_args.resolve(script_args.parse(args), settings.get)
+    def _start(self, p, args: tuple):
+        """Resolve the options once per generation and keep them on ``p.sd3`` (a setting overridden with a
+        value not allowed here costs one warning line: the API refused such requests before they ran)."""
+        values = script_args.resolve(script_args.parse(args), settings.get, lenient=True)
+        return GENERATIONS.start(p, values).options
+
+    def _options(self, p, args: tuple):
+        generation = getattr(p, "sd3", None)
+        return generation.options if generation is not None and generation.options else self._start(p, args)
 
     def process(self, p, *args) -> None:
-        values = self._args(args)
+        values = self._start(p, args)
         for hook in hooks.PROCESS:
             hook(p, values)
 
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
-        values = self._args(args)
+        values = self._options(p, args)
         for hook in hooks.BEFORE_EVERY_SAMPLING:
             hook(p, values)
 
     def postprocess(self, p, processed, *args) -> None:
-        values = self._args(args)
+        values = self._options(p, args)
         for hook in hooks.POSTPROCESS:
             hook(p, processed, values)
+        GENERATIONS.finish(p)

@@ -7,17 +7,17 @@ import re
 
 import pytest
 
-from lib_sd3.webui import infotext, script_args, settings
+from lib_sd3.webui import infotext, options, script_args, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_labels_are_unique_and_every_restored_arg_has_a_reader():
     assert len(set(infotext.LABELS)) == len(infotext.LABELS)
-    restored = [name for f in infotext.FIELDS for name in f.restores]
+    restored = [o.name for o in options.OPTIONS if o.infotext in infotext.LABELS]
     assert sorted(restored) == sorted(script_args.NAMES)  # every accordion field comes back from an infotext
-    assert set(infotext.READERS) == set(script_args.NAMES)
-    assert set(infotext.PASTED) == {infotext.FLOW_SAMPLERS, infotext.NAN_GUARD, infotext.MIXDQ, infotext.SLG}
+    assert {o.name for o in options.OPTIONS if o.paste is not None} == set(script_args.NAMES)
+    assert set(options.PASTED) == {infotext.FLOW_SAMPLERS, infotext.NAN_GUARD, infotext.MIXDQ, infotext.SLG}
 
 
 def test_settings_name_their_infotext_from_the_table():
@@ -44,9 +44,9 @@ def test_no_feature_writes_an_sd3_label_of_its_own():
 def test_slg_text_round_trip():
     text = infotext.format_slg((7, 8, 9), 2.5, 0.01, 0.2)
     assert text == "layers 7,8,9; scale 2.5; steps 0.01-0.2"
-    assert infotext.parse_slg(text) == {"slg_layers": (7, 8, 9), "slg_scale": 2.5, "slg_start": 0.01, "slg_end": 0.2}
-    assert infotext.parse_slg("off (layers [9] are outside ...)") is None
-    assert infotext.parse_slg("layers 7; scale 99; steps 0.1-0.2") is None  # out of the allowed range
+    assert options.parse_slg(text) == {"slg_layers": (7, 8, 9), "slg_scale": 2.5, "slg_start": 0.01, "slg_end": 0.2}
+    assert options.parse_slg("off (layers [9] are outside ...)") is None
+    assert options.parse_slg("layers 7; scale 99; steps 0.1-0.2") is None  # out of the allowed range
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -64,13 +64,13 @@ def test_slg_text_round_trip():
     ({"SD3 flow samplers": "True", "SD3 MixDQ": "mine"}, {"flow_samplers": "on", "slg": "off"}),
 ])
 def test_pasted_values(params, expected):
-    assert infotext.pasted_values(params) == expected
+    assert options.pasted_values(params) == expected
 
 
 def test_pasted_values_are_accepted_by_the_script():
     params = {"SD3 flow samplers": "True", "SD3 NaN guard": "False", "SD3 MixDQ": "w4a8",
               "SD3 SLG": "layers 1; scale 3; steps 0-0.5"}
-    ui = infotext.pasted_values(params)
+    ui = options.pasted_values(params)
     values = script_args.parse(tuple(ui[name] for name in script_args.NAMES))
     assert values == {"flow_samplers": "on", "nan_guard": "off", "mixdq": "w4a8", "slg": "on", "slg_layers": (1,),
                       "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.5}
@@ -80,11 +80,11 @@ def test_paste_keys_work_as_a1111_uses_them():
     """A1111 calls callable keys, compares keys with paste_field_names and skips handled labels in
     "Override settings" by dict lookup: the key must be all of these at once."""
     components = {name: object() for name in script_args.NAMES}
-    fields = infotext.paste_fields(components)
+    fields = options.paste_fields(components)
     assert [c for c, _ in fields] == [components[n] for n in script_args.NAMES]
     params = {"SD3 flow samplers": "False", "SD3 MixDQ": "w8a8"}
     by_arg = dict(zip(script_args.NAMES, (key for _, key in fields), strict=True))
     assert callable(by_arg["flow_samplers"]) and by_arg["flow_samplers"](params) == "off"
-    assert by_arg["mixdq"] == "SD3 MixDQ" and by_arg["mixdq"] in infotext.PASTED
+    assert by_arg["mixdq"] == "SD3 MixDQ" and by_arg["mixdq"] in options.PASTED
     handled = {key: 1 for _, key in fields}  # infotext_utils.connect_paste's already_handled_fields
     assert "SD3 MixDQ" in handled and "SD3 flow samplers" in handled and "SD3 T5" not in handled

@@ -30,7 +30,7 @@ def test_table_is_the_reference(family):
 @pytest.mark.parametrize("family", sorted(REFERENCE))
 def test_every_preset_is_valid_api_input(family):
     fields = presets.PRESETS[family].txt2img_fields()
-    values = script_args.check_request(fields["alwayson_scripts"]["SD3"]["args"])
+    values = script_args.check_request(fields["alwayson_scripts"]["SD3"])
     assert values["slg"] == ("on" if presets.PRESETS[family].slg else "off")
     ui = webui_presets.field_values(presets.PRESETS[family])
     script_args.parse(({k: v for k, v in ui.items() if k in script_args.NAMES and v is not None},))
@@ -57,7 +57,7 @@ def test_loaded_family_and_route(fake_webui):
 def test_button_values_set_slg_off_for_families_without_it():
     values = webui_presets.field_values(presets.PRESETS["sd3.5-large-turbo"])
     assert values == {"steps": 4, "cfg_scale": 1.0, "sampler": "Euler", "scheduler": "Uniform", "slg": "off",
-                      "slg_layers": None, "slg_scale": None, "slg_start": None, "slg_end": None}
+                      "slg_layers": [], "slg_scale": None, "slg_start": None, "slg_end": None}  # layers cleared
     medium = webui_presets.field_values(presets.PRESETS["sd3.5-medium"])
     assert (medium["slg"], medium["slg_layers"], medium["slg_scale"]) == ("on", ["7", "8", "9"], 2.5)
 
@@ -92,4 +92,6 @@ def test_button_wires_whichever_comes_first(fake_webui, monkeypatch, fields_firs
     fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, sd3_family=types.SimpleNamespace(name="sd3.5-medium"))
     updates = clicks[0]["fn"](webui_presets.LOADED)
     assert [u.get("value") for u in updates] == [50, 4.0, "DPM++ 2M", "Uniform", "on", ["7", "8", "9"], 2.5, 0.01, 0.2]
-    assert clicks[0]["fn"]("sd3.5-large-turbo")[5] == {}  # no SLG in the preset: SLG fields other than on/off kept
+    turbo = clicks[0]["fn"]("sd3.5-large-turbo")
+    assert turbo[5] == {"value": []}  # no SLG in the preset: the layers field no longer shows the old layers
+    assert turbo[6] == {}  # SLG fields other than on/off and the layers kept

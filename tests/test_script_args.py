@@ -90,7 +90,7 @@ def test_every_arg_has_a_setting_with_a_valid_default():
 ])
 def test_check_request(request_args, ok):
     if ok:
-        script_args.check_request(request_args)
+        script_args.check_request({"args": request_args})
     else:
         with pytest.raises(ScriptArgError):
-            script_args.check_request(request_args)
+            script_args.check_request({"args": request_args})

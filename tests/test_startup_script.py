@@ -228,19 +228,44 @@ def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
 def test_process_takes_ui_values_and_the_api_dict(webui):
     script = load_script().SD3Script()
     webui.shared.opts.data.update(sd3_flow_samplers=False, sd3_nan_guard=True, sd3_mixdq="w4a8")
-    p = object()
+    p, q, r, t = (types.SimpleNamespace() for _ in range(4))
     script.process(p, "on", "off", "w8a8")  # from the UI: component values in order
-    script.process(p, {"nan_guard": False})  # from alwayson_scripts: one dict, the rest from settings
-    script.process_before_every_sampling(p, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
-    script.postprocess(p, "processed", {"mixdq": "w8a8"})
+    script.process(q, {"nan_guard": False})  # from alwayson_scripts: one dict, the rest from settings
+    script.process_before_every_sampling(r, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
+    script.postprocess(t, "processed", {"mixdq": "w8a8"})
     slg_keys = {"slg", "slg_layers", "slg_scale", "slg_start", "slg_end"}  # SLG's own args, tested elsewhere
     seen = [(*e[:-1], {k: v for k, v in e[-1].items() if k not in slg_keys}) for e in feature().SEEN if e[0] != "ui"]
     assert seen == [
         ("process", p, {"flow_samplers": True, "nan_guard": False, "mixdq": "w8a8"}),
-        ("process", p, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),
-        ("before_every_sampling", p, {"flow_samplers": False, "nan_guard": True, "mixdq": "off"}),
-        ("postprocess", p, "processed", {"flow_samplers": False, "nan_guard": True, "mixdq": "w8a8"}),
+        ("process", q, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),
+        ("before_every_sampling", r, {"flow_samplers": False, "nan_guard": True, "mixdq": "off"}),
+        ("postprocess", t, "processed", {"flow_samplers": False, "nan_guard": True, "mixdq": "w8a8"}),
     ]
+
+
+def test_options_are_resolved_once_per_generation_and_kept_on_p(webui):
+    """``process`` resolves; the later hooks of the same generation see that very object (``p.sd3``), even
+    if a setting changes meanwhile."""
+    script = load_script().SD3Script()
+    p = types.SimpleNamespace()
+    script.process(p, {"nan_guard": False})
+    webui.shared.opts.data.update(sd3_mixdq="w8a8", sd3_flow_samplers=False)
+    script.process_before_every_sampling(p, {"nan_guard": False}, batch_number=0, prompts=[], seeds=[])
+    script.postprocess(p, "processed", {"nan_guard": False})
+    options = [e[-1] for e in feature().SEEN if e[0] != "ui"]
+    assert len(options) == 3 and all(o is p.sd3.options for o in options)
+    assert (p.sd3.options["mixdq"], p.sd3.options["flow_samplers"]) == ("off", True)
+
+
+def test_a_bad_setting_value_costs_one_warning_line_and_the_default(webui, sd3_log):
+    """A pasted infotext from another install can override ``sd3_mixdq`` with a config not present here."""
+    script = load_script().SD3Script()
+    webui.shared.opts.data.update(sd3_mixdq="int4")
+    p = types.SimpleNamespace()
+    script.process(p)
+    assert p.sd3.options["mixdq"] == "off"
+    lines = [r.getMessage() for r in sd3_log.records if r.levelno >= logging.WARNING and "int4" in r.getMessage()]
+    assert len(lines) == 1 and "sd3_mixdq" in lines[0]
 
 
 def test_process_rejects_bad_api_args_with_a_clear_error(webui):
@@ -286,13 +311,13 @@ def test_a_model_loaded_before_the_scripts_is_looked_at(webui):
 def test_script_hands_a1111_its_paste_fields(webui):
     """Every accordion field pastes back from an infotext (``infotext_fields``) and travels with "Send to"
     (``paste_field_names``); labels and readers come from the one table in lib_sd3/webui/infotext.py."""
-    from lib_sd3.webui import infotext
+    from lib_sd3.webui import options
 
     script = load_script().SD3Script()
     components = script.ui(False)
     assert [component for component, _ in script.infotext_fields] == components
     keys = [key for _, key in script.infotext_fields]
-    assert all(callable(key) and key in infotext.PASTED for key in keys)
-    assert set(script.paste_field_names) == set(infotext.PASTED)
+    assert all(callable(key) and key in options.PASTED for key in keys)
+    assert set(script.paste_field_names) == set(options.PASTED)
     pasted = [key({"SD3 flow samplers": "False", "SD3 SLG": "layers 0; scale 1; steps 0-1"}) for key in keys]
     assert pasted == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]

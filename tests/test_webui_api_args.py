@@ -88,3 +88,71 @@ def test_model_checks_run_on_resolved_args(api, monkeypatch):
     with pytest.raises(HTTPException) as error:
         api.init_script_args(request([{"slg": "on", "slg_layers": "9"}]), [], None, 0, object())
     assert "0..1" in error.value.detail and seen == [(9,)]
+
+
+# --- every way a value arrives (alwayson_scripts shapes, override_settings, the infotext field) -------------
+
+def raw(entry, **fields):
+    return types.SimpleNamespace(alwayson_scripts={"SD3": entry}, **fields)
+
+
+@pytest.mark.parametrize("req, words", [
+    (raw({"args": None}), ["must be a list", "None"]),  # A1111 alone: HTTP 500 with a TypeError
+    (raw(None), ["alwayson_scripts SD3", "None"]),  # A1111 alone: HTTP 500
+    (raw([{"mixdq": "w8a8"}]), ["alwayson_scripts SD3", "\"args\""]),  # A1111 alone: silently ignored
+    (raw({"args": [{"mixdq": "w8a8"}, "on"]}), ["one dict and nothing after it", "'on'"]),  # ignored too
+    (raw({"arg": [{"mixdq": "w8a8"}]}), ["only \"args\"", "arg"]),
+    (types.SimpleNamespace(alwayson_scripts=None, override_settings={"sd3_mixdq": "int4"}),
+     ["sd3_mixdq", "int4", "allowed", "w8a8"]),
+    (types.SimpleNamespace(alwayson_scripts=None, override_settings={"sd3_slg_layers": "abc"}),
+     ["sd3_slg_layers", "abc", "joint-block indices"]),
+    (types.SimpleNamespace(alwayson_scripts=None, override_settings={"sd3_slg_scale": 99}), ["sd3_slg_scale", "99"]),
+])
+def test_every_arrival_path_is_checked(api, caplog, req, words):
+    with pytest.raises(HTTPException) as error:
+        api.init_script_args(req, [None] * 4, None, 0, object(), input_script_args={})
+    assert error.value.status_code == 422 and "\n" not in error.value.detail
+    for word in words:
+        assert word in error.value.detail
+    assert api.calls == 0
+    assert len(caplog.records) == 1
+
+
+def test_a_huge_bad_value_is_quoted_short(api):
+    with pytest.raises(HTTPException) as error:
+        api.init_script_args(request([{"mixdq": "x" * 200_000}]), [], None, 0, object())
+    assert "200002 characters" in error.value.detail and len(error.value.detail) < 300
+
+
+def parse_generation_parameters(text):
+    """``infotext_utils.parse_generation_parameters`` for ``Key: value, Key: value`` lines."""
+    return dict(part.split(": ", 1) for part in text.split(", "))
+
+
+def test_a_pasted_infotext_naming_a_config_not_here_is_one_warning_and_the_setting(api, fake_webui, caplog):
+    """A1111's ``apply_infotext`` turned ``SD3 MixDQ: int4`` (an image made with a custom config) into an
+    override of ``sd3_mixdq``: not the client's mistake. The override goes; the setting's value is used."""
+    fake_webui.module("modules.infotext_utils", parse_generation_parameters=parse_generation_parameters)
+    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: int4",
+                                override_settings={"sd3_mixdq": "int4", "CLIP_stop_at_last_layers": 2})
+    assert api.init_script_args(req, [1], None, 0, object()) == [1]
+    assert api.calls == 1
+    assert req.override_settings == {"CLIP_stop_at_last_layers": 2}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "int4" in lines[0] and "setting" in lines[0]
+
+
+def test_the_clients_own_override_is_still_refused_beside_an_infotext(api, fake_webui):
+    fake_webui.module("modules.infotext_utils", parse_generation_parameters=parse_generation_parameters)
+    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: w8a8",
+                                override_settings={"sd3_mixdq": "int4"})
+    with pytest.raises(HTTPException):
+        api.init_script_args(req, [1], None, 0, object())
+
+
+def test_good_overrides_pass_and_reach_the_model_checks(api, monkeypatch):
+    seen = []
+    monkeypatch.setattr(api_args, "CHECKS", [lambda resolved: seen.append(resolved["slg_layers"])])
+    req = types.SimpleNamespace(alwayson_scripts=None, override_settings={"sd3_slg_layers": "3, 1", "sd3_slg": True})
+    assert api.init_script_args(req, [1], None, 0, object()) == [1]
+    assert seen == [(1, 3)]

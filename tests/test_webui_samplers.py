@@ -10,6 +10,7 @@ from lib_sd3 import flow
 from lib_sd3.nan_guard import NonFiniteError
 from lib_sd3.webui import infotext
 from lib_sd3.webui import samplers as feature
+from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.registry import REGISTRY
 
 NAMES = [p.name for p in feature.PATCHES]
@@ -26,7 +27,7 @@ def webui(request, fake_webui):
     yield fake_webui
     for name in NAMES:
         REGISTRY.undo(name)
-    feature._generation = None
+    GENERATIONS.finish()
 
 
 def load_sd3(webui, flow_on=True, guard_on=True, p=None):

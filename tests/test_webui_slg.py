@@ -17,6 +17,7 @@ from torch import nn
 
 from lib_sd3.patching import AttributeSwap
 from lib_sd3.webui import infotext, slg
+from lib_sd3.webui.generation import GENERATIONS
 
 STEPS = 10
 
@@ -101,10 +102,19 @@ def wired(monkeypatch):
     swap = AttributeSwap(CFGDenoiser, "combine_denoised", slg.make_combine_denoised)
     swap.apply()
     monkeypatch.setattr(CFGDenoiser, "callbacks", [slg.keep_denoiser_params])
-    state = slg.SlgState()
-    monkeypatch.setattr(slg, "STATE", state)
-    yield state
+    yield Wired()
+    GENERATIONS.finish()
     swap.undo()
+
+
+class Wired:
+    """The SLG feature's view of the generation in progress (``p.sd3.slg``)."""
+
+    start = staticmethod(slg.start)
+
+    @property
+    def run(self):
+        return slg.running()
 
 
 def generation(model, **args):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_sd3 import get_logger, presets
-from lib_sd3.webui import hooks
+from lib_sd3.webui import hooks, options
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 
 log = get_logger("presets")
@@ -23,7 +23,8 @@ A1111_FIELDS = {"steps": "{tab}_steps", "cfg_scale": "{tab}_cfg_scale", "sampler
                 "scheduler": "{tab}_scheduler"}
 """Preset field -> elem_id of the A1111 component it sets (the same on dev and the early SD3 branch)."""
 
-SLG_ARGS = ("slg", "slg_layers", "slg_scale", "slg_start", "slg_end")
+SLG_ARGS = options.PRESET_SET
+"""The accordion's fields a preset sets (the options table's rows with a preset value)."""
 
 
 def loaded_family() -> str | None:
@@ -40,13 +41,10 @@ def pick(choice: str) -> presets.Preset:
 
 
 def field_values(preset: presets.Preset) -> dict[str, Any]:
-    """What the button writes: A1111's fields and the accordion's SLG fields (None: leave as it is)."""
-    slg = preset.slg
-    values: dict[str, Any] = {"steps": preset.steps, "cfg_scale": preset.cfg_scale, "sampler": preset.sampler,
-                              "scheduler": preset.scheduler, "slg": "on" if slg else "off"}
-    values.update(dict.fromkeys(SLG_ARGS[1:]) if slg is None else {
-        "slg_layers": [str(i) for i in slg.layers], "slg_scale": slg.scale, "slg_start": slg.start, "slg_end": slg.end})
-    return values
+    """What the button writes: A1111's fields and the accordion's SLG fields (None: leave as it is; a family
+    without SLG turns it off and clears the layers field back to the setting's)."""
+    return {"steps": preset.steps, "cfg_scale": preset.cfg_scale, "sampler": preset.sampler,
+            "scheduler": preset.scheduler, **options.preset_values(preset)}
 
 
 class PresetButton:

@@ -27,6 +27,7 @@ from lib_sd3.nan_guard import NanGuard
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_option, model_is_sd3
+from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("samplers")
@@ -127,24 +128,20 @@ class Generation:
         return f"sigma {float(sigma.flatten()[0]):.4g}"
 
 
-_generation: Generation | None = None
-
-
 def current() -> Generation:
-    """The running generation's state; outside a generation, the settings' defaults."""
-    global _generation
-    if _generation is None:
-        _generation = Generation(bool(settings.get("sd3_flow_samplers")), bool(settings.get("sd3_nan_guard")))
-    return _generation
+    """The running generation's sampling state (``p.sd3.sampling``); outside a generation, the settings'."""
+    running = GENERATIONS.running()
+    if running is None or running.sampling is None:
+        return Generation(bool(settings.get("sd3_flow_samplers")), bool(settings.get("sd3_nan_guard")))
+    return running.sampling
 
 
 def on_process(p: Any, args: dict[str, Any]) -> None:
     """Start a generation: record the flow/guard choice and put it into the infotext."""
-    global _generation
-    _generation = Generation(bool(args["flow_samplers"]), bool(args["nan_guard"]))
+    sampling = GENERATIONS.of(p).sampling = Generation(bool(args["flow_samplers"]), bool(args["nan_guard"]))
     if model_is_sd3(getattr(p, "sd_model", None)):
         p.extra_generation_params.update(settings.infotext_params(
-            {"sd3_flow_samplers": _generation.flow, "sd3_nan_guard": _generation.guard_on}))
+            {"sd3_flow_samplers": sampling.flow, "sd3_nan_guard": sampling.guard_on}))
 
 
 # --- which flow form a sampler gets ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The "SD3" settings section, and which settings go into the infotext.
 
-Every option that changes an image names its ``infotext`` label (from the one table in
-:mod:`lib_sd3.webui.infotext`); :func:`infotext_params` writes it into each image's parameters. Pasting
-an infotext restores the per-generation ones in the SD3 accordion (``infotext_fields``) and the rest,
-such as T5, as A1111's "Override settings".
+The per-image options' settings are rows of the options table (:mod:`lib_sd3.webui.options`); the
+rest (T5, downloads, the token counter, the IC-Light shim) are declared here. Every setting that changes
+an image names its ``infotext`` label (from :mod:`lib_sd3.webui.infotext`); :func:`infotext_params`
+writes it into each image's parameters. Pasting an infotext restores the per-image options in the SD3
+accordion (``infotext_fields``) and the rest, such as T5, as A1111's "Override settings".
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lib_sd3.webui import infotext, script_args
+from lib_sd3.t5 import MODES as T5_MODES
+from lib_sd3.webui import infotext, options
 from lib_sd3.webui.capabilities import a1111_option
 
 SECTION = ("sd3", "SD3")
@@ -28,24 +30,20 @@ class Setting:
     slider: tuple[float, float, float] | None = None  # (minimum, maximum, step): floats need a component in A1111
 
 
+def option_setting(option: options.Option) -> Setting:
+    """A per-image option's row of the settings page, from the options table."""
+    return Setting(option.setting_key, option.setting_default, option.setting_label, option.setting_choices,
+                   infotext=options.setting_infotext(option), comment=option.comment,
+                   slider=option.slider)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("sd3_token_counter", True, "Show CLIP and T5 token counts for SD3 prompts"),
-    Setting("sd3_t5_mode", "auto", "T5-XXL text encoder", ("auto", "fp16", "fp8", "off"), infotext=infotext.T5,
+    Setting("sd3_t5_mode", "auto", "T5-XXL text encoder", T5_MODES, infotext=infotext.T5,
             comment="auto picks fp16 or fp8 from free memory, or off where neither fits"),
     Setting("sd3_fetch", True, "Download missing T5-XXL and tokenizers in the background"),
     Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
-    Setting("sd3_flow_samplers", True, "Use flow-correct samplers and schedules for SD3", infotext=infotext.FLOW_SAMPLERS),
-    Setting("sd3_nan_guard", True, "NaN guard: recompute a non-finite step at higher precision", infotext=infotext.NAN_GUARD),
-    Setting("sd3_mixdq", "off", "MixDQ quantization of the SD3 MMDiT", ("off", "w8a8", "w4a8", "fp8"), infotext=infotext.MIXDQ),
-    Setting("sd3_slg", False, "Skip-layer guidance (SLG): one more cond pass with some joint blocks skipped",
-            comment="Stability recommends it for SD3.5 Medium; off unless turned on here, in the "
-            "accordion or by a preset"),
-    Setting("sd3_slg_layers", "7,8,9", "SLG: joint blocks to skip (comma-separated indices)"),
-    Setting("sd3_slg_scale", 2.5, "SLG: scale", slider=script_args.BY_NAME["slg_scale"].slider),
-    Setting("sd3_slg_start", 0.01, "SLG: first step, as a fraction of the steps (exclusive)",
-            slider=script_args.BY_NAME["slg_start"].slider),
-    Setting("sd3_slg_end", 0.20, "SLG: last step, as a fraction of the steps (exclusive)",
-            slider=script_args.BY_NAME["slg_end"].slider),
+    *(option_setting(option) for option in options.OPTIONS),
     Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
 )
 

@@ -29,6 +29,7 @@ from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.slg import checked_layers, in_window, joint_blocks_of, skip_blocks
 from lib_sd3.webui import api_args, hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
+from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("slg")
@@ -49,42 +50,42 @@ class SlgRun:
     guided_steps: list[int] = dataclasses.field(default_factory=list)
 
 
-class SlgState:
-    """The generation in progress (A1111 runs one at a time, under its queue lock)."""
-
-    def __init__(self) -> None:
-        self.run: SlgRun | None = None
-        self.last_guided_steps: list[int] = []  # for /sd3/status
-
-    def start(self, p: Any, args: dict[str, Any]) -> None:
-        self.run = None
-        sd_model = getattr(p, "sd_model", None) or loaded_model()
-        if not args.get("slg") or not model_is_sd3(sd_model) or args["slg_scale"] == 0:
-            return
-        model = getattr(sd_model, "model", None)
-        try:
-            layers = checked_layers(args["slg_layers"], len(joint_blocks_of(model)))
-        except (TypeError, ValueError) as error:
-            log.warning("skip-layer guidance off for this generation: %s", error)
-            p.extra_generation_params[infotext.SLG] = f"off ({error})"
-            return
-        self.run = SlgRun(layers, float(args["slg_scale"]), float(args["slg_start"]), float(args["slg_end"]), model)
-        p.extra_generation_params[infotext.SLG] = infotext.format_slg(layers, self.run.scale, self.run.start,
-                                                                      self.run.end)
-
-    def finish(self, *_: Any) -> None:
-        self.last_guided_steps = list(self.run.guided_steps) if self.run else []
-        self.run = None
+def start(p: Any, args: dict[str, Any]) -> None:
+    """``process``: this generation's SLG run (``p.sd3.slg``), or None while SLG is off for it."""
+    generation = GENERATIONS.of(p)
+    generation.slg = None
+    sd_model = getattr(p, "sd_model", None) or loaded_model()
+    if not args.get("slg") or not model_is_sd3(sd_model) or args["slg_scale"] == 0:
+        return
+    model = getattr(sd_model, "model", None)
+    try:
+        layers = checked_layers(args["slg_layers"], len(joint_blocks_of(model)))
+    except (TypeError, ValueError) as error:
+        log.warning("skip-layer guidance off for this generation: %s", error)
+        p.extra_generation_params[infotext.SLG] = f"off ({error})"
+        return
+    generation.slg = SlgRun(layers, float(args["slg_scale"]), float(args["slg_start"]), float(args["slg_end"]), model)
+    p.extra_generation_params[infotext.SLG] = infotext.format_slg(layers, generation.slg.scale, generation.slg.start,
+                                                                  generation.slg.end)
 
 
-STATE = SlgState()
+def running() -> SlgRun | None:
+    """The SLG run of the generation in progress (sampling code has no ``p``)."""
+    generation = GENERATIONS.running()
+    return generation.slg if generation is not None else None
+
+
+def status() -> dict[str, Any]:
+    last = GENERATIONS.last
+    return {"last_guided_steps": list(last.slg.guided_steps) if last is not None and last.slg else []}
 
 
 def keep_denoiser_params(params: Any) -> None:
     """``on_cfg_denoiser``: the batch the denoiser is about to run (read at combine time, so changes made
     by other extensions' callbacks after ours are seen)."""
-    if STATE.run is not None:
-        STATE.run.pending = params
+    run = running()
+    if run is not None:
+        run.pending = params
 
 
 def condition(cond: Any, image_cond: torch.Tensor) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def skipped_pass(denoiser: Any, run: SlgRun, n: int) -> torch.Tensor:
 def make_combine_denoised(original: Callable[..., Any]) -> Callable[..., Any]:
     def combine_denoised(self: Any, x_out: torch.Tensor, conds_list: list, uncond: Any, cond_scale: float) -> Any:
         denoised = original(self, x_out, conds_list, uncond, cond_scale)
-        run = STATE.run
+        run = running()
         if run is None or run.pending is None or getattr(run.pending, "denoiser", self) is not self:
             return denoised
         step, steps = int(self.step), int(self.steps or 0)
@@ -163,8 +164,7 @@ def _install(script_callbacks: Any) -> None:
 
 
 REGISTRY.add(Patch.from_swaps("slg.combine_denoised", FEATURE, _detect, _swaps, sd3_only=True))
-hooks.PROCESS.append(STATE.start)
-hooks.POSTPROCESS.append(STATE.finish)
+hooks.PROCESS.append(start)
 hooks.INSTALL.append(_install)
 api_args.CHECKS.append(layers_within_model)
-hooks.STATUS[FEATURE] = lambda: {"last_guided_steps": STATE.last_guided_steps}
+hooks.STATUS[FEATURE] = status

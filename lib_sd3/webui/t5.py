@@ -40,6 +40,7 @@ from lib_sd3.t5_file import T5FileCheck, check_t5_file
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, queue_lock, sd3_cond_class
 from lib_sd3.webui.flags import flag
+from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("t5")
@@ -339,7 +340,6 @@ class T5Attachment:
         self.precision: str | None = None  # the loaded file's own dtype (bf16, fp8 scaled, ...)
         self.error: str | None = None
         self.recomputed = 0  # prompts whose T5 output was non-finite and recomputed
-        self.generation: T5Generation | None = None  # the generation being encoded
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -375,9 +375,9 @@ class T5Attachment:
             if guard.recoveries:
                 with self._lock:
                     self.recomputed += 1
-                    generation = self.generation
-                if generation is not None:
-                    generation.recomputed_in(guard.recoveries[0].precision.short)
+                running = GENERATIONS.running()  # the generation being encoded (p.sd3.t5)
+                if running is not None and running.t5 is not None:
+                    running.t5.recomputed_in(guard.recoveries[0].precision.short)
             return _to_device(output, target)
 
         model.forward = forward
@@ -556,7 +556,7 @@ class T5Feature:
             self.attachment.decide(p.sd_model)
         value = self.attachment.infotext_value()
         p.extra_generation_params[INFOTEXT] = value
-        self.attachment.generation = T5Generation(p.extra_generation_params, value)
+        GENERATIONS.of(p).t5 = T5Generation(p.extra_generation_params, value)
 
     def post_fetch(self) -> dict[str, Any]:
         """``POST /sd3/t5/fetch``: start (or report) the download the current settings call for."""
