@@ -7,11 +7,24 @@ API: ``"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8", "nan_guard": "on"
 import gradio as gr
 from modules import scripts
 
+from lib_sd3.slg import joint_blocks_of
 from lib_sd3.webui import hooks, options, script_args, settings, startup
+from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.presets import PresetButton
 
 startup.install()
+
+
+def slg_layer_choices() -> list[str]:
+    """The loaded SD3 model's joint blocks (a layer beyond them would turn SLG off); the deepest family's
+    before a model is loaded. Read again each time the field is opened: the model may load or change."""
+    model = loaded_model()
+    try:
+        depth = len(joint_blocks_of(getattr(model, "model", None))) if model_is_sd3(model) else 0
+    except TypeError:
+        depth = 0
+    return [str(i) for i in range(depth or options.MAX_LAYERS)]
 
 
 def arg_component(arg: options.Option, tab: str):
@@ -26,8 +39,10 @@ def arg_component(arg: options.Option, tab: str):
         low, high, step = arg.slider
         return gr.Slider(label=arg.label, minimum=low, maximum=high, step=step, value=arg.from_setting(current),
                          elem_id=elem_id)
-    return gr.Dropdown(label=arg.label, info=f"none picked: {default}", multiselect=True, value=[],
-                       choices=[str(i) for i in range(script_args.MAX_LAYERS)], elem_id=elem_id)
+    layers = gr.Dropdown(label=arg.label, info=f"none picked: {default}", multiselect=True, value=[],
+                         choices=slg_layer_choices(), elem_id=elem_id)
+    layers.focus(fn=lambda: gr.update(choices=slg_layer_choices()), inputs=[], outputs=[layers], show_progress=False)
+    return layers
 
 
 class SD3Script(scripts.Script):

@@ -477,6 +477,16 @@ def test_ui_builds_in_accordion(webui):
     webui.t5.build_ui(True)
 
 
+def test_download_button_only_while_a_file_is_wanted_and_missing(webui):
+    webui.shared.opts.data["sd3_t5_mode"] = "off"
+    assert not webui.t5.fetch_offered()
+    webui.shared.opts.data["sd3_t5_mode"] = "fp16"
+    assert webui.t5.fetch_offered()
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    assert not webui.t5.fetch_offered()
+
+
 @pytest.mark.parametrize("wide_enough, recomputed_in", [
     (lambda call: torch.is_autocast_enabled("cpu"), "bf16"),  # what fp16 T5 does on some prompts: fine in bf16
     (lambda call: call == 3 and not torch.is_autocast_enabled("cpu"), "fp32"),  # only the last rung helps

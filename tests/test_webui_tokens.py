@@ -201,6 +201,7 @@ def test_t5_disabled_is_reported(webui):
     sync(True)
     _, data = shown(update_token_counter(webui, "a cat"))
     assert data["t5-state"] == "disabled" and "T5 disabled" in data["notes"]
+    assert "reload" not in data["notes"]  # the next generation picks the setting up: no model reload needed
     webui.fake.shared.opts.data["sd3_enable_t5"] = True
     webui.cond.t5xxl = None  # T5 not loaded with the model
     assert shown(update_token_counter(webui, "a dog"))[1]["t5-state"] == "disabled"

@@ -99,7 +99,8 @@ class PromptCount:
         if state == "unavailable":
             notes.append("T5: tokenizer not found (google/t5-v1_1-xxl in the Hugging Face cache); T5 not counted")
         elif state == "disabled":
-            notes.append("T5 disabled: the prompt reaches CLIP only (enable T5 in Settings and reload the model)")
+            notes.append("T5 disabled: the prompt reaches CLIP only (turn T5 on in Settings > SD3; the next "
+                         "generation uses it)")
         elif state == "truncated":
             notes.append(f"T5 truncated: {self.t5} tokens, but A1111 cuts T5 to the CLIP length ({self.t5_limit}); "
                          f"the last {self.t5 - self.t5_limit} are not seen. Add a BREAK to give CLIP another chunk.")

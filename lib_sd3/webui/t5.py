@@ -590,16 +590,30 @@ class T5Feature:
             line += f"\n\nDownload failed: {s['error']}\n\n```\n{s['manual']}\n```"
         return line
 
+    def fetch_offered(self) -> bool:
+        """"Download T5 now" only while the settings call for a T5 file that is not here: never while T5 is
+        off, nor while a file on disk (the user's own included) serves the requested precision."""
+        if requested_mode() == "off" or not fetch_allowed():
+            return False
+        ram, vram = t5_lib.free_memory()
+        choice = t5_lib.choose_mode(requested_mode(), ram, vram)
+        return t5_lib.plan_files(choice.mode, self.files.usable()).fetch is not None
+
     def build_ui(self, is_img2img: bool) -> None:
         import gradio as gr
 
         tab = "img2img" if is_img2img else "txt2img"
+        text = gr.Markdown(self.status_markdown(), elem_id=f"sd3_t5_status_{tab}")  # full width, above the buttons
         with gr.Row():
-            text = gr.Markdown(self.status_markdown(), elem_id=f"sd3_t5_status_{tab}")
-            refresh_button = gr.Button("Refresh T5 status", elem_id=f"sd3_t5_refresh_{tab}")
-            fetch_button = gr.Button("Download T5 now", elem_id=f"sd3_t5_fetch_{tab}")
-        refresh_button.click(fn=self.status_markdown, inputs=[], outputs=[text])
-        fetch_button.click(fn=lambda: (self.post_fetch(), self.status_markdown())[1], inputs=[], outputs=[text])
+            refresh_button = gr.Button("Refresh T5 status", size="sm", elem_id=f"sd3_t5_refresh_{tab}")
+            fetch_button = gr.Button("Download T5 now", size="sm", visible=self.fetch_offered(),
+                                     elem_id=f"sd3_t5_fetch_{tab}")
+
+        def refreshed() -> tuple[str, Any]:
+            return self.status_markdown(), gr.update(visible=self.fetch_offered())
+
+        refresh_button.click(fn=refreshed, inputs=[], outputs=[text, fetch_button])
+        fetch_button.click(fn=lambda: (self.post_fetch(), refreshed())[1], inputs=[], outputs=[text, fetch_button])
 
     def register(self) -> None:
         """Wire this feature into the extension's registry and hooks (once, at start-up)."""

@@ -62,7 +62,7 @@ class Component:
     def click(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    change = click
+    change = focus = click
 
 
 def fake_gradio() -> types.ModuleType:

@@ -121,3 +121,75 @@ def test_ui_paste_restores_the_accordion(webui):
     assert seen == {**dropdowns, **sliders}
     assert [layer.strip("×✕ \n") for layer in layers] == ["1"], layers
     assert "SD3" not in overrides, overrides
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"alwayson_scripts": {"SD3": {"args": None}}}, ["must be a list"]),  # A1111 alone: HTTP 500, a TypeError
+    ({"alwayson_scripts": {"SD3": None}}, ["alwayson_scripts SD3"]),  # A1111 alone: HTTP 500
+    ({"alwayson_scripts": {"SD3": [{"mixdq": "w8a8"}]}}, ["alwayson_scripts SD3", "args"]),  # A1111 alone: ignored
+    ({"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8"}, "on"]}}}, ["nothing after it"]),  # ignored too
+    ({"override_settings": {"sd3_mixdq": "int4"}}, ["sd3_mixdq", "int4", "allowed"]),
+    ({"override_settings": {"sd3_slg_layers": "abc"}}, ["sd3_slg_layers", "abc"]),
+    ({"alwayson_scripts": {"SD3": {"args": [{"mixdq": "x" * 200_000}]}}}, ["mixdq", "200002 characters"]),
+])
+def test_every_way_a_value_arrives_is_checked_before_anything_runs(webui, fields, words):
+    mark = webui.mark()
+    response = webui.post("/sdapi/v1/txt2img", dict(TINY, **fields))
+    log = webui.log_since(mark)
+    lines = [line for line in log.splitlines() if line.strip()]
+    print(f"\n[{webui.state}] {str(fields)[:120]} -> HTTP {response.status_code} {response.text[:200]}")
+    assert response.status_code == 422, response.text[:2000]
+    detail = response.json().get("detail", "")
+    for word in words:
+        assert word in detail, detail
+    assert len(detail) < 400, "a bad value must be quoted short"
+    assert len(lines) == 1 and detail in lines[0], lines  # one console line, no traceback, no progress bar
+
+
+def test_a_pasted_infotext_naming_a_config_not_here_is_one_warning(webui):
+    """``SD3 MixDQ: int4`` (an image made with a custom config elsewhere) through the API's ``infotext`` field:
+    the image is made with the setting's MixDQ, one warning line, and the other SD3 entries are all there."""
+    text = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, SD3 flow samplers: True, "
+            "SD3 NaN guard: True, SD3 MixDQ: int4")
+    body, log = _post(webui, {"infotext": text})
+    assert not tracebacks_in(log), tracebacks_in(log)
+    warnings = [line for line in log.splitlines() if "int4" in line]
+    assert len(warnings) == 1 and "setting" in warnings[0], warnings
+    made = _infotext(json.loads(body["info"]))
+    assert "SD3 flow samplers: True" in made and "SD3 NaN guard: True" in made and "SD3 family" in made, made
+    assert "int4" not in made, made
+
+
+def _pick(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.locator(f'#{elem_id} li[data-testid="dropdown-option"][data-value="{value}"]:visible').click()
+
+
+def test_ui_words(webui):
+    """The SLG layer list offers the loaded model's joint blocks (the tiny MMDiT: 0 and 1); "Download T5 now"
+    is not shown while T5 is off (this server's setting); a preset of a family without SLG clears the layers."""
+    from webui_support import browser_page
+
+    layer_tokens = "() => [...document.querySelectorAll('#sd3_slg_layers_txt2img .token')].map(e => e.innerText)"
+    with browser_page(webui) as page:
+        page.locator("#sd3_accordion_txt2img .label-wrap").first.click()
+        page.locator("#sd3_slg_layers_txt2img input").click()
+        page.wait_for_timeout(1500)  # the choices are read again when the field is opened
+        offered = page.evaluate("() => [...document.querySelectorAll('#sd3_slg_layers_txt2img "
+                                "li[data-testid=\"dropdown-option\"]')].map(e => e.dataset.value)")
+        page.locator('#sd3_slg_layers_txt2img li[data-testid="dropdown-option"][data-value="1"]').click()
+        page.keyboard.press("Escape")
+        page.wait_for_function(f"() => ({layer_tokens})().length === 1")
+        fetch_visible = page.locator("#sd3_t5_fetch_txt2img").is_visible()
+        status_width = page.evaluate("() => document.querySelector('#sd3_t5_status_txt2img').getBoundingClientRect().width")
+        accordion_width = page.evaluate("() => document.querySelector('#sd3_accordion_txt2img').getBoundingClientRect().width")
+        _pick(page, "sd3_preset_txt2img", "sd3.5-large-turbo")
+        page.locator("#sd3_apply_preset_txt2img").click()
+        page.wait_for_function(f"() => ({layer_tokens})().length === 0")
+        slg = page.evaluate("() => document.querySelector('#sd3_slg_txt2img input').value")
+    print(f"\n[{webui.state}] SLG layers offered {offered}; Download T5 shown: {fetch_visible}; "
+          f"T5 status {status_width:.0f} of {accordion_width:.0f} px; after the turbo preset SLG {slg!r}")
+    assert offered == ["0", "1"], offered
+    assert not fetch_visible
+    assert status_width > 0.8 * accordion_width, "the T5 status must not be squeezed beside the buttons"
+    assert slg == "off"
