@@ -81,6 +81,43 @@ class AttributeSwap:
         self._applied = False
 
 
+class AttributeAddition:
+    """Add an attribute a class lacks; undo removes exactly ours (:class:`AttributeSwap` needs one that exists).
+
+    ``owner`` is looked up at apply time (the class may not exist when the patch is declared).
+    """
+
+    def __init__(self, owner: Callable[[], Any], name: str, value: Any) -> None:
+        self.find_owner, self.name, self.value = owner, name, value
+        self.owner: Any = None
+
+    def apply(self) -> None:
+        self.owner = self.find_owner()
+        setattr(self.owner, self.name, self.value)
+
+    def undo(self) -> None:
+        if self.owner is not None and vars(self.owner).get(self.name) is self.value:
+            delattr(self.owner, self.name)
+        self.owner = None
+
+
+class ConvertOnSet:
+    """A data descriptor for an instance attribute that converts each value as it is stored.
+
+    Installed over a class attribute with :class:`AttributeSwap` (``lambda _default: ConvertOnSet(...)``):
+    reads give what was stored, after ``convert(instance, value)``; undo puts the class attribute back.
+    """
+
+    def __init__(self, name: str, convert: Callable[[Any, Any], Any]) -> None:
+        self.name, self.convert = name, convert
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else instance.__dict__.get(self.name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__[self.name] = self.convert(instance, value)
+
+
 class NotNeeded(str):
     """A detector's reason when the WebUI already does what the patch would: not applied, logged at debug only."""
 
@@ -103,6 +140,10 @@ class Patch:
     sd3_only: bool = False
     state: PatchState = PatchState.PENDING
     reason: str = ""
+
+    def wanted(self, sd3_loaded: bool) -> bool:
+        """The one rule for "only while an SD3 model is loaded"."""
+        return sd3_loaded or not self.sd3_only
 
     @classmethod
     def from_swaps(
@@ -206,10 +247,18 @@ class PatchRegistry:
     def sync(self, sd3_loaded: bool) -> None:
         """Apply global patches, and SD3-only ones exactly while an SD3 model is loaded."""
         for patch in self:
-            if patch.sd3_only and not sd3_loaded:
-                self.undo(patch.name)
-            else:
+            if patch.wanted(sd3_loaded):
                 self.apply(patch.name)
+            else:
+                self.undo(patch.name)
+
+    def reapply(self, names: list[str] | tuple[str, ...], sd3_loaded: bool) -> None:
+        """Undo and apply again, on what exists now: patches on objects A1111 rebuilds (on a UI reload, its
+        script runners and extension modules), so they wrap the new objects, under the same rule as :meth:`sync`."""
+        for name in names:
+            self.undo(name)
+            if self._patches[name].wanted(sd3_loaded):
+                self.apply(name)
 
     def undo_all(self) -> None:
         """Undo every patch and forget "unavailable"/"failed" verdicts.

@@ -485,7 +485,7 @@ def test_every_registered_patch_has_exactly_one_source_target(fake_webui):
     from lib_sd3.webui.registry import REGISTRY
 
     for name in startup.FEATURE_MODULES:
-        importlib.import_module(name)
+        startup.register(importlib.import_module(name).DECLARED)
     feature_patches = {p.name for p in REGISTRY if not p.name.startswith("test_")}  # test_*: stand-in features
     rows = [t.patch for t in targets.TARGETS]
     assert len(rows) == len(set(rows))

@@ -16,12 +16,26 @@ from pathlib import Path
 import pytest
 from a1111 import models, processing
 from a1111 import scripts as fake_scripts
+from conftest import registered
 
 from lib_sd3 import LOGGER_NAME, iclight
 from lib_sd3.patching import PatchState
 from lib_sd3.webui import hooks, startup
 from lib_sd3.webui import iclight as shim
 from lib_sd3.webui.registry import REGISTRY
+
+registered(shim)
+
+
+def app_started():
+    """What start-up does for this feature at each app start (UI reload): re-wrap the runners' scripts, then its
+    app-started hooks."""
+    from lib_sd3.webui.registry import REGISTRY
+
+    REGISTRY.reapply(shim.DECLARED.retarget, sd3_loaded=False)
+    for hook in shim.DECLARED.app_started:
+        hook()
+
 
 SHAPES_DIR = Path(__file__).parent / "a1111" / "iclight"
 SCRIPT_FILES = {
@@ -136,7 +150,7 @@ def test_without_shim_old_shape_on_early_sd3_logs_missing_first_stage(webui):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_combination_completes(webui, caplog, shape, enabled, family):
     runner, _, counting = build_runner(webui, shape)
-    shim.retarget()
+    app_started()
     with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
         p, processed = generate(runner, family, enabled)
 
@@ -168,7 +182,7 @@ def test_disabled_iclight_gets_nothing_added(webui, shape):
         fake_scripts.ERRORS.reported.clear()
         runner, script, _ = build_runner(webui, shape)
         if with_shim:
-            shim.retarget()
+            app_started()
         p, processed = generate(runner, "SD1", False)
         outcomes.append((p.extra_generation_params, p.comments, p.sampled_with_patches, processed.images,
                          vars(script).get("args", "no args attribute"), errors_of(BROKEN_FILE)[0][0]))
@@ -182,14 +196,14 @@ def test_disabled_iclight_gets_nothing_added(webui, shape):
 
 def test_new_shape_sd1_keeps_its_extra_images(webui):
     runner, _, _ = build_runner(webui, "new")
-    shim.retarget()
+    app_started()
     _, processed = generate(runner, "SD1", True)
     assert processed.images == ["image", "image"]  # IC-Light's detail image, as without the shim
 
 
 def test_hires_fix_warns_once_per_generation(webui, caplog):
     runner, _, _ = build_runner(webui, "new")
-    shim.retarget()
+    app_started()
     with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
         p, _ = generate(runner, "SD3", True, hr=True)
         generate(runner, "SDXL", True, hr=True)
@@ -200,7 +214,7 @@ def test_hires_fix_warns_once_per_generation(webui, caplog):
 
 def test_img2img_init_image_untouched_when_skipped(webui):
     runner, _, _ = build_runner(webui, "new", is_img2img=True)
-    shim.retarget()
+    app_started()
     p, _ = generate(runner, "SD3", True, img2img=True)
     assert p.init_images == ["init image"]
     p, _ = generate(runner, "SD1", True, img2img=True)
@@ -210,7 +224,7 @@ def test_img2img_init_image_untouched_when_skipped(webui):
 def test_skip_is_sticky_after_a_skipped_earlier_hook(webui):
     """Stale ``self.args`` from a skipped before_process must not reach later hooks of the same p."""
     runner, script, _ = build_runner(webui, "new")
-    shim.retarget()
+    app_started()
     generate(runner, "SD1", True)
     assert script.args is not None and script.args.enabled  # left over from the SD1.5 generation
     p, processed = generate(runner, "SD3", True)
@@ -220,7 +234,7 @@ def test_skip_is_sticky_after_a_skipped_earlier_hook(webui):
 def test_setting_off_leaves_iclight_as_it_is(webui):
     webui.shared.opts.data["sd3_iclight_shim"] = False
     runner, _, _ = build_runner(webui, "old")
-    shim.retarget()
+    app_started()
     generate(runner, "SD1", False)
     assert [m for m, _ in errors_of(ICLIGHT_FILE)] == [f"Error running process_before_every_sampling: {ICLIGHT_FILE}"]
 
@@ -228,7 +242,7 @@ def test_setting_off_leaves_iclight_as_it_is(webui):
 def test_undo_restores_the_original_methods(webui):
     runner, script, counting = build_runner(webui, "new")
     cls = type(script)
-    shim.retarget()
+    app_started()
     wrapped = sorted(h for h in iclight.GENERATION_HOOKS if h in vars(script))
     assert wrapped == ["before_process", "postprocess", "postprocess_image", "process_before_every_sampling"]
     assert vars(counting) == {"calls": [], "filename": counting.filename, "tabname": "txt2img", "alwayson": True,
@@ -244,10 +258,10 @@ def test_undo_restores_the_original_methods(webui):
 
 def test_retarget_follows_a_ui_reload(webui):
     old_runner, old_script, _ = build_runner(webui, "old")
-    shim.retarget()
+    app_started()
     assert "process_before_every_sampling" in vars(old_script)
     new_runner, new_script, _ = build_runner(webui, "old")  # "Reload UI": new runner, new script objects
-    shim.retarget()
+    app_started()
     assert "process_before_every_sampling" not in vars(old_script)
     assert "process_before_every_sampling" in vars(new_script)
     generate(new_runner, "SD1", False)
@@ -261,7 +275,7 @@ def test_app_started_wraps_both_runners_and_reports_status(webui):
     build_runner(webui, "old")
     _, img2img_script, _ = build_runner(webui, "new", is_img2img=True)
     app = FastAPI()
-    assert shim.retarget in hooks.APP_STARTED
+    assert shim.PATCH_NAME in hooks.RETARGET and shim.check_model_patcher in hooks.APP_STARTED
     startup.on_app_started(None, app)
     assert "before_process" in vars(img2img_script)
     body = TestClient(app).get("/sd3/status").json()

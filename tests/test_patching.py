@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from lib_sd3 import LOGGER_NAME
-from lib_sd3.patching import AttributeSwap, Patch, PatchRegistry, PatchState
+from lib_sd3.patching import AttributeAddition, AttributeSwap, ConvertOnSet, Patch, PatchRegistry, PatchState
 
 
 class Base:
@@ -130,3 +130,44 @@ def test_undo_all_forgets_verdicts_so_status_starts_afresh():
     assert registry.get("p").state is PatchState.PENDING and registry.get("p").reason == ""
     present["target"] = True
     assert registry.apply("p") is PatchState.APPLIED
+
+
+def test_attribute_addition_adds_and_removes_exactly_its_own():
+    class Target:
+        pass
+
+    addition = AttributeAddition(lambda: Target, "extra", property(lambda self: 42))
+    addition.apply()
+    assert Target().extra == 42
+    addition.undo()
+    assert not hasattr(Target, "extra")
+    addition.apply()
+    Target.extra = "someone else's"  # replaced meanwhile: not ours to remove
+    addition.undo()
+    assert Target.extra == "someone else's"
+
+
+def test_convert_on_set_converts_as_stored_and_undo_restores_the_class_attribute():
+    class Holder:
+        mask = None
+
+    swap = AttributeSwap(Holder, "mask", lambda _default: ConvertOnSet("mask", lambda obj, value: value * obj.k))
+    swap.apply()
+    holder = Holder()
+    holder.k = 3
+    holder.mask = 2
+    assert holder.mask == 6
+    swap.undo()
+    assert Holder.__dict__["mask"] is None
+
+
+def test_reapply_follows_the_same_sd3_rule_as_sync():
+    registry, events = PatchRegistry(), []
+    for name, sd3_only in (("global", False), ("sd3", True)):
+        registry.add(Patch(name, "f", lambda: None, lambda name=name: events.append(("apply", name)),
+                           lambda name=name: events.append(("undo", name)), sd3_only=sd3_only))
+    registry.sync(True)
+    events.clear()
+    registry.reapply(["global", "sd3"], sd3_loaded=False)
+    assert events == [("undo", "global"), ("apply", "global"), ("undo", "sd3")]
+    assert registry.get("sd3").state is PatchState.PENDING and registry.get("global").state is PatchState.APPLIED

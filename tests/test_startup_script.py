@@ -14,12 +14,11 @@ from lib_sd3 import LOGGER_NAME
 from lib_sd3.webui import hooks, script_args, settings, startup
 from lib_sd3.webui.registry import REGISTRY
 
-# Two feature modules as a helper would write them: one registers an SD3-only patch on the token
+# Two feature modules as a helper would write them: one declares an SD3-only patch on the token
 # counter, a global patch, hooks and a route; the other raises on import (a missing package, say).
 FEATURE_OK = '''
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks
-from lib_sd3.webui.registry import REGISTRY
 from modules import sd_hijack
 
 
@@ -33,19 +32,24 @@ def _detect():
     return None if hasattr(sd_hijack.StableDiffusionModelHijack, "get_prompt_lengths") else "no get_prompt_lengths"
 
 
-REGISTRY.add(Patch.from_swaps("test_token_counter", "test feature", _detect,
-    lambda: [AttributeSwap(sd_hijack.StableDiffusionModelHijack, "get_prompt_lengths", _sd3_lengths)], sd3_only=True))
-REGISTRY.add(Patch.from_swaps("test_global", "test feature", lambda: None,
-    lambda: [AttributeSwap(sd_hijack, "helper", lambda original: lambda: "patched")]))
-
 SEEN = []
-hooks.PROCESS.append(lambda p, args: SEEN.append(("process", p, args)))
-hooks.BEFORE_EVERY_SAMPLING.append(lambda p, args: SEEN.append(("before_every_sampling", p, args)))
-hooks.POSTPROCESS.append(lambda p, processed, args: SEEN.append(("postprocess", p, processed, args)))
-hooks.UI.append(lambda is_img2img: SEEN.append(("ui", is_img2img)))
-hooks.MODEL_LOADED.append(lambda model: SEEN.append(("model_loaded", model)))
-hooks.ROUTES.append(lambda router: router.add_api_route("/test", lambda: {"hello": "sd3"}, methods=["GET"]))
-hooks.STATUS["test feature"] = lambda: {"extra": 1}
+DECLARED = hooks.Feature(
+    "test feature",
+    patches=(
+        Patch.from_swaps("test_token_counter", "test feature", _detect,
+            lambda: [AttributeSwap(sd_hijack.StableDiffusionModelHijack, "get_prompt_lengths", _sd3_lengths)],
+            sd3_only=True),
+        Patch.from_swaps("test_global", "test feature", lambda: None,
+            lambda: [AttributeSwap(sd_hijack, "helper", lambda original: lambda: "patched")]),
+    ),
+    process=(lambda p, args: SEEN.append(("process", p, args)),),
+    before_every_sampling=(lambda p, args: SEEN.append(("before_every_sampling", p, args)),),
+    postprocess=(lambda p, processed, args: SEEN.append(("postprocess", p, processed, args)),),
+    ui=(lambda is_img2img: SEEN.append(("ui", is_img2img)),),
+    model_loaded=(lambda model: SEEN.append(("model_loaded", model)),),
+    routes=(lambda router: router.add_api_route("/test", lambda: {"hello": "sd3"}, methods=["GET"]),),
+    status=lambda: {"extra": 1},
+)
 '''
 FEATURE_BROKEN = "import sd3_package_that_is_not_installed  # noqa\n"
 
@@ -66,10 +70,12 @@ def webui(fake_webui, monkeypatch, tmp_path):
     fake_webui.module("modules.sd_hijack", StableDiffusionModelHijack=StableDiffusionModelHijack, helper=_helper)
     monkeypatch.setattr(REGISTRY, "_patches", {})
     monkeypatch.setattr(REGISTRY, "_logged", set())
-    for name in ("PROCESS", "BEFORE_EVERY_SAMPLING", "POSTPROCESS", "ROUTES", "UI", "MODEL_LOADED"):
+    for name in ("PROCESS", "BEFORE_EVERY_SAMPLING", "POSTPROCESS", "ROUTES", "UI", "MODEL_LOADED", "APP_STARTED",
+                 "INSTALL", "BEFORE_MMDIT_REWRITE", "RETARGET", "API_CHECKS"):
         monkeypatch.setattr(hooks, name, [])
     monkeypatch.setattr(hooks, "STATUS", {})
     monkeypatch.setattr(startup, "_FAILED_FEATURES", {})
+    monkeypatch.setattr(startup, "_REGISTERED", {})
     (tmp_path / "sd3_test_feature_ok.py").write_text(FEATURE_OK)
     (tmp_path / "sd3_test_feature_broken.py").write_text(FEATURE_BROKEN)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -321,3 +327,46 @@ def test_script_hands_a1111_its_paste_fields(webui):
     assert set(script.paste_field_names) == set(options.PASTED)
     pasted = [key({"SD3 flow samplers": "False", "SD3 SLG": "layers 0; scale 1; steps 0-1"}) for key in keys]
     assert pasted == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]
+
+
+IMPORT_ONLY = """
+import importlib, sys, types
+shared = types.ModuleType("modules.shared")
+shared.opts = types.SimpleNamespace(data={})
+shared.cmd_opts = types.SimpleNamespace(sd3_mixdq="w8a8")  # --sd3-mixdq: written to the setting at registration
+sys.modules["modules"] = types.ModuleType("modules")
+sys.modules["modules"].__path__ = []
+sys.modules["modules.shared"] = sys.modules["modules"].shared = shared
+from lib_sd3.webui import hooks, startup
+from lib_sd3.webui.registry import REGISTRY
+for name in startup.FEATURE_MODULES:
+    assert isinstance(importlib.import_module(name).DECLARED, hooks.Feature), name
+lists = [n for n in dir(hooks) if n.isupper() and getattr(hooks, n)]
+print(len(list(REGISTRY)), lists, shared.opts.data)
+"""
+
+
+def test_feature_modules_declare_and_do_nothing_at_import():
+    """Importing every feature module (a fresh interpreter) registers no patch, adds no hook and writes no
+    setting: start-up does, in its one order."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_ONLY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "0 [] {}"
+
+
+def test_registration_order_honours_after():
+    a, b, c = (hooks.Feature(name, after=after) for name, after in (("a", ("c",)), ("b", ()), ("c", ("missing",))))
+    assert [f.name for f in startup.in_order([a, b, c])] == ["b", "c", "a"]
+    with pytest.raises(ValueError, match="wait on each other"):
+        startup.in_order([hooks.Feature("x", after=("y",)), hooks.Feature("y", after=("x",))])
+
+
+def test_the_shipped_order_keeps_mixdq_outside_models_and_lora_after_mixdq():
+    import importlib
+
+    features = startup.in_order([importlib.import_module(n).DECLARED for n in startup.FEATURE_MODULES])
+    names = [f.name for f in features]
+    assert names.index("SD3.5 models") < names.index("MixDQ") < names.index("LoRA")

@@ -10,7 +10,7 @@ from fastapi import HTTPException
 
 from lib_sd3 import LOGGER_NAME
 from lib_sd3.patching import AttributeSwap
-from lib_sd3.webui import api_args
+from lib_sd3.webui import api_args, hooks
 
 
 class Api:
@@ -24,17 +24,38 @@ class Api:
         self.calls += 1
         return list(default_script_args)
 
+    def apply_infotext(self, request, tabname, *, script_runner=None, mentioned_script_args=None):
+        """A1111's: the infotext's settings become overrides, unless the request sets them itself."""
+        if request.override_settings is None:
+            request.override_settings = {}
+        for key, value in SETTING_LABELS.items():
+            pasted = parse_generation_parameters(request.infotext).get(value)
+            if pasted is not None and key not in request.override_settings:
+                request.override_settings[key] = {"True": True, "False": False}.get(pasted, pasted)  # cast_value
+        return {}
+
+
+SETTING_LABELS = {"sd3_mixdq": "SD3 MixDQ", "sd3_nan_guard": "SD3 NaN guard"}
+
+
+def parse_generation_parameters(text):
+    """``infotext_utils.parse_generation_parameters`` for ``Key: value, Key: value`` lines."""
+    return dict(part.split(": ", 1) for part in text.split(", "))
+
 
 @pytest.fixture
 def api(monkeypatch, caplog):
     swap = AttributeSwap(Api, "init_script_args", api_args.make_init_script_args)
     swap.apply()
-    monkeypatch.setattr(api_args, "CHECKS", [])
+    pasted = AttributeSwap(Api, "apply_infotext", api_args.make_apply_infotext)
+    pasted.apply()
+    monkeypatch.setattr(hooks, "API_CHECKS", [])
     logger = logging.getLogger(LOGGER_NAME)
     logger.addHandler(caplog.handler)
     caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
     yield Api()
     logger.removeHandler(caplog.handler)
+    pasted.undo()
     swap.undo()
 
 
@@ -84,7 +105,7 @@ def test_model_checks_run_on_resolved_args(api, monkeypatch):
         seen.append(resolved["slg_layers"])
         return "SD3 script arg slg_layers: [9] are outside this model's joint blocks 0..1"
 
-    monkeypatch.setattr(api_args, "CHECKS", [check])
+    monkeypatch.setattr(hooks, "API_CHECKS", [check])
     with pytest.raises(HTTPException) as error:
         api.init_script_args(request([{"slg": "on", "slg_layers": "9"}]), [], None, 0, object())
     assert "0..1" in error.value.detail and seen == [(9,)]
@@ -124,35 +145,30 @@ def test_a_huge_bad_value_is_quoted_short(api):
     assert "200002 characters" in error.value.detail and len(error.value.detail) < 300
 
 
-def parse_generation_parameters(text):
-    """``infotext_utils.parse_generation_parameters`` for ``Key: value, Key: value`` lines."""
-    return dict(part.split(": ", 1) for part in text.split(", "))
-
-
-def test_a_pasted_infotext_naming_a_config_not_here_is_one_warning_and_the_setting(api, fake_webui, caplog):
-    """A1111's ``apply_infotext`` turned ``SD3 MixDQ: int4`` (an image made with a custom config) into an
+def test_a_pasted_infotext_naming_a_config_not_here_is_one_warning_and_the_setting(api, caplog):
+    """A1111's ``apply_infotext`` turns ``SD3 MixDQ: int4`` (an image made with a custom config) into an
     override of ``sd3_mixdq``: not the client's mistake. The override goes; the setting's value is used."""
-    fake_webui.module("modules.infotext_utils", parse_generation_parameters=parse_generation_parameters)
-    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: int4",
-                                override_settings={"sd3_mixdq": "int4", "CLIP_stop_at_last_layers": 2})
+    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: int4, SD3 NaN guard: False",
+                                override_settings={"CLIP_stop_at_last_layers": 2})
+    api.apply_infotext(req, "txt2img")
+    assert req.override_settings == {"CLIP_stop_at_last_layers": 2, "sd3_nan_guard": False}
     assert api.init_script_args(req, [1], None, 0, object()) == [1]
     assert api.calls == 1
-    assert req.override_settings == {"CLIP_stop_at_last_layers": 2}
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "int4" in lines[0] and "setting" in lines[0]
 
 
-def test_the_clients_own_override_is_still_refused_beside_an_infotext(api, fake_webui):
-    fake_webui.module("modules.infotext_utils", parse_generation_parameters=parse_generation_parameters)
-    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: w8a8",
+def test_the_clients_own_override_is_still_refused_beside_an_infotext(api):
+    req = types.SimpleNamespace(alwayson_scripts=None, infotext="Steps: 20, SD3 MixDQ: int4",
                                 override_settings={"sd3_mixdq": "int4"})
+    api.apply_infotext(req, "txt2img")
     with pytest.raises(HTTPException):
         api.init_script_args(req, [1], None, 0, object())
 
 
 def test_good_overrides_pass_and_reach_the_model_checks(api, monkeypatch):
     seen = []
-    monkeypatch.setattr(api_args, "CHECKS", [lambda resolved: seen.append(resolved["slg_layers"])])
+    monkeypatch.setattr(hooks, "API_CHECKS", [lambda resolved: seen.append(resolved["slg_layers"])])
     req = types.SimpleNamespace(alwayson_scripts=None, override_settings={"sd3_slg_layers": "3, 1", "sd3_slg": True})
     assert api.init_script_args(req, [1], None, 0, object()) == [1]
     assert seen == [(1, 3)]

@@ -9,10 +9,13 @@ import logging
 
 import pytest
 from a1111.models import DevSD3Cond, EarlySD3Cond
+from conftest import registered
 
 from lib_sd3.patching import PatchState
-from lib_sd3.webui import early, infotext, long_prompts, tokens  # noqa: F401  (early registers its patches)
+from lib_sd3.webui import early, infotext, long_prompts, tokens
 from lib_sd3.webui.registry import REGISTRY
+
+registered(early, long_prompts, tokens)
 
 
 class EarlyInferencer:

@@ -60,9 +60,12 @@ def lora_webui(fake_webui, tmp_path):
                                                     loaded_networks=[], available_networks={},
                                                     network_apply_weights=early_apply_weights)
     sys.modules["ui_extra_networks_lora"] = types.SimpleNamespace(ExtraNetworksPageLora=Page)
+    from conftest import registered
+
     from lib_sd3.webui import lora
 
-    lora.retarget()
+    registered(lora)
+    REGISTRY.reapply(lora.DECLARED.retarget, sd3_loaded=True)  # as at app start
     REGISTRY.sync(True)
     fake_webui.mmdit, fake_webui.tmp, fake_webui.original_calls = mmdit, tmp_path, original_calls
     yield fake_webui

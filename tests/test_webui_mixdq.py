@@ -18,8 +18,11 @@ from lib_sd3.webui import hooks, routes, script_args, settings
 @pytest.fixture
 def webui(fake_webui, tmp_path):
     """A1111 with an SD3 model loaded: shared.sd_model.model.diffusion_model is the MMDiT (both states)."""
+    from conftest import registered
+
     from lib_sd3.webui import mixdq
 
+    registered(mixdq)
     torch.manual_seed(0)
     mmdit = TinyMMDiT(depth=24, dim=64)  # SD3 Medium's depth and layer names, toy width
     sd_model = Model("SD3", sd_model_hash="0123abcd", model=types.SimpleNamespace(diffusion_model=mmdit))

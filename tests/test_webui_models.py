@@ -53,8 +53,11 @@ class Inferencer(torch.nn.Module):
 
 @pytest.fixture
 def webui(fake_webui, tmp_path):
+    from conftest import registered
+
     from lib_sd3.webui import models
 
+    registered(models)
     calls = []
 
     def load_model_weights(model, checkpoint_info, state_dict, timer):

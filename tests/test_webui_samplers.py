@@ -4,6 +4,7 @@ import pytest
 import torch
 from a1111.processing import P
 from a1111.sampling import install
+from conftest import registered
 from oracle import data_scale, make_oracle, rms
 
 from lib_sd3 import flow
@@ -13,6 +14,7 @@ from lib_sd3.webui import samplers as feature
 from lib_sd3.webui.generation import GENERATIONS
 from lib_sd3.webui.registry import REGISTRY
 
+registered(feature)
 NAMES = [p.name for p in feature.PATCHES]
 STOCHASTIC = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "DPM2 a",
               "DPM fast", "DPM adaptive", "LCM"}

@@ -14,11 +14,14 @@ from functools import reduce
 
 import pytest
 from a1111.models import Model
+from conftest import registered
 
 from lib_sd3 import tokens as lib
 from lib_sd3.webui import hooks, routes
 from lib_sd3.webui import tokens as adapter
 from lib_sd3.webui.registry import REGISTRY
+
+registered(adapter)
 
 
 @pytest.fixture(scope="module")

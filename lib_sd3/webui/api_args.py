@@ -3,13 +3,14 @@
 A1111 copies ``alwayson_scripts`` values into the script-args list without looking at them, so a bad
 value would only surface inside the script's hooks -- as a traceback per hook, with the image made
 anyway. ``Api.init_script_args`` (same signature on dev and the early SD3 branch) runs for txt2img and
-img2img after the request is parsed (and its ``infotext`` field applied) and before the queue lock is
-taken; wrapping it lets us check there every way an SD3 value arrives, through the options table's one
-check: ``alwayson_scripts`` (any shape), ``override_settings`` of our settings, and the settings a pasted
-``infotext`` field turned into overrides. A pasted infotext naming something not present here (a custom
-MixDQ config, say) is not the client's mistake: one warning line, and the setting's own value is used.
-A1111's API prints no traceback for an ``HTTPException``. A global patch: the args are ours whatever
-model is loaded. The UI never sends bad script args (its fields only offer allowed ones).
+img2img after the request is parsed and before the queue lock is taken; wrapping it lets us check there,
+through the options table's one check, every way an SD3 value arrives: ``alwayson_scripts`` (any shape)
+and ``override_settings`` of our settings. ``Api.apply_infotext`` runs first and turns the request's
+``infotext`` field into script args and override settings; an entry naming something not present here
+(``SD3 MixDQ: int4``, a custom config of another install) is not the client's mistake: one warning line,
+and the setting's own value is used. A1111's API prints no traceback for an ``HTTPException``. A global
+patch: the args are ours whatever model is loaded. The UI never sends bad script args (its fields only
+offer allowed ones).
 """
 
 from __future__ import annotations
@@ -20,17 +21,11 @@ from typing import Any
 from lib_sd3 import get_logger
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, options, script_args, settings
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("api")
 
 FEATURE = "API arg check"
 SCRIPT_TITLE = script_args.SCRIPT_TITLE
-
-CHECKS: list[Callable[[dict[str, Any]], str | None]] = []
-"""Further checks of resolved args against the loaded model (e.g. SLG layers within its depth):
-each returns None or the one-line problem."""
-
 
 def requested_entry(request: Any) -> tuple[bool, Any]:
     """(whether the request names our script, its ``alwayson_scripts`` entry)."""
@@ -41,44 +36,31 @@ def requested_entry(request: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def pasted_params(request: Any) -> dict[str, Any]:
-    """The request's ``infotext`` field parsed as A1111 parses it (empty without one)."""
-    text = getattr(request, "infotext", None)
-    if not text:
-        return {}
-    from lib_sd3.webui.capabilities import a1111_module
-
-    parse = getattr(a1111_module("modules.infotext_utils") or a1111_module("modules.generation_parameters_copypaste"),
-                    "parse_generation_parameters", None)
-    return parse(text) if parse is not None else {}
-
-
 def checked_overrides(request: Any) -> dict[str, Any]:
-    """Our options' settings among ``override_settings``, each read as the generation will read it.
-
-    A bad value the client sent raises ScriptArgError; one that came from the pasted ``infotext`` is dropped
-    from the request with a warning line, so the setting's own value is used.
-    """
+    """Our options' settings among ``override_settings``, each checked as the generation will read it."""
     overrides = getattr(request, "override_settings", None)
     if not isinstance(overrides, dict):
         return {}
-    params = pasted_params(request)
-    checked = {}
-    for key, value in list(overrides.items()):
-        option = options.BY_SETTING.get(key)
-        if option is None:
-            continue
+    for key, value in overrides.items():
+        if key in options.BY_SETTING:
+            options.BY_SETTING[key].from_setting(value)  # ScriptArgError: the one line of the 422
+    return {key: value for key, value in overrides.items() if key in options.BY_SETTING}
+
+
+def drop_pasted_overrides_not_here(request: Any, before: set[str]) -> None:
+    """After A1111 turned the request's ``infotext`` field into ``override_settings``: an entry naming something
+    not present here (``SD3 MixDQ: int4``, a custom config of another install) is not the client's mistake.
+    One warning line, and the setting's own value is used. Overrides the client sent itself stay (and are
+    checked like everything else)."""
+    overrides = getattr(request, "override_settings", None)
+    if not isinstance(overrides, dict):
+        return
+    for key in [k for k in overrides if k not in before and k in options.BY_SETTING]:
         try:
-            option.from_setting(value)
+            options.BY_SETTING[key].from_setting(overrides[key])
         except options.ScriptArgError as error:
-            label = options.setting_infotext(option)
-            if label is None or label not in params or str(params[label]) != str(value):
-                raise
             log.warning("pasted infotext: %s: not present here; using the setting's value", error)
             del overrides[key]
-            continue
-        checked[key] = value
-    return checked
 
 
 def problem(request: Any) -> str | None:
@@ -94,7 +76,7 @@ def problem(request: Any) -> str | None:
                                        lenient=True)
     except script_args.ScriptArgError as error:
         return str(error)
-    for check in CHECKS:
+    for check in hooks.API_CHECKS:  # the features' checks against the loaded model (SLG layers within its depth)
         found = check(resolved)
         if found:
             return found
@@ -114,6 +96,16 @@ def make_init_script_args(original: Callable[..., Any]) -> Callable[..., Any]:
     return init_script_args
 
 
+def make_apply_infotext(original: Callable[..., Any]) -> Callable[..., Any]:
+    def apply_infotext(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        before = set(getattr(request, "override_settings", None) or ())
+        result = original(self, request, *args, **kwargs)
+        drop_pasted_overrides_not_here(request, before)
+        return result
+
+    return apply_infotext
+
+
 def _detect() -> str | None:
     from lib_sd3.webui.capabilities import a1111_module
 
@@ -128,9 +120,12 @@ def _detect() -> str | None:
 def _swaps() -> list[AttributeSwap]:
     from modules.api import api
 
-    return [AttributeSwap(api.Api, "init_script_args", make_init_script_args)]
+    swaps = [AttributeSwap(api.Api, "init_script_args", make_init_script_args)]
+    if hasattr(api.Api, "apply_infotext"):  # the API's "infotext" field (both states; absent in older A1111)
+        swaps.append(AttributeSwap(api.Api, "apply_infotext", make_apply_infotext))
+    return swaps
 
 
 PATCH = Patch.from_swaps("api.script_args", FEATURE, _detect, _swaps)
-REGISTRY.add(PATCH)
-hooks.STATUS[FEATURE] = lambda: {"script_title": SCRIPT_TITLE, "args": list(options.NAMES)}
+DECLARED = hooks.Feature(FEATURE, patches=(PATCH,),
+                         status=lambda: {"script_title": SCRIPT_TITLE, "args": list(options.NAMES)})

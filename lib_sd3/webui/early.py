@@ -9,7 +9,7 @@ Found by running those paths in the real early branch (tests/webui/test_real_ear
 * ``SD3Inferencer.dtype``: the early img2img ``init`` casts the inpainting mask to ``sd_model.dtype``
   (HTTP 500 with a mask); dev casts it to ``devices.dtype``, which ours returns.
 * the latent inpainting mask: the early ``init`` tiles it to 4 channels, SD3's latent has 16 (HTTP 500
-  in every inpainting); :class:`LatentChannelMask` tiles it to the model's ``latent_channels`` as dev does.
+  in every inpainting); :func:`mask_to_latent_channels` tiles it to the model's ``latent_channels`` as dev does.
 * sizes that are not multiples of 16 (SD3's 2x2 latent patches): dev rounds them down in
   ``process_images_inner`` (``fix_dimensions``); the early branch does not, so ours does.
 
@@ -26,9 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 from lib_sd3 import get_logger
-from lib_sd3.patching import AttributeSwap, NotNeeded, Patch
+from lib_sd3.patching import AttributeAddition, AttributeSwap, ConvertOnSet, NotNeeded, Patch
+from lib_sd3.webui import hooks
 from lib_sd3.webui.capabilities import a1111_module
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("early")
 
@@ -84,7 +84,7 @@ MASK_FIELDS = ("mask", "nmask")
 
 
 def tiles_mask_to_four() -> str | None:
-    """The detector for :class:`LatentChannelMask`: None where img2img's ``init`` tiles the latent mask to a
+    """The detector for :func:`mask_to_latent_channels`: None where img2img's ``init`` tiles the latent mask to a
     literal 4 channels (the early branch; dev tiles to ``init_latent.shape[1]``)."""
     if inferencer_class() is None:
         return f"no SD3Inferencer in {MODEL_MODULE} (no SD3 support)"
@@ -98,28 +98,21 @@ def tiles_mask_to_four() -> str | None:
     return None if "(4, 1, 1)" in source else NotNeeded("not needed: img2img tiles the mask to the latent's channels")
 
 
-class LatentChannelMask:
-    """A data descriptor for ``p.mask`` / ``p.nmask``: a latent mask tiled to 4 channels (SD1/SDXL) is
-    re-tiled to the model's ``latent_channels`` (SD3: 16) as it is stored, before ``init`` multiplies it
-    with the 16-channel latent (``latent noise`` / ``latent nothing`` fills) or the sampler blends with it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        return self if instance is None else instance.__dict__.get(self.name)
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        channels = getattr(getattr(instance, "sd_model", None), "latent_channels", 4)
-        shape = getattr(value, "shape", None)
-        if shape is not None and len(shape) == 3 and shape[0] == 4 and channels != 4:
-            value = value[:1].repeat(channels, 1, 1)
-        instance.__dict__[self.name] = value
+def mask_to_latent_channels(p: Any, mask: Any) -> Any:
+    """``p.mask`` / ``p.nmask`` as they are stored: a latent mask tiled to 4 channels (SD1/SDXL) is re-tiled to
+    the model's ``latent_channels`` (SD3: 16), before ``init`` multiplies it with the 16-channel latent
+    (``latent noise`` / ``latent nothing`` fills) or the sampler blends with it."""
+    channels = getattr(getattr(p, "sd_model", None), "latent_channels", 4)
+    shape = getattr(mask, "shape", None)
+    if shape is not None and len(shape) == 3 and shape[0] == 4 and channels != 4:
+        return mask[:1].repeat(channels, 1, 1)
+    return mask
 
 
 def mask_swaps() -> list[AttributeSwap]:
     img2img = a1111_module("modules.processing").StableDiffusionProcessingImg2Img
-    return [AttributeSwap(img2img, name, lambda _default, name=name: LatentChannelMask(name)) for name in MASK_FIELDS]
+    return [AttributeSwap(img2img, name, lambda _default, name=name: ConvertOnSet(name, mask_to_latent_channels))
+            for name in MASK_FIELDS]
 
 
 LATENT_PATCH_PIXELS = 16
@@ -159,23 +152,6 @@ def rounds_dimensions() -> str | None:
     return None
 
 
-class MethodAddition:
-    """Add an attribute a class lacks; undo removes exactly ours (``AttributeSwap`` needs an existing attribute)."""
-
-    def __init__(self, name: str, function: Any) -> None:
-        self.name, self.function = name, function
-        self.owner: type | None = None
-
-    def apply(self) -> None:
-        self.owner = inferencer_class()
-        setattr(self.owner, self.name, self.function)
-
-    def undo(self) -> None:
-        if self.owner is not None and vars(self.owner).get(self.name) is self.function:
-            delattr(self.owner, self.name)
-        self.owner = None
-
-
 ADDED: dict[str, tuple[Any, Callable[[], str | None]]] = {
     "get_first_stage_encoding": (get_first_stage_encoding, lambda: missing_method("get_first_stage_encoding")),
     "dtype": (property(model_dtype), reads_model_dtype),
@@ -184,12 +160,13 @@ ADDED: dict[str, tuple[Any, Callable[[], str | None]]] = {
 
 
 def _patch(name: str, value: Any, detect: Callable[[], str | None]) -> Patch:
-    addition = MethodAddition(name, value)
+    addition = AttributeAddition(inferencer_class, name, value)
     return Patch(name=f"early.{name}", feature=FEATURE, detect=detect, apply=addition.apply, undo=addition.undo)
 
 
 PATCHES = (
-    *(REGISTRY.add(_patch(name, value, detect)) for name, (value, detect) in ADDED.items()),
-    REGISTRY.add(Patch.from_swaps("early.inpainting_mask", FEATURE, tiles_mask_to_four, mask_swaps, sd3_only=True)),
-    REGISTRY.add(Patch.from_swaps("early.fix_dimensions", FEATURE, rounds_dimensions, dimension_swaps, sd3_only=True)),
+    *(_patch(name, value, detect) for name, (value, detect) in ADDED.items()),
+    Patch.from_swaps("early.inpainting_mask", FEATURE, tiles_mask_to_four, mask_swaps, sd3_only=True),
+    Patch.from_swaps("early.fix_dimensions", FEATURE, rounds_dimensions, dimension_swaps, sd3_only=True),
 )
+DECLARED = hooks.Feature(FEATURE, patches=PATCHES)

@@ -15,7 +15,6 @@ from typing import Any
 from lib_sd3 import get_logger, iclight
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("iclight")
 
@@ -58,7 +57,7 @@ def swaps() -> list[AttributeSwap]:
     return [swap for script in iclight_scripts() for swap in iclight.hook_swaps(script, shim_active)]
 
 
-PATCH = REGISTRY.add(Patch.from_swaps(PATCH_NAME, FEATURE, detect, swaps))
+PATCH = Patch.from_swaps(PATCH_NAME, FEATURE, detect, swaps)
 
 
 def extension_dirs() -> list[str]:
@@ -81,11 +80,6 @@ def check_model_patcher() -> None:
         log.warning(notice)
 
 
-def retarget() -> None:
-    """Wrap the IC-Light scripts of the runners that exist now (new ones after a UI reload)."""
-    REGISTRY.undo(PATCH_NAME)
-    REGISTRY.apply(PATCH_NAME)
-    check_model_patcher()
 
 
 def status() -> dict[str, Any]:
@@ -97,5 +91,5 @@ def status() -> dict[str, Any]:
     }
 
 
-hooks.APP_STARTED.append(retarget)
-hooks.STATUS[FEATURE] = status
+DECLARED = hooks.Feature(FEATURE, patches=(PATCH,), retarget=(PATCH_NAME,),  # the runners' scripts, new each reload
+                         app_started=(check_model_patcher,), status=status)

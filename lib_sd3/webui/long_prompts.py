@@ -21,9 +21,8 @@ from typing import Any
 
 from lib_sd3 import get_logger
 from lib_sd3.patching import AttributeSwap, NotNeeded, Patch
-from lib_sd3.webui import infotext
+from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, sd3_cond_class
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("long_prompts")
 
@@ -58,7 +57,7 @@ def detect() -> str | None:
 
 def chunks_like_dev() -> bool:
     """True while this patch encodes prompts as dev does: the token counter then uses dev's rules."""
-    return REGISTRY.get(PATCH_NAME).state.value == "applied"
+    return PATCH.state.value == "applied"
 
 
 class _Pooled:
@@ -215,4 +214,5 @@ def swaps() -> list[AttributeSwap]:
     return [AttributeSwap(sd3_cond_class(), "forward", make_forward)]
 
 
-PATCH = REGISTRY.add(Patch.from_swaps(PATCH_NAME, FEATURE, detect, swaps))
+PATCH = Patch.from_swaps(PATCH_NAME, FEATURE, detect, swaps)
+DECLARED = hooks.Feature(FEATURE, patches=(PATCH,))

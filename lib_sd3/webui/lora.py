@@ -30,7 +30,6 @@ from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.safetensors_file import read_header
 from lib_sd3.webui import hooks
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("lora")
 
@@ -366,23 +365,18 @@ def attach_side_paths(_p: Any = None, _values: Any = None) -> None:
     SIDE_PATHS.attach_all(loaded_model())
 
 
-def retarget() -> None:
-    """(Re)apply the patches to the Lora extension modules that exist now (after each app start / UI reload)."""
-    for name in (PATCH_LOAD, PATCH_CARD, PATCH_WEIGHTLESS):
-        REGISTRY.undo(name)
-        if not REGISTRY.get(name).sd3_only or model_is_sd3():
-            REGISTRY.apply(name)
-
-
 def status() -> dict[str, Any]:
     return {"loras": dict(LOADER.reports), "quantized_side_paths": SIDE_PATHS.attached}
 
 
-REGISTRY.add(Patch.from_swaps(PATCH_LOAD, FEATURE, detect_load, load_swaps))
-REGISTRY.add(Patch.from_swaps(PATCH_CARD, FEATURE, detect_card, card_swaps))
-REGISTRY.add(Patch.from_swaps(PATCH_WEIGHTLESS, FEATURE, detect_weightless, weightless_swaps, sd3_only=True))
-hooks.APP_STARTED.append(retarget)
-hooks.PROCESS.append(attach_side_paths)
-hooks.BEFORE_EVERY_SAMPLING.append(attach_side_paths)
-hooks.BEFORE_MMDIT_REWRITE.append(unmerge)
-hooks.STATUS[FEATURE] = status
+PATCHES = (
+    Patch.from_swaps(PATCH_LOAD, FEATURE, detect_load, load_swaps),
+    Patch.from_swaps(PATCH_CARD, FEATURE, detect_card, card_swaps),
+    Patch.from_swaps(PATCH_WEIGHTLESS, FEATURE, detect_weightless, weightless_swaps, sd3_only=True),
+)
+DECLARED = hooks.Feature(
+    FEATURE, patches=PATCHES,
+    after=("MixDQ",),  # the side paths attach to the layers MixDQ quantized in its process hook
+    retarget=(PATCH_LOAD, PATCH_CARD, PATCH_WEIGHTLESS),  # the Lora extension's modules, re-imported on a reload
+    process=(attach_side_paths,), before_every_sampling=(attach_side_paths,), before_mmdit_rewrite=(unmerge,),
+    status=status)

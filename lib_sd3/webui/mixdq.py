@@ -32,7 +32,6 @@ from lib_sd3.mixdq import model as mixdq_model
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import flags, hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3, queue_lock
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("mixdq")
 
@@ -294,10 +293,8 @@ def _restore_first(original: Any) -> Any:
 PATCH = Patch.from_swaps("mixdq.load_model_weights", FEATURE, _detect,
                          lambda: [AttributeSwap(a1111_module("modules.sd_models"), "load_model_weights", _restore_first)])
 
-REGISTRY.add(PATCH)
-hooks.PROCESS.append(process)
-hooks.MODEL_LOADED.append(on_model_loaded)
-hooks.ROUTES.append(add_routes)
-hooks.UI.append(build_ui)
-hooks.STATUS[FEATURE] = current
-_apply_flag_to_setting()
+DECLARED = hooks.Feature(
+    FEATURE, patches=(PATCH,),
+    after=("SD3.5 models",),  # its load_model_weights wraps theirs: restore the float layers, then their checks
+    start=(_apply_flag_to_setting,), model_loaded=(on_model_loaded,), routes=(add_routes,), ui=(build_ui,),
+    process=(process,), status=current)

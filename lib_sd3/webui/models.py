@@ -31,7 +31,6 @@ from lib_sd3.mmdit_load import check_complete, expected_shapes
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("models")
 
@@ -254,8 +253,5 @@ LOADING = Patch.from_swaps(
     lambda: [AttributeSwap(a1111_module(SD_MODELS), "load_model_weights", _checked_load),
              AttributeSwap(a1111_module(SD_MODELS), "reload_model_weights", _checked_reload)])
 
-REGISTRY.add(CONSTRUCTION)
-REGISTRY.add(LOADING)
-hooks.PROCESS.append(process)
-hooks.MODEL_LOADED.append(adopt)
-hooks.STATUS[FEATURE] = current
+DECLARED = hooks.Feature(FEATURE, patches=(CONSTRUCTION, LOADING), model_loaded=(adopt,), process=(process,),
+                         status=current)

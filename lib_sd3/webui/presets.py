@@ -106,4 +106,4 @@ def _routes(router: Any) -> None:
     router.add_api_route("/presets", presets_route, methods=["GET"])
 
 
-hooks.ROUTES.append(_routes)
+DECLARED = hooks.Feature("presets", routes=(_routes,))

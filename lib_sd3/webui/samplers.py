@@ -28,7 +28,6 @@ from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_option, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("samplers")
 
@@ -359,12 +358,9 @@ PATCHES = (
                      _forward_swaps, sd3_only=True),
 )
 
-for _patch in PATCHES:
-    REGISTRY.add(_patch)
-hooks.PROCESS.append(on_process)
-hooks.STATUS[FEATURE] = lambda: {
+DECLARED = hooks.Feature(FEATURE, patches=PATCHES, process=(on_process,), status=lambda: {
     "timestep_routes": {k: v.__name__ for k, v in TIMESTEP_ROUTES.items()},
     "routes": {label: route.note.format(label=label) for label, route in KDIFFUSION_ROUTES.items()},
     "schedules": list(flow.SCHEDULE_NAMES),
     "ays": flow.AYS_DESCRIPTION,
-}
+})

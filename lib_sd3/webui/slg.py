@@ -27,10 +27,9 @@ import torch
 from lib_sd3 import get_logger
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.slg import checked_layers, in_window, joint_blocks_of, skip_blocks
-from lib_sd3.webui import api_args, hooks, infotext
+from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("slg")
 
@@ -163,8 +162,6 @@ def _install(script_callbacks: Any) -> None:
         script_callbacks.on_cfg_denoiser(keep_denoiser_params)
 
 
-REGISTRY.add(Patch.from_swaps("slg.combine_denoised", FEATURE, _detect, _swaps, sd3_only=True))
-hooks.PROCESS.append(start)
-hooks.INSTALL.append(_install)
-api_args.CHECKS.append(layers_within_model)
-hooks.STATUS[FEATURE] = status
+DECLARED = hooks.Feature(
+    FEATURE, patches=(Patch.from_swaps("slg.combine_denoised", FEATURE, _detect, _swaps, sd3_only=True),),
+    install=(_install,), api_checks=(layers_within_model,), process=(start,), status=status)

@@ -16,32 +16,65 @@ from lib_sd3.webui.registry import REGISTRY
 log = get_logger("startup")
 
 FEATURE_MODULES: tuple[str, ...] = (
+    "lib_sd3.webui.api_args",  # a global patch on the API: checks every SD3 value before anything runs
     "lib_sd3.webui.iclight",
     "lib_sd3.webui.t5",
     "lib_sd3.webui.samplers",
     "lib_sd3.webui.tokens",
-    "lib_sd3.webui.models",  # before mixdq: its load_model_weights patch must wrap ours (restore, then check)
-    "lib_sd3.webui.mixdq",
-    "lib_sd3.webui.api_args",
+    "lib_sd3.webui.models",  # SD3.5 construction and checked loading: before anything that wraps loading
+    "lib_sd3.webui.mixdq",  # after models: its load_model_weights wraps theirs (restore float layers, then check)
     "lib_sd3.webui.slg",
     "lib_sd3.webui.presets",
     "lib_sd3.webui.early",
     "lib_sd3.webui.long_prompts",
-    "lib_sd3.webui.lora",
+    "lib_sd3.webui.lora",  # after mixdq: its side paths attach to the layers MixDQ just quantized
 )
-"""Modules under lib_sd3.webui, one per feature; each registers its patches and hooks on import."""
+"""Modules under lib_sd3.webui, one per feature, each ending with ``DECLARED = Feature(...)``: registered in
+this order; a feature's ``after`` is honoured whatever the order here."""
 
 _FAILED_FEATURES: dict[str, str] = {}
+_REGISTERED: dict[str, hooks.Feature] = {}
 
 
-def _load_features() -> None:
+def _declared_features() -> list[hooks.Feature]:
+    """Import each feature module and read its declaration; a module that fails costs one console line."""
+    features = []
     for name in FEATURE_MODULES:
         try:
-            importlib.import_module(name)
+            features.append(importlib.import_module(name).DECLARED)
         except Exception as error:
             if name not in _FAILED_FEATURES:
                 _FAILED_FEATURES[name] = repr(error)
                 log.warning("feature %s disabled: %r", name.rsplit(".", 1)[-1], error)
+    return features
+
+
+def in_order(features: list[hooks.Feature]) -> list[hooks.Feature]:
+    """The features in the listed order, except that each comes after those it names in ``after``
+    (a name that is not there, a feature that failed to import, is no constraint)."""
+    names = {f.name for f in features}
+    placed: list[hooks.Feature] = []
+    waiting = list(features)
+    while waiting:
+        ready = next((f for f in waiting if all(a in {p.name for p in placed} or a not in names for a in f.after)),
+                     None)
+        if ready is None:
+            raise ValueError(f"features wait on each other: {[f.name for f in waiting]}")
+        placed.append(ready)
+        waiting.remove(ready)
+    return placed
+
+
+def register(feature: hooks.Feature) -> None:
+    """One feature, once per process (feature modules stay imported over a UI reload): its patches into the
+    registry, its hooks into their lists, its one-time start actions."""
+    if feature.name in _REGISTERED:
+        return
+    for patch in feature.patches:
+        REGISTRY.add(patch)
+    hooks.add(feature)
+    _REGISTERED[feature.name] = feature
+    _run_each(list(feature.start), what="start")
 
 
 def _run_each(callbacks: list, *args: object, what: str) -> None:
@@ -60,8 +93,10 @@ def on_model_loaded(sd_model: object) -> None:
 
 
 def on_app_started(_demo: object, app: object) -> None:
-    """Mount our routes, then run the features' hooks that need A1111's finished UI / script runners."""
+    """Mount our routes, re-apply the patches on objects A1111 rebuilt (its script runners, on a UI reload),
+    then run the features' hooks that need A1111's finished UI / script runners."""
     routes.mount(app)
+    REGISTRY.reapply(hooks.RETARGET, model_is_sd3(loaded_model()))
     _run_each(hooks.APP_STARTED, what="app-started")
 
 
@@ -69,7 +104,8 @@ def install() -> None:
     """Register callbacks with A1111 (again after a UI reload) and apply global patches."""
     from modules import script_callbacks, shared
 
-    _load_features()
+    for feature in in_order(_declared_features()):
+        register(feature)
     hooks.STATUS["startup"] = lambda: {"failed_features": dict(_FAILED_FEATURES)}
     script_callbacks.on_ui_settings(lambda: settings.register(shared))
     script_callbacks.on_app_started(on_app_started)

@@ -41,7 +41,6 @@ from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import a1111_module, model_is_sd3, queue_lock, sd3_cond_class
 from lib_sd3.webui.flags import flag
 from lib_sd3.webui.generation import GENERATIONS
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("t5")
 
@@ -615,16 +614,13 @@ class T5Feature:
         refresh_button.click(fn=refreshed, inputs=[], outputs=[text, fetch_button])
         fetch_button.click(fn=lambda: (self.post_fetch(), refreshed())[1], inputs=[], outputs=[text, fetch_button])
 
-    def register(self) -> None:
-        """Wire this feature into the extension's registry and hooks (once, at start-up)."""
-        REGISTRY.add(self.patch)
-        hooks.PROCESS.append(self.process)
-        hooks.ROUTES.append(self.add_routes)
-        hooks.UI.append(self.build_ui)
-        hooks.STATUS[FEATURE] = self.status
-        hooks.MODEL_LOADED.append(lambda sd_model: self.attachment.decide(sd_model))
+    def declared(self) -> hooks.Feature:
+        """This feature's patch and hooks, registered by start-up."""
+        return hooks.Feature(FEATURE, patches=(self.patch,), model_loaded=(self.attachment.decide,),
+                             routes=(self.add_routes,), ui=(self.build_ui,), process=(self.process,),
+                             status=self.status)
 
 
 T5 = T5Feature(default_setup())
 """The one T5 feature of this WebUI, built at start-up."""
-T5.register()
+DECLARED = T5.declared()

@@ -34,7 +34,6 @@ from lib_sd3.known_files import CLIP_TOKENIZER_REPO
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import STATE_DEV, STATE_EARLY, a1111_option, a1111_state, loaded_model, model_is_sd3
-from lib_sd3.webui.registry import REGISTRY
 
 log = get_logger("tokens")
 
@@ -336,12 +335,10 @@ def status() -> dict[str, Any]:
     return {"tokenizers_loaded": tok is not None, "t5_tokenizer": bool(tok and tok.t5)}
 
 
-REGISTRY.add(Patch.from_swaps(
+PATCH = Patch.from_swaps(
     PATCH_NAME, FEATURE, detect,
     lambda: [AttributeSwap(_hijack_class(), "get_prompt_lengths", patched_get_prompt_lengths)],
     sd3_only=True,
-))
-hooks.ROUTES.append(add_routes)
-hooks.INSTALL.append(register_callbacks)
-hooks.MODEL_LOADED.append(on_model_loaded)
-hooks.STATUS[FEATURE] = status
+)
+DECLARED = hooks.Feature(FEATURE, patches=(PATCH,), install=(register_callbacks,), model_loaded=(on_model_loaded,),
+                         routes=(add_routes,), status=status)

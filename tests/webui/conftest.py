@@ -374,7 +374,8 @@ def tiny_mixdq_config(data_dir: Path) -> Path | None:
 
 def _extension_flags(data_dir: Path) -> list[str]:
     """Flags of this build of the extension the run needs (A1111 refuses flags nobody declared)."""
-    declared = (REPO / "preload.py").read_text(encoding="utf-8") if (REPO / "preload.py").exists() else ""
+    declared = "".join(path.read_text(encoding="utf-8") for path in (REPO / "preload.py", REPO / "lib_sd3" / "webui" /
+                       "flags.py") if path.exists())
     mixdq = tiny_mixdq_config(data_dir)
     return ["--sd3-mixdq", str(mixdq)] if mixdq is not None and "--sd3-mixdq" in declared else []
 
