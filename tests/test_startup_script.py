@@ -370,3 +370,12 @@ def test_the_shipped_order_keeps_mixdq_outside_models_and_lora_after_mixdq():
     features = startup.in_order([importlib.import_module(n).DECLARED for n in startup.FEATURE_MODULES])
     names = [f.name for f in features]
     assert names.index("SD3.5 models") < names.index("MixDQ") < names.index("LoRA")
+
+
+def test_slg_layers_offered_are_the_loaded_models_blocks(webui):
+    module = load_script()
+    assert module.slg_layer_choices() == [str(i) for i in range(38)]  # nothing loaded yet: the deepest family's
+    mmdit = types.SimpleNamespace(joint_blocks=[object(), object()])
+    loaded = Model("SD3", sd_checkpoint_info=None, model=types.SimpleNamespace(diffusion_model=mmdit))
+    webui.module("modules.sd_models", model_data=types.SimpleNamespace(sd_model=loaded))
+    assert module.slg_layer_choices() == ["0", "1"]
