@@ -153,4 +153,4 @@ def test_cli_tiny_run(tmp_path, capsys):
         block = n.split(".")[1]
         bits = {plan[f"transformer_blocks.{block}.attn.to_{c}"].w_bits for c in "qkv"}
         assert bits == {written.weight[n]}
-    assert len(cal.shipped_prompts()) >= 8
+    assert len(cal.read_prompts()) >= 8
