@@ -104,6 +104,27 @@ def test_routes_get_post_and_errors(webui):
     assert client.get("/sd3/mixdq").json()["sd3_loaded"] is False
 
 
+def test_status_keeps_its_last_change_when_an_image_changes_nothing(webui, monkeypatch):
+    """``GET /sd3/mixdq``'s ``last_change`` is the last real change, not a fresh "to off" after every image."""
+    from lib_sd3.webui import mixdq
+
+    readings = iter(range(1, 1000))  # a different memory reading each time one is taken
+    monkeypatch.setattr(mixdq, "_cuda_allocated", lambda: next(readings) << 20)
+    run_hooks(processing(), ({"mixdq": "off"},))
+    assert "last_change" not in mixdq.current()  # nothing was ever changed
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    run_hooks(processing(), ({"mixdq": "off"},))
+    change = mixdq.current()["last_change"]
+    assert change["to"] == "off"
+    for args in (({"mixdq": "off"},), ()):  # off again, by the arg and by the setting
+        run_hooks(processing(), args)
+        assert mixdq.current()["last_change"] == change
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    change = mixdq.current()["last_change"]
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    assert mixdq.current()["last_change"] == change and change["to"] == "w8a8"
+
+
 def test_user_config_that_does_not_fit_is_a_clear_400(webui):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
