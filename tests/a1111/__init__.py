@@ -2,6 +2,7 @@
 
 - ``webui``: the ``modules`` package container (``FakeWebUI``) with ``shared``, ``script_callbacks`` and gradio.
 - ``models``: ``Model``, ``shared.sd_model`` with the family flags A1111 sets (the one SD3 model).
+- ``sd3``: ``modules/models/sd3/`` per state (``SD3Cond``, ``SD3Inferencer``) and ``install`` (fixture ``sd3_modules``).
 - ``processing``: ``P`` (``StableDiffusionProcessing``), ``process_images`` and the hooks' order.
 - ``scripts``: ``Script``, ``ScriptRunner``, ``errors.report`` and ``load_script_module``.
 - ``sampling``: sd_samplers / sd_schedulers / SD3Denoiser with an oracle denoiser (``install``).

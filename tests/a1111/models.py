@@ -25,17 +25,3 @@ class Model:
             self.get_first_stage_encoding = lambda latent: latent
         for key, value in attrs.items():
             setattr(self, key, value)
-
-
-class EarlySD3Cond:
-    """``SD3Cond`` as the early SD3 branch has it (in ``sd3_model.py``): no ``get_token_count``."""
-
-    def forward(self, prompts):
-        return prompts
-
-
-class DevSD3Cond(EarlySD3Cond):
-    """``SD3Cond`` as v1.10 / dev has it (in ``sd3_cond.py``): ``get_token_count`` is how state detection tells them apart."""
-
-    def get_token_count(self, text):
-        return 1

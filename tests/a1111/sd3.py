@@ -1,0 +1,69 @@
+"""Fakes of A1111's ``modules/models/sd3/`` in each SD3 state, and :func:`install` that builds them.
+
+Where a state keeps what (read from the two checkouts):
+
+- early SD3 branch (34b4443c): ``sd3_model.py`` holds ``SD3Cond`` (no ``get_token_count``) and
+  ``SD3Inferencer`` (``encode_first_stage`` but no ``get_first_stage_encoding``);
+- dev / v1.10: ``sd3_cond.py`` holds ``SD3Cond`` (with ``get_token_count``: how state detection tells
+  them apart) and ``sd3_model.py`` holds ``SD3Inferencer`` (with ``get_first_stage_encoding`` and
+  ``fix_dimensions``).
+
+Tests get these through the ``sd3_modules`` fixture (tests/conftest.py): ``sd3_modules("early")``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+STATES = ("early", "dev")
+SD3_MODEL = "modules.models.sd3.sd3_model"
+SD3_COND = "modules.models.sd3.sd3_cond"
+COND_MODULE = {"early": SD3_MODEL, "dev": SD3_COND}
+"""State -> the module that holds ``SD3Cond``."""
+
+
+class EarlySD3Cond:
+    """``SD3Cond`` as the early SD3 branch has it (in ``sd3_model.py``): no ``get_token_count``."""
+
+    def forward(self, prompts):
+        return prompts
+
+
+class DevSD3Cond(EarlySD3Cond):
+    """``SD3Cond`` as v1.10 / dev has it (in ``sd3_cond.py``): ``get_token_count`` is how state detection tells them apart."""
+
+    def get_token_count(self, text):
+        return 1
+
+
+class EarlyInferencer:
+    """``SD3Inferencer`` as on 34b4443c: encodes, but has no ``get_first_stage_encoding``."""
+
+    def encode_first_stage(self, image):
+        return image
+
+
+class DevInferencer(EarlyInferencer):
+    def get_first_stage_encoding(self, x):
+        return ("dev's own", x)
+
+    def fix_dimensions(self, width, height):
+        return width // 16 * 16, height // 16 * 16
+
+
+CONDS = {"early": EarlySD3Cond, "dev": DevSD3Cond}
+INFERENCERS = {"early": EarlyInferencer, "dev": DevInferencer}
+
+
+def install(webui: Any, state: str, cond: type | None = None, inferencer: type | None = None,
+            **cond_module_attrs: Any) -> types.ModuleType:
+    """Put ``state``'s SD3 modules into the fake ``modules`` package; returns the module holding ``SD3Cond``.
+
+    ``cond`` / ``inferencer`` replace the state's default classes (a test that needs more of them);
+    ``cond_module_attrs`` go beside ``SD3Cond`` (``T5_CONFIG``, ...).
+    """
+    if state not in STATES:
+        raise ValueError(f"state {state!r}: one of {STATES}")
+    webui.module(SD3_MODEL, SD3Inferencer=inferencer or INFERENCERS[state])
+    return webui.module(COND_MODULE[state], SD3Cond=cond or CONDS[state], **cond_module_attrs)
