@@ -16,6 +16,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import torch
+
 STATES = ("early", "dev")
 SD3_MODEL = "modules.models.sd3.sd3_model"
 SD3_COND = "modules.models.sd3.sd3_cond"
@@ -50,6 +52,36 @@ class DevInferencer(EarlyInferencer):
 
     def fix_dimensions(self, width, height):
         return width // 16 * 16, height // 16 * 16
+
+
+class FakeClipLG:
+    """The chunking CLIP-L/G: two 77-token chunks per prompt, pooled vector of 2048."""
+
+    def __init__(self, clip_l, clip_g, tokenizer):
+        self.clip_l, self.clip_g = clip_l, clip_g
+
+    def __call__(self, prompts):
+        return torch.ones((len(prompts), 154, 4096)), torch.full((len(prompts), 2048), 2.0)
+
+
+class FakeT5:
+    """``other_impls.T5XXLModel``: records the token lists it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, tokens):
+        self.calls.append(tokens)
+        return torch.full((len(tokens), len(tokens[0]), 4096), 3.0), None
+
+
+class FakeCond:
+    """The early branch's ``SD3Cond`` as its encoder sees it: CLIP-L/G, ``t5xxl`` and the sd3-ref tokenizers."""
+
+    def __init__(self, t5_tokenizer, t5):
+        self.clip_l, self.clip_g, self.t5xxl = "clip_l", "clip_g", t5
+        self.tokenizer = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None),
+                                               t5xxl=types.SimpleNamespace(tokenizer=t5_tokenizer))
 
 
 CONDS = {"early": EarlySD3Cond, "dev": DevSD3Cond}
