@@ -35,8 +35,11 @@ class EarlySD3Cond:
 class DevSD3Cond(EarlySD3Cond):
     """``SD3Cond`` as v1.10 / dev has it (in ``sd3_cond.py``): ``get_token_count`` is how state detection tells them apart."""
 
-    def get_token_count(self, text):
-        return 1
+    def get_token_count(self, text):  # A1111's own count (CLIP only): the SD3 counter must never show it
+        return -1
+
+    def get_target_prompt_token_count(self, token_count):
+        return -1
 
 
 class EarlyInferencer:
