@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from a1111.other_impls import T5_CONFIG, TOKENS, T5XXLModel, tokenize
+
 STATES = ("early", "dev")
 SD3_MODEL = "modules.models.sd3.sd3_model"
 SD3_COND = "modules.models.sd3.sd3_cond"
@@ -86,6 +88,54 @@ class FakeCond:
         self.tokenizer = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None),
                                                t5xxl=types.SimpleNamespace(tokenizer=t5_tokenizer))
 
+
+def make_dev_cond(shared):
+    """Dev's ``SD3Cond``: T5 built only when ``opts.sd3_enable_t5`` is on, and an ``Sd3T5`` wrapper that returns zeros
+    without it."""
+    class Sd3T5(torch.nn.Module):
+        def __init__(self, t5xxl):
+            super().__init__()
+            self.t5xxl = t5xxl
+
+        def forward(self, texts, *, token_count):
+            if not self.t5xxl or not shared.opts.sd3_enable_t5:
+                return torch.zeros((len(texts), token_count, T5_CONFIG["d_model"]))
+            return self.t5xxl(tokenize(texts))[0]
+
+    class SD3Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip_l = torch.nn.Linear(2, 2)
+            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
+            self.model_t5 = Sd3T5(self.t5xxl)
+
+        def forward(self, prompts):
+            return self.model_t5(prompts, token_count=TOKENS)
+
+        def get_token_count(self, text):
+            return len(text)
+
+    return SD3Cond
+
+
+def make_early_cond(shared):
+    """The early branch's ``SD3Cond``: T5 built only when ``opts.sd3_enable_t5`` is on, zeros without it."""
+    class SD3Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip_l = torch.nn.Linear(2, 2)
+            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
+
+        def forward(self, prompts):
+            if self.t5xxl and shared.opts.sd3_enable_t5:
+                return self.t5xxl(tokenize(prompts))[0]
+            return torch.zeros((len(prompts), TOKENS, T5_CONFIG["d_model"]))
+
+    return SD3Cond
+
+
+T5_CONDS = {"early": make_early_cond, "dev": make_dev_cond}
+"""State -> ``(shared) -> SD3Cond class`` that builds the fake T5 as that state does."""
 
 CONDS = {"early": EarlySD3Cond, "dev": DevSD3Cond}
 INFERENCERS = {"early": EarlyInferencer, "dev": DevInferencer}
