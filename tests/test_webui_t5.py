@@ -406,7 +406,6 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
 def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     """Opt-in: our meta-build + dtype-keeping load on A1111's own T5XXLModel (its other_impls.py,
     run as is with a stand-in sd_hijack): fp16 must equal A1111's own loading exactly."""
-    import importlib.util
     import os
 
     from safetensors.torch import save_file
@@ -417,14 +416,7 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     fake_webui.module("modules.sd_hijack", TextualInversionEmbeddings=lambda *a, textual_inversion_key=None, **k:
                       torch.nn.Embedding(*a, **k))
     fake_webui.module("modules.devices", dtype=torch.float16, device=torch.device("cpu"))
-    fake_webui.module("modules.models.sd3")
-    spec = importlib.util.spec_from_file_location("modules.models.sd3.other_impls",
-                                                  f"{root}/modules/models/sd3/other_impls.py")
-    other = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules[spec.name] = other
-    spec.loader.exec_module(other)
+    other = fake_webui.load_source(root, "modules.models.sd3.other_impls")
     config = {"d_ff": 64, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 100}
     fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=type("SD3Cond", (), {}), T5_CONFIG=config)
     torch.manual_seed(0)
