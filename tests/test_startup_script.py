@@ -75,9 +75,9 @@ def webui(fake_webui, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(startup, "FEATURE_MODULES", ("sd3_test_feature_broken", "sd3_test_feature_ok"))
     monkeypatch.delitem(sys.modules, "sd3_test_feature_ok", raising=False)
+    fake_webui.drop_on_close("sd3_test_feature_ok")  # imported by the test's start-up
     yield fake_webui
     REGISTRY.undo_all()
-    sys.modules.pop("sd3_test_feature_ok", None)
 
 
 @pytest.fixture
@@ -249,7 +249,7 @@ def test_process_rejects_bad_api_args_with_a_clear_error(webui):
         script.process(object(), {"mixdq": "w2a2"})
 
 
-def test_global_patches_are_in_place_before_the_first_model_load(webui):
+def test_global_patches_are_in_place_before_the_first_model_load(webui, monkeypatch):
     """Reading ``shared.sd_model`` loads A1111's model on first access: construction patches must already hold."""
     seen = []
 
@@ -262,13 +262,10 @@ def test_global_patches_are_in_place_before_the_first_model_load(webui):
     shared = a1111("modules.shared")
     lazy = Shared("modules.shared")
     lazy.__dict__.update({k: v for k, v in vars(shared).items() if k != "sd_model"})
-    sys.modules["modules.shared"] = lazy
-    sys.modules["modules"].shared = lazy
-    try:
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "modules.shared", lazy)
+        patch.setattr(sys.modules["modules"], "shared", lazy)
         load_script()
-    finally:
-        sys.modules["modules.shared"] = shared
-        sys.modules["modules"].shared = shared
     assert seen and seen[0] == "patched"
 
 

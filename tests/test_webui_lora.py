@@ -14,8 +14,6 @@ from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.webui.registry import REGISTRY
 
-EXTENSION_MODULES = ("networks", "network", "ui_extra_networks_lora")
-
 
 class Network:
     def __init__(self, name, network_on_disk):
@@ -44,22 +42,20 @@ def lora_webui(fake_webui, tmp_path):
     fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, is_sd1=False, model=types.SimpleNamespace(diffusion_model=mmdit))
     fake_webui.shared.opts.data["lora_show_all"] = False
     fake_webui.module("modules.sd_models", read_state_dict=lambda filename: load_file(filename))
-    saved = {name: sys.modules.get(name) for name in EXTENSION_MODULES}
     original_calls = []
 
     def original_load(name, on_disk):
         original_calls.append(name)
         return "a1111"
 
-    sys.modules["network"] = types.SimpleNamespace(
-        Network=Network, NetworkWeights=collections.namedtuple("NetworkWeights", "network_key sd_key w sd_module"))
+    fake_webui.module("network", Network=Network,
+                      NetworkWeights=collections.namedtuple("NetworkWeights", "network_key sd_key w sd_module"))
     def early_apply_weights(layer):  # the early branch's: backs up layer.weight unconditionally
         layer.backup = layer.weight.to("cpu", copy=True)
 
-    sys.modules["networks"] = types.SimpleNamespace(load_network=original_load, module_types=[RecordingModuleType()],
-                                                    loaded_networks=[], available_networks={},
-                                                    network_apply_weights=early_apply_weights)
-    sys.modules["ui_extra_networks_lora"] = types.SimpleNamespace(ExtraNetworksPageLora=Page)
+    fake_webui.module("networks", load_network=original_load, module_types=[RecordingModuleType()],
+                      loaded_networks=[], available_networks={}, network_apply_weights=early_apply_weights)
+    fake_webui.module("ui_extra_networks_lora", ExtraNetworksPageLora=Page)
     from lib_sd3.webui import lora
 
     lora.retarget()
@@ -69,11 +65,6 @@ def lora_webui(fake_webui, tmp_path):
     REGISTRY.undo(lora.PATCH_LOAD)
     REGISTRY.undo(lora.PATCH_CARD)
     REGISTRY.undo(lora.PATCH_WEIGHTLESS)
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
 
 
 def on_disk(path):
