@@ -9,6 +9,7 @@ import logging
 
 import pytest
 from a1111 import sd3
+from a1111.models import Model
 from a1111.sd3 import DevInferencer, DevSD3Cond, EarlyInferencer, EarlySD3Cond, FakeClipLG, FakeCond, FakeT5
 
 from lib_sd3.patching import PatchState
@@ -144,9 +145,9 @@ def test_sizes_rounded_to_16_on_the_early_shape(fake_webui, size, rounded):
     assert REGISTRY.apply("early.fix_dimensions") is PatchState.APPLIED
     processing = fake_webui.module("modules.processing")
     p = types.SimpleNamespace(width=size[0], height=size[1])
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=False)
+    fake_webui.shared.sd_model = Model("SD1")
     assert processing.process_images_inner(p) == size  # other models: A1111's sizes
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True)
+    fake_webui.shared.sd_model = Model("SD3")
     assert processing.process_images_inner(p) == rounded  # dev's fix_dimensions
     REGISTRY.undo("early.fix_dimensions")
     assert processing.process_images_inner is process_images_inner

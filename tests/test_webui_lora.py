@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from a1111.models import Model
 from safetensors.torch import save_file
 from tiny_mmdit import TinyMMDiT
 
@@ -39,7 +40,7 @@ def lora_webui(fake_webui, tmp_path):
     mmdit = TinyMMDiT(depth=2, dim=16)
     for name, module in mmdit.named_modules():
         module.network_layer_name = "diffusion_model_" + name.replace(".", "_")
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, is_sd1=False, model=types.SimpleNamespace(diffusion_model=mmdit))
+    fake_webui.shared.sd_model = Model("SD3", diffusion_model=mmdit)
     fake_webui.shared.opts.data["lora_show_all"] = False
     fake_webui.module("modules.sd_models", read_state_dict=lambda filename: load_file(filename))
     original_calls = []
@@ -119,7 +120,7 @@ def test_lora_tab_cards(lora_webui):
     assert page.create_item("sd3style")["sd_version"] == "SD3"
     assert page.create_item("sd1style") is None  # SD3 loaded, compatible only
     assert page.create_item("sd1style", enable_filter=False)["sd_version"] == "SD1"
-    lora_webui.shared.sd_model = types.SimpleNamespace(is_sd3=False, is_sd1=True)
+    lora_webui.shared.sd_model = Model("SD1")
     assert page.create_item("sd3style") is None  # an SD1 model hides SD3 LoRAs
     assert page.create_item("sd3style", enable_filter=False)["sd_version"] == "SD3"
     assert page.create_item("sd1style")["sd_version"] == "SD1"

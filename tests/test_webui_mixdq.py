@@ -1,6 +1,5 @@
 """The MixDQ toggle against stand-in A1111 modules and a small MMDiT with A1111's layer names."""
 
-import types
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ def webui(fake_webui, tmp_path):
 
     torch.manual_seed(0)
     mmdit = TinyMMDiT(depth=24, dim=64)  # SD3 Medium's depth and layer names, toy width
-    sd_model = Model("SD3", sd_model_hash="0123abcd", model=types.SimpleNamespace(diffusion_model=mmdit))
+    sd_model = Model("SD3", sd_model_hash="0123abcd", diffusion_model=mmdit)
     fake_webui.shared.sd_model = sd_model
     fake_webui.shared.opts.data["sd3_mixdq"] = "off"
     fake_webui.module("modules.paths_internal", models_path=str(tmp_path))

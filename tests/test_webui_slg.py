@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from a1111.models import Model
 from torch import nn
 
 from lib_sd3.patching import AttributeSwap
@@ -108,8 +109,7 @@ def wired(monkeypatch):
 
 
 def generation(model, **args):
-    holder = types.SimpleNamespace(diffusion_model=model)
-    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(is_sd3=True, model=holder), extra_generation_params={})
+    p = types.SimpleNamespace(sd_model=Model("SD3", diffusion_model=model), extra_generation_params={})
     values = {"slg": True, "slg_layers": (1,), "slg_scale": 2.5, "slg_start": 0.1, "slg_end": 0.5} | args
     return p, values
 
