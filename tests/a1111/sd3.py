@@ -13,12 +13,15 @@ Tests get these through the ``sd3_modules`` fixture (tests/conftest.py): ``sd3_m
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
 import torch
 
 from a1111.other_impls import T5_CONFIG, TOKENS, T5XXLModel, tokenize
+from lib_sd3.families import detect, shapes_of
+from lib_sd3.mmdit import MMDiT
 
 STATES = ("early", "dev")
 SD3_MODEL = "modules.models.sd3.sd3_model"
@@ -152,3 +155,44 @@ def install(webui: Any, state: str, cond: type | None = None, inferencer: type |
         raise ValueError(f"state {state!r}: one of {STATES}")
     webui.module(SD3_MODEL, SD3Inferencer=inferencer or INFERENCERS[state])
     return webui.module(COND_MODULE[state], SD3Cond=cond or CONDS[state], **cond_module_attrs)
+
+
+# --- construction: what A1111 builds from a checkpoint (both states) ----------------------------
+
+class A1111QkvLinear(torch.nn.Linear):
+    pass
+
+
+class ModelSamplingDiscreteFlow(torch.nn.Module):
+    def __init__(self, shift=1.0):
+        super().__init__()
+        self.shift = shift
+
+
+class A1111BaseModel(torch.nn.Module):
+    """What A1111 builds: every family as SD3 Medium."""
+
+    def __init__(self, shift=1.0, device=None, dtype=torch.float32, state_dict=None, prefix=""):
+        super().__init__()
+        config = dataclasses.replace(detect(shapes_of(state_dict)).config, qk_norm=None, x_block_self_attn_layers=())
+        self.diffusion_model = MMDiT(config, qkv_linear=A1111QkvLinear, dtype=dtype, device=device)
+        self.model_sampling = ModelSamplingDiscreteFlow(shift=shift)
+
+
+class Inferencer(torch.nn.Module):
+    """``SD3Inferencer`` as far as loading goes: builds ``sd3_model.BaseModel`` from the checkpoint's state dict."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        import modules.models.sd3.sd3_model as sd3_model
+
+        self.model = sd3_model.BaseModel(shift=3.0, device="cpu", state_dict=state_dict, prefix="model.diffusion_model.")
+        self.is_sd3 = True
+
+
+def install_construction(webui: Any) -> None:
+    """A1111's SD3 construction modules: ``mmdit.QkvLinear``, ``sd3_impls.BaseModel`` (imported into ``sd3_model``)."""
+    webui.module("modules.models.sd3.mmdit", QkvLinear=A1111QkvLinear)
+    webui.module("modules.models.sd3.sd3_impls", BaseModel=A1111BaseModel,
+                 ModelSamplingDiscreteFlow=ModelSamplingDiscreteFlow)
+    webui.module(SD3_MODEL, BaseModel=A1111BaseModel)
