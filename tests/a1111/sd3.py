@@ -18,6 +18,7 @@ import types
 from typing import Any
 
 import torch
+from torch import nn
 
 from a1111.other_impls import T5_CONFIG, TOKENS, T5XXLModel, tokenize
 from lib_sd3.families import detect, shapes_of
@@ -139,6 +140,27 @@ def make_early_cond(shared):
 
 T5_CONDS = {"early": make_early_cond, "dev": make_dev_cond}
 """State -> ``(shared) -> SD3Cond class`` that builds the fake T5 as that state does."""
+
+class ToyBlock(nn.Module):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, context, x, c=None):
+        return context * (1 - self.gain), x * (1 + self.gain) + self.gain * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+class ToyMMDiT(nn.Module):
+    """An MMDiT reduced to what skip-layer guidance touches: ``joint_blocks``, each ``(context, x, c) -> (context, x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joint_blocks = nn.ModuleList([ToyBlock(0.3), ToyBlock(-0.2), ToyBlock(0.5)])
+
+    def forward(self, x, sigma, context, y):
+        for block in self.joint_blocks:
+            context, x = block(context, x, c=y)
+        return x * (1 - sigma.view(-1, 1, 1, 1)) + y.view(-1, 1, 1, 1)
 
 CONDS = {"early": EarlySD3Cond, "dev": DevSD3Cond}
 INFERENCERS = {"early": EarlyInferencer, "dev": DevInferencer}
