@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import calibrate as cal
 from lib_sd3.mixdq import config, model

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config, kernels, model, selection
 from lib_sd3.mixdq.qlinear import QuantLinear

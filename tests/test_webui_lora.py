@@ -9,9 +9,9 @@ import types
 
 import pytest
 import torch
+from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
 from safetensors.torch import save_file
-from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.webui.registry import REGISTRY
 

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
 from a1111.processing import P
-from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import kernels
