@@ -105,8 +105,7 @@ def mirror(webui):
 
 def load_sd3(webui):
     """What A1111 does: build SD3Cond (our patch inside), then fire on_model_loaded."""
-    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
-                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    cond_class = webui.ui.module(a1111_sd3.COND_MODULE[webui.state]).SD3Cond
     model = Model("SD3", cond_stage_model=cond_class())
     webui.shared.sd_model = model
     webui.t5.attachment.decide(model)
@@ -136,8 +135,7 @@ def test_a1111_never_builds_t5_itself(webui):
 
 
 def load_sd3_without_refresh(webui):
-    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
-                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    cond_class = webui.ui.module(a1111_sd3.COND_MODULE[webui.state]).SD3Cond
     return Model("SD3", cond_stage_model=cond_class())
 
 
