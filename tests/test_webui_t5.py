@@ -416,7 +416,7 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     fake_webui.module("modules.devices", dtype=torch.float16, device=torch.device("cpu"))
     other = fake_webui.load_source(root, "modules.models.sd3.other_impls")
     config = {"d_ff": 64, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 100}
-    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=type("SD3Cond", (), {}), T5_CONFIG=config)
+    a1111_sd3.install(fake_webui, "dev", cond=type("SD3Cond", (), {}), T5_CONFIG=config)
     torch.manual_seed(0)
     reference = other.T5XXLModel(config, device="cpu", dtype=torch.float32)
     for parameter in reference.parameters():
