@@ -1,4 +1,4 @@
-"""A1111's ``sd_samplers_cfg_denoiser.CFGDenoiser`` where skip-layer guidance rests on it (same on both states).
+"""Fake of A1111's ``sd_samplers_cfg_denoiser.CFGDenoiser`` where skip-layer guidance rests on it (same on both states).
 
 Kept: the ``cfg_denoiser`` callback with the batch about to run, one model call on [cond rows, uncond rows],
 A1111's own ``combine_denoised`` (copied verbatim), then ``step += 1``; and ``prompt_parser.DictWithShape``.
