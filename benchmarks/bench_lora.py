@@ -128,7 +128,7 @@ def apply_overhead(blocks: int, rank: int, repeats: int, device: str) -> tuple[f
 
 
 def quantized_overhead(rank: int, repeats: int, device: str, width: int, depth: int) -> tuple[float, float, float]:
-    from tiny_mmdit import TinyMMDiT
+    from a1111.mmdit import TinyMMDiT
 
     from lib_sd3.mixdq.qlinear import QuantLinear
 

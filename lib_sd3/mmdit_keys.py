@@ -1,8 +1,8 @@
 """diffusers' ``SD3Transformer2DModel`` names -> Stability / sd3-ref / A1111 MMDiT names.
 
-One table for the rename (``TOP_TABLE``, ``BLOCK_TABLE``, ``NORM_TABLE``), used to turn a diffusers
-model into a Stability-layout checkpoint and by the LoRA key normaliser (:mod:`lib_sd3.lora.names`:
-LoRA files trained with diffusers/peft name modules this way). Two things are not plain renames:
+One table for the rename (``TOP_TABLE``, ``BLOCK_TABLE``, ``NORM_TABLE``), used by the LoRA key normaliser
+(:mod:`lib_sd3.lora.names`: LoRA files trained with diffusers/peft name modules this way) and MixDQ's layer
+names (:mod:`lib_sd3.mixdq.layers`); the tests turn a diffusers model into a Stability-layout checkpoint with it. Two things are not plain renames:
 
 - diffusers splits the fused ``qkv`` projection into ``to_q``/``to_k``/``to_v`` (image stream),
   ``add_q_proj``/... (text stream): :func:`stability_module` says which third of ``qkv`` each is.
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
-
-import torch
 
 ROW_SWAP_PRE_ONLY = "pre_only"  # swap halves only where the text block is pre-only (no attn.proj)
 ROW_SWAP_ALWAYS = "always"
@@ -97,9 +94,6 @@ _RENAMES: tuple[tuple[str, str, int | None], ...] = (
 )
 _COMPILED = tuple((re.compile(f"^{pattern}$"), template, part) for pattern, template, part in _RENAMES)
 
-POS_EMBED = ("pos_embed.pos_embed", "pos_embed")  # a buffer, not a module: renamed as a whole key
-
-
 def stability_module(diffusers_module: str) -> tuple[str, int | None] | None:
     """``("joint_blocks.3.x_block.attn.qkv", 0)`` for ``transformer_blocks.3.attn.to_q``; None if unknown.
 
@@ -110,50 +104,3 @@ def stability_module(diffusers_module: str) -> tuple[str, int | None] | None:
         if match:
             return template.format(*match.groups()), part
     return None
-
-
-def swaps_shift_and_scale(stability_module_name: str, depth: int) -> bool:
-    """True where diffusers stores ``(scale, shift)`` and sd3-ref ``(shift, scale)``."""
-    return stability_module_name in ("final_layer.adaLN_modulation.1",
-                                     f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
-
-
-def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def diffusers_to_stability(state_dict: Mapping[str, torch.Tensor], prefix: str = "model.diffusion_model."
-                           ) -> dict[str, torch.Tensor]:
-    """A diffusers ``SD3Transformer2DModel`` state dict as a Stability-layout checkpoint.
-
-    Raises ValueError naming the first diffusers keys the table does not know, so nothing is
-    dropped silently.
-    """
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-    depth = max(blocks) + 1 if blocks else 0
-    out: dict[str, torch.Tensor] = {}
-    thirds: dict[str, dict[int, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in state_dict.items():
-        if key == POS_EMBED[0]:
-            out[prefix + POS_EMBED[1]] = tensor
-            continue
-        module, _, param = key.rpartition(".")
-        found = stability_module(module)
-        if found is None:
-            unknown.append(key)
-            continue
-        name, part = found
-        target = f"{name}.{param}"
-        if part is not None:
-            thirds.setdefault(target, {})[part] = tensor
-        else:
-            out[prefix + target] = swap_halves(tensor) if swaps_shift_and_scale(name, depth) else tensor
-    if unknown:
-        raise ValueError(f"diffusers keys with no Stability name: {unknown[:3]}")
-    for target, parts in thirds.items():
-        if sorted(parts) != [0, 1, 2]:
-            raise ValueError(f"{target}: only parts {sorted(parts)} of q/k/v found")
-        out[prefix + target] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
-    return out

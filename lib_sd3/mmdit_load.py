@@ -1,4 +1,4 @@
-"""Detect, build and fill an MMDiT from a checkpoint -- and refuse to fill it partly.
+"""Build the MMDiT a checkpoint's family needs -- and refuse to fill it partly.
 
 A1111 loads with ``load_state_dict(strict=False)`` (and, on its fast path, fills whatever the file
 lacks with zeros), so a checkpoint that does not match the model it builds is never an error:
@@ -10,14 +10,12 @@ names the family and the first offending keys, before anything is written into a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lib_sd3.families import FIRST_ERRORS, CheckpointError, Family, MMDiTConfig, detect, read_header
+from lib_sd3.families import FIRST_ERRORS, CheckpointError, Family, MMDiTConfig
 from lib_sd3.mmdit import MMDiT, QkvLinear
-from lib_sd3.safetensors_file import load_tensors
 
 
 class KeyMismatchError(CheckpointError):
@@ -60,25 +58,3 @@ def check_complete(family: Family, expected: Mapping[str, tuple[int, ...]],
         if keys:
             parts.append(f"{len(keys)} {what} (first: {', '.join(prefix + k for k in keys[:FIRST_ERRORS])})")
     raise KeyMismatchError(f"{where}: {family.label} checkpoint does not fit its MMDiT: {'; '.join(parts)}")
-
-
-def load_mmdit(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               qkv_linear: type[nn.Linear] = QkvLinear) -> tuple[Family, MMDiT]:
-    """The family and a filled MMDiT of a safetensors checkpoint.
-
-    Detection reads the header only; the model is built on the meta device and its parameters are
-    the loaded tensors themselves (``assign=True``), so no random init and no second copy; of a
-    full checkpoint only the MMDiT's tensors are read (not its VAE or text encoders).
-    """
-    header = read_header(path)
-    family = detect(header.shapes, header.metadata, str(path))
-    if family is None:
-        raise CheckpointError(f"{Path(path).name}: not an SD3-family checkpoint (no MMDiT keys)")
-    model = build_mmdit(family.config, dtype=dtype, device="meta", qkv_linear=qkv_linear)
-    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    check_complete(family, expected, header.shapes, Path(path).name)
-    tensors = load_tensors(path, (family.prefix + key for key in expected), device)
-    state = {key: tensors.pop(family.prefix + key).to(dtype) for key in expected}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.dtype = dtype
-    return family, model.eval()

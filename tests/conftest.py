@@ -1,5 +1,6 @@
 """Shared test set-up: the repository root on sys.path so ``import lib_sd3`` works from anywhere."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def fake_webui():
     yield webui
     REGISTRY.undo_all()
     webui.close()
+
+
+@pytest.fixture
+def sd3_modules(fake_webui):
+    """``sd3_modules(state, cond=..., inferencer=..., **attrs)``: A1111's ``modules.models.sd3`` as the early
+    SD3 branch or dev has it, inside ``fake_webui`` (tests/a1111/sd3.py); returns the module holding SD3Cond."""
+    from a1111 import sd3
+
+    return functools.partial(sd3.install, fake_webui)
 
 
 @pytest.fixture(scope="session")

@@ -197,22 +197,16 @@ def test_not_a_checkout_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and str(path) in err
 
 
-@pytest.mark.parametrize("state, source, module", [
-    ("dev", SD3_COND_DEV, "modules.models.sd3.sd3_cond"),
-    ("early", SD3_MODEL_EARLY, "modules.models.sd3.sd3_model"),
-    ("none", None, None),
-])
-def test_a1111_state_rule_is_the_same_as_the_running_webuis(fake_webui, tmp_path, state, source, module):
-    """The doctor reading source and capabilities() inspecting the imported class agree."""
+@pytest.mark.parametrize("state", ["dev", "early", "none"])
+def test_a1111_state_rule_is_the_same_as_the_running_webuis(sd3_modules, tmp_path, state):
+    """The doctor reading a state's source and capabilities() inspecting that state's imported class agree."""
     from lib_sd3.webui import capabilities
 
     root = make_webui(tmp_path / state, state)
-    if source:
-        namespace = {"torch": type("torch", (), {"nn": type("nn", (), {"Module": object})}),
-                     "k_diffusion": type("k_diffusion", (), {"external": type("external", (), {"DiscreteSchedule": object})})}
-        exec(compile(source, module, "exec"), namespace)
-        fake_webui.module(module, SD3Cond=namespace["SD3Cond"])
-    assert doctor.sd3_state_of(root)[0] == capabilities.a1111_state()
+    if state != "none":
+        sd3_modules(state)
+    expected = {"dev": capabilities.STATE_DEV, "early": capabilities.STATE_EARLY, "none": capabilities.STATE_NONE}
+    assert doctor.sd3_state_of(root)[0] == capabilities.a1111_state() == expected[state]
 
 
 # --- text-encoder files ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from lib_sd3.families import CheckpointError, detect, detect_file, read_header
-from lib_sd3.mmdit_load import KeyMismatchError, expected_shapes, load_mmdit
+from lib_sd3.mmdit_load import KeyMismatchError, expected_shapes
 from tests import tiny_sd35
 
 
@@ -92,7 +92,7 @@ def test_header_is_read_without_tensors_and_truncation_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut.safetensors: truncated: .* its header promises"):
         detect_file(cut)
     with pytest.raises(CheckpointError, match="truncated"):
-        load_mmdit(cut)
+        tiny_sd35.load_mmdit(cut)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(struct.pack("<Q", 20) + b"{not json at all....")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
@@ -108,8 +108,8 @@ def test_missing_or_extra_keys_name_the_family_and_keys(tmp_path):
     del dropped["model.diffusion_model.joint_blocks.1.x_block.mlp.fc1.bias"]
     with pytest.raises(KeyMismatchError, match=r"SD3.5 Large checkpoint does not fit its MMDiT: 1 missing "
                                                 r"\(first: model.diffusion_model.joint_blocks.1.x_block.mlp.fc1.bias\)"):
-        load_mmdit(_write(tmp_path / "dropped.safetensors", dropped))
+        tiny_sd35.load_mmdit(_write(tmp_path / "dropped.safetensors", dropped))
     extra = dict(tensors)
     extra["model.diffusion_model.joint_blocks.0.x_block.attn.extra"] = torch.zeros(2)
     with pytest.raises(KeyMismatchError, match="1 unexpected"):
-        load_mmdit(_write(tmp_path / "extra.safetensors", extra))
+        tiny_sd35.load_mmdit(_write(tmp_path / "extra.safetensors", extra))

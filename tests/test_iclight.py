@@ -83,10 +83,9 @@ def webui(fake_webui):
     fake_webui.module("modules.processing", StableDiffusionProcessing=processing.StableDiffusionProcessing,
                       StableDiffusionProcessingTxt2Img=processing.StableDiffusionProcessingTxt2Img,
                       StableDiffusionProcessingImg2Img=processing.StableDiffusionProcessingImg2Img)
+    fake_webui.drop_on_close("libiclight")  # the fake IC-Light scripts import it from their folder
     yield fake_webui
     REGISTRY.undo(shim.PATCH_NAME)
-    for name in [n for n in sys.modules if n == "libiclight" or n.startswith("libiclight.")]:
-        del sys.modules[name]
 
 
 def build_runner(webui, shape: str, is_img2img: bool = False):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.lora import deltas, detect, keys, names, sidepath
 

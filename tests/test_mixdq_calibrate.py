@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import calibrate as cal
 from lib_sd3.mixdq import config, model
@@ -153,4 +153,4 @@ def test_cli_tiny_run(tmp_path, capsys):
         block = n.split(".")[1]
         bits = {plan[f"transformer_blocks.{block}.attn.to_{c}"].w_bits for c in "qkv"}
         assert bits == {written.weight[n]}
-    assert len(cal.shipped_prompts()) >= 8
+    assert len(cal.read_prompts()) >= 8

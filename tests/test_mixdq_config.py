@@ -3,7 +3,7 @@
 import pytest
 import torch
 import yaml
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 from torch import nn
 
 from lib_sd3.mixdq import config, layers, presets

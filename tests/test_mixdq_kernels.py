@@ -1,15 +1,10 @@
 """Kernel paths (compiled, eager, fp8, weight-only) against the float layer, and the choice between them."""
 
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import ROOT
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config, kernels, model, selection
 from lib_sd3.mixdq.qlinear import QuantLinear
@@ -134,56 +129,3 @@ def test_fp8_config_quantizes_caches_and_restores(tmp_path, fresh_failures):
     model.quantize(m, config.load("w8a8"), cache_dir=tmp_path)  # another digest: its own file
     model.restore(m)
     assert len(list(tmp_path.glob("mixdq-*.safetensors"))) == 2
-
-
-STREAM_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
-    from safetensors.torch import load_file
-    from tiny_mmdit import TinyMMDiT
-    from lib_sd3.mixdq import config, model
-
-    def status(key):  # kB in /proc/self/status
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
-    def growth(fn):
-        open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-        base = status("VmRSS:")
-        result = fn()
-        return status("VmHWM:") - base, result
-
-    with torch.device("meta"):
-        m = TinyMMDiT(depth=12, dim=384, context_dim=384, adm=384)
-    streamed, st = growth(lambda: model.quantize_from_file(m, sys.argv[1], config.load("w8a8"), dtype=torch.float16,
-                                                           kernel="eager"))
-    whole, tensors = growth(lambda: [t.clone() for t in load_file(sys.argv[1]).values()])  # control: all in memory
-    print(streamed, st.bytes_after, whole)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset through /proc/self/clear_refs")
-def test_quantize_from_file_streams_layer_by_layer(tmp_path):
-    """A 12-block width-384 model (~130 MB in fp16) quantized from its file: peak RSS grows by the
-    quantized model plus about one float layer, far less than the float model it never holds."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    m = TinyMMDiT(depth=12, dim=384, context_dim=384, adm=384).half()
-    path = tmp_path / "mmdit.safetensors"
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
-    float_bytes = sum(v.numel() * v.element_size() for v in m.state_dict().values())
-    del m
-    # glibc's heap keeps freed temporaries' pages when long-lived buffers sit between them (it measured the
-    # allocator, 75-125 MB from run to run); a fixed mmap threshold makes RSS follow the live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    run = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(path), str(ROOT)], capture_output=True,
-                         text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr
-    grown, quantized, whole = (int(v) for v in run.stdout.split()[-3:])
-    print(f"float {float_bytes / 2**20:.0f} MB, quantized {quantized / 2**20:.0f} MB, peak RSS grew "
-          f"{grown / 2**20:.0f} MB streaming, {whole / 2**20:.0f} MB loading the file whole")
-    assert whole > 0.9 * float_bytes  # the measurement sees a whole-model load
-    assert quantized < 0.6 * float_bytes
-    # holding the float model at once would need >= float + quantized; streaming needs the quantized model,
-    # and one float layer with its fp32 temporaries
-    assert grown < quantized + float_bytes / 4 < float_bytes + quantized - (64 << 20)

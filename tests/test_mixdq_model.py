@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_mmdit import TinyMMDiT
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config, layers, model, presets
 from lib_sd3.mixdq.qlinear import QuantLinear

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lib_sd3.families import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
-from lib_sd3.mmdit_load import load_mmdit
 from lib_sd3.slg import skip_blocks
 from tests import tiny_sd35
 
@@ -18,7 +17,7 @@ TOLERANCE = 1e-4  # fp32
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("parity") / f"{request.param}.safetensors"
     reference = tiny_sd35.write_checkpoint(path, request.param)
-    family, ours = load_mmdit(path)
+    family, ours = tiny_sd35.load_mmdit(path)
     assert family.name == request.param
     return reference, ours
 

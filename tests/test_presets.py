@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+from a1111.models import Model
 
 from lib_sd3 import presets
 from lib_sd3.webui import presets as webui_presets
@@ -44,7 +45,7 @@ def test_missing_family_is_sd3_medium_unknown_is_an_error():
 
 def test_loaded_family_and_route(fake_webui):
     assert webui_presets.loaded_family() is None  # nothing loaded
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True)
+    fake_webui.shared.sd_model = Model("SD3")
     assert webui_presets.loaded_family() == "sd3-medium"  # A1111's own SD3: no family attribute
     fake_webui.shared.sd_model.sd3_family = types.SimpleNamespace(name="sd3.5-medium")
     assert webui_presets.pick(webui_presets.LOADED).slg is not None
@@ -89,7 +90,7 @@ def test_button_wires_whichever_comes_first(fake_webui, monkeypatch, fields_firs
     assert button.wired and len(clicks) == 1
     assert clicks[0]["inputs"] == [button.choice]
     assert clicks[0]["outputs"] == [*targets.values(), *slg_fields.values()]
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, sd3_family=types.SimpleNamespace(name="sd3.5-medium"))
+    fake_webui.shared.sd_model = Model("SD3", sd3_family=types.SimpleNamespace(name="sd3.5-medium"))
     updates = clicks[0]["fn"](webui_presets.LOADED)
     assert [u.get("value") for u in updates] == [50, 4.0, "DPM++ 2M", "Uniform", "on", ["7", "8", "9"], 2.5, 0.01, 0.2]
     turbo = clicks[0]["fn"]("sd3.5-large-turbo")

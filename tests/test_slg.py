@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from a1111.mmdit import TinyMMDiT
 
 from lib_sd3.slg import checked_layers, in_window, skip_blocks
-from tests.tiny_mmdit import TinyMMDiT
 
 
 def slg_combine(uncond: torch.Tensor, cond: torch.Tensor, cond_skipped: torch.Tensor,

@@ -81,9 +81,9 @@ def webui(fake_webui, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(startup, "FEATURE_MODULES", ("sd3_test_feature_broken", "sd3_test_feature_ok"))
     monkeypatch.delitem(sys.modules, "sd3_test_feature_ok", raising=False)
+    fake_webui.drop_on_close("sd3_test_feature_ok")  # imported by the test's start-up
     yield fake_webui
     REGISTRY.undo_all()
-    sys.modules.pop("sd3_test_feature_ok", None)
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import contextlib
 import importlib.util
 import os
 import random
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import tiny_tokenizers
@@ -52,19 +50,6 @@ def tokenizers(tmp_path_factory):
     return clip, t5
 
 
-def load_source(fake_webui, root: str, name: str):
-    """Execute ``root/modules/....py`` as module ``name`` inside the fake ``modules`` package."""
-    path = Path(root, *name.split(".")).with_suffix(".py")
-    parent, _, leaf = name.rpartition(".")
-    fake_webui.module(parent)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    setattr(sys.modules[parent], leaf, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def from_pretrained(tokenizer):
     return types.SimpleNamespace(from_pretrained=lambda *args, **kwargs: tokenizer)
 
@@ -84,11 +69,11 @@ def dev_a1111(fake_webui, tokenizers):
     fake_webui.module("modules.devices", device="cpu", dtype=torch.float32, without_autocast=contextlib.nullcontext)
     fake_webui.module("modules.sd_hijack", model_hijack=types.SimpleNamespace(embedding_db=NoEmbeddings()))
     fake_webui.module("modules.modelloader")
-    prompt_parser = load_source(fake_webui, DEV_ROOT, "modules.prompt_parser")
-    load_source(fake_webui, DEV_ROOT, "modules.sd_emphasis")
-    load_source(fake_webui, DEV_ROOT, "modules.sd_hijack_clip")
-    load_source(fake_webui, DEV_ROOT, "modules.models.sd3.other_impls")
-    sd3_cond = load_source(fake_webui, DEV_ROOT, "modules.models.sd3.sd3_cond")
+    prompt_parser = fake_webui.load_source(DEV_ROOT, "modules.prompt_parser")
+    fake_webui.load_source(DEV_ROOT, "modules.sd_emphasis")
+    fake_webui.load_source(DEV_ROOT, "modules.sd_hijack_clip")
+    fake_webui.load_source(DEV_ROOT, "modules.models.sd3.other_impls")
+    sd3_cond = fake_webui.load_source(DEV_ROOT, "modules.models.sd3.sd3_cond")
     sd3_cond.CLIPTokenizer, sd3_cond.T5TokenizerFast = from_pretrained(clip), from_pretrained(t5)
     return types.SimpleNamespace(lg=sd3_cond.Sd3ClipLG(None, None), t5=sd3_cond.Sd3T5(None),
                                  parser=prompt_parser, tok=T.Tokenizers.wrap(clip, t5))
@@ -138,7 +123,7 @@ def test_dev_whole_prompt_matches_a1111_counter(dev_a1111):
 @needs_early
 def test_early_counts_match_sd3_ref_tokenizer(fake_webui, tokenizers):
     clip, t5 = tokenizers
-    other_impls = load_source(fake_webui, EARLY_ROOT, "modules.models.sd3.other_impls")
+    other_impls = fake_webui.load_source(EARLY_ROOT, "modules.models.sd3.other_impls")
     other_impls.CLIPTokenizer, other_impls.T5TokenizerFast = from_pretrained(clip), from_pretrained(t5)
     sd3_tokenizer = other_impls.SD3Tokenizer()
     tok = T.Tokenizers.wrap(clip, t5)
@@ -158,7 +143,7 @@ def test_early_clip_fails_past_75_tokens(fake_webui):
     """Why the counter warns on the early branch: sd3-ref's CLIP adds a fixed 77-position embedding."""
     import torch
 
-    other_impls = load_source(fake_webui, EARLY_ROOT, "modules.models.sd3.other_impls")
+    other_impls = fake_webui.load_source(EARLY_ROOT, "modules.models.sd3.other_impls")
     config = {"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
               "hidden_act": "gelu"}
     with torch.no_grad():  # as A1111 builds and runs it

@@ -1,15 +1,15 @@
 """The adapter core against stand-in A1111 modules: state detection, settings, status route."""
 
-from a1111.models import DevSD3Cond, EarlySD3Cond, Model
+from a1111.models import Model
 
 from lib_sd3.webui import capabilities, routes, settings
 
 
-def test_state_detection_by_features(fake_webui):
+def test_state_detection_by_features(sd3_modules):
     assert capabilities.a1111_state() == capabilities.STATE_NONE
-    fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=EarlySD3Cond)
+    sd3_modules("early")
     assert capabilities.a1111_state() == capabilities.STATE_EARLY
-    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
+    sd3_modules("dev")
     assert capabilities.a1111_state() == capabilities.STATE_DEV
 
 

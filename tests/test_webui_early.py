@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from a1111.models import DevSD3Cond, EarlySD3Cond
+from a1111 import sd3
+from a1111.models import Model
+from a1111.sd3 import DevInferencer, DevSD3Cond, EarlyInferencer, EarlySD3Cond, FakeClipLG, FakeCond, FakeT5
 from conftest import registered
 
 from lib_sd3.patching import PatchState
@@ -16,21 +18,6 @@ from lib_sd3.webui import early, infotext, long_prompts, tokens
 from lib_sd3.webui.registry import REGISTRY
 
 registered(early, long_prompts, tokens)
-
-
-class EarlyInferencer:
-    """``SD3Inferencer`` as on 34b4443c: encodes, but has no ``get_first_stage_encoding``."""
-
-    def encode_first_stage(self, image):
-        return image
-
-
-class DevInferencer(EarlyInferencer):
-    def get_first_stage_encoding(self, x):
-        return ("dev's own", x)
-
-    def fix_dimensions(self, width, height):
-        return width // 16 * 16, height // 16 * 16
 
 
 def process_images_inner(p):
@@ -71,7 +58,7 @@ class ChunkingBase:
 
 
 def early_shape(fake_webui):
-    fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=EarlyInferencer, SD3Cond=EarlySD3Cond)
+    sd3.install(fake_webui, "early")
     fake_webui.module("modules.sd_hijack_clip", FrozenCLIPEmbedderWithCustomWordsBase=ChunkingBase)
     fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=EarlyImg2Img,
                       process_images_inner=process_images_inner)
@@ -79,8 +66,7 @@ def early_shape(fake_webui):
 
 
 def dev_shape(fake_webui):
-    fake_webui.module("modules.models.sd3.sd3_model", SD3Inferencer=DevInferencer)
-    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=DevSD3Cond)
+    sd3.install(fake_webui, "dev")
     fake_webui.module("modules.sd_hijack_clip", TextConditionalModel=ChunkingBase)
     fake_webui.module("modules.processing", StableDiffusionProcessingImg2Img=DevImg2Img,
                       process_images_inner=process_images_inner)
@@ -178,9 +164,9 @@ def test_sizes_rounded_to_16_on_the_early_shape(fake_webui, size, rounded):
     assert REGISTRY.apply("early.fix_dimensions") is PatchState.APPLIED
     processing = fake_webui.module("modules.processing")
     p = types.SimpleNamespace(width=size[0], height=size[1])
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=False)
+    fake_webui.shared.sd_model = Model("SD1")
     assert processing.process_images_inner(p) == size  # other models: A1111's sizes
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True)
+    fake_webui.shared.sd_model = Model("SD3")
     assert processing.process_images_inner(p) == rounded  # dev's fix_dimensions
     REGISTRY.undo("early.fix_dimensions")
     assert processing.process_images_inner is process_images_inner
@@ -212,8 +198,8 @@ def test_long_prompts_left_alone_on_the_dev_shape(fake_webui):
     assert DevSD3Cond.forward is EarlySD3Cond.forward
 
 
-def test_long_prompts_need_a1111s_chunking_model(fake_webui):
-    fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=EarlySD3Cond)
+def test_long_prompts_need_a1111s_chunking_model(sd3_modules):
+    sd3_modules("early")
     assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
     assert "sd_hijack_clip" in REGISTRY.get(long_prompts.PATCH_NAME).reason
 
@@ -236,38 +222,6 @@ def test_t5_tokens_as_dev(t5_tokenizer, text, target):
         assert set(ids[len(expected) + 1:]) <= {0}
     else:
         assert ids == expected[:target]
-
-
-class FakeClipLG:
-    """The chunking CLIP-L/G: two 77-token chunks per prompt, pooled vector of 2048."""
-
-    def __init__(self, clip_l, clip_g, tokenizer):
-        self.clip_l, self.clip_g = clip_l, clip_g
-
-    def __call__(self, prompts):
-        import torch
-
-        return torch.ones((len(prompts), 154, 4096)), torch.full((len(prompts), 2048), 2.0)
-
-
-class FakeT5:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, tokens):
-        import torch
-
-        self.calls.append(tokens)
-        return torch.full((len(tokens), len(tokens[0]), 4096), 3.0), None
-
-
-class FakeCond:
-    def __init__(self, t5_tokenizer, t5):
-        import types
-
-        self.clip_l, self.clip_g, self.t5xxl = "clip_l", "clip_g", t5
-        self.tokenizer = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None),
-                                               t5xxl=types.SimpleNamespace(tokenizer=t5_tokenizer))
 
 
 def encoder_env(fake_webui, t5_on):

@@ -9,12 +9,11 @@ import types
 
 import pytest
 import torch
+from a1111.mmdit import TinyMMDiT
+from a1111.models import Model
 from safetensors.torch import save_file
-from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.webui.registry import REGISTRY
-
-EXTENSION_MODULES = ("networks", "network", "ui_extra_networks_lora")
 
 
 class Network:
@@ -41,25 +40,23 @@ def lora_webui(fake_webui, tmp_path):
     mmdit = TinyMMDiT(depth=2, dim=16)
     for name, module in mmdit.named_modules():
         module.network_layer_name = "diffusion_model_" + name.replace(".", "_")
-    fake_webui.shared.sd_model = types.SimpleNamespace(is_sd3=True, is_sd1=False, model=types.SimpleNamespace(diffusion_model=mmdit))
+    fake_webui.shared.sd_model = Model("SD3", diffusion_model=mmdit)
     fake_webui.shared.opts.data["lora_show_all"] = False
     fake_webui.module("modules.sd_models", read_state_dict=lambda filename: load_file(filename))
-    saved = {name: sys.modules.get(name) for name in EXTENSION_MODULES}
     original_calls = []
 
     def original_load(name, on_disk):
         original_calls.append(name)
         return "a1111"
 
-    sys.modules["network"] = types.SimpleNamespace(
-        Network=Network, NetworkWeights=collections.namedtuple("NetworkWeights", "network_key sd_key w sd_module"))
+    fake_webui.module("network", Network=Network,
+                      NetworkWeights=collections.namedtuple("NetworkWeights", "network_key sd_key w sd_module"))
     def early_apply_weights(layer):  # the early branch's: backs up layer.weight unconditionally
         layer.backup = layer.weight.to("cpu", copy=True)
 
-    sys.modules["networks"] = types.SimpleNamespace(load_network=original_load, module_types=[RecordingModuleType()],
-                                                    loaded_networks=[], available_networks={},
-                                                    network_apply_weights=early_apply_weights)
-    sys.modules["ui_extra_networks_lora"] = types.SimpleNamespace(ExtraNetworksPageLora=Page)
+    fake_webui.module("networks", load_network=original_load, module_types=[RecordingModuleType()],
+                      loaded_networks=[], available_networks={}, network_apply_weights=early_apply_weights)
+    fake_webui.module("ui_extra_networks_lora", ExtraNetworksPageLora=Page)
     from conftest import registered
 
     from lib_sd3.webui import lora
@@ -72,11 +69,6 @@ def lora_webui(fake_webui, tmp_path):
     REGISTRY.undo(lora.PATCH_LOAD)
     REGISTRY.undo(lora.PATCH_CARD)
     REGISTRY.undo(lora.PATCH_WEIGHTLESS)
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
 
 
 def on_disk(path):
@@ -131,7 +123,7 @@ def test_lora_tab_cards(lora_webui):
     assert page.create_item("sd3style")["sd_version"] == "SD3"
     assert page.create_item("sd1style") is None  # SD3 loaded, compatible only
     assert page.create_item("sd1style", enable_filter=False)["sd_version"] == "SD1"
-    lora_webui.shared.sd_model = types.SimpleNamespace(is_sd3=False, is_sd1=True)
+    lora_webui.shared.sd_model = Model("SD1")
     assert page.create_item("sd3style") is None  # an SD1 model hides SD3 LoRAs
     assert page.create_item("sd3style", enable_filter=False)["sd_version"] == "SD3"
     assert page.create_item("sd1style")["sd_version"] == "SD1"

@@ -1,12 +1,11 @@
 """The MixDQ toggle against stand-in A1111 modules and a small MMDiT with A1111's layer names."""
 
-import types
 
 import pytest
 import torch
+from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
 from a1111.processing import P
-from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import kernels
@@ -25,7 +24,7 @@ def webui(fake_webui, tmp_path):
     registered(mixdq)
     torch.manual_seed(0)
     mmdit = TinyMMDiT(depth=24, dim=64)  # SD3 Medium's depth and layer names, toy width
-    sd_model = Model("SD3", sd_model_hash="0123abcd", model=types.SimpleNamespace(diffusion_model=mmdit))
+    sd_model = Model("SD3", sd_model_hash="0123abcd", diffusion_model=mmdit)
     fake_webui.shared.sd_model = sd_model
     fake_webui.shared.opts.data["sd3_mixdq"] = "off"
     fake_webui.module("modules.paths_internal", models_path=str(tmp_path))
@@ -105,6 +104,27 @@ def test_routes_get_post_and_errors(webui):
     webui.shared.sd_model = Model("SD1")
     assert client.post("/sd3/mixdq", json={"config": "w8a8"}).status_code == 409
     assert client.get("/sd3/mixdq").json()["sd3_loaded"] is False
+
+
+def test_status_keeps_its_last_change_when_an_image_changes_nothing(webui, monkeypatch):
+    """``GET /sd3/mixdq``'s ``last_change`` is the last real change, not a fresh "to off" after every image."""
+    from lib_sd3.webui import mixdq
+
+    readings = iter(range(1, 1000))  # a different memory reading each time one is taken
+    monkeypatch.setattr(mixdq, "_cuda_allocated", lambda: next(readings) << 20)
+    run_hooks(processing(), ({"mixdq": "off"},))
+    assert "last_change" not in mixdq.current()  # nothing was ever changed
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    run_hooks(processing(), ({"mixdq": "off"},))
+    change = mixdq.current()["last_change"]
+    assert change["to"] == "off"
+    for args in (({"mixdq": "off"},), ()):  # off again, by the arg and by the setting
+        run_hooks(processing(), args)
+        assert mixdq.current()["last_change"] == change
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    change = mixdq.current()["last_change"]
+    run_hooks(processing(), ({"mixdq": "w8a8"},))
+    assert mixdq.current()["last_change"] == change and change["to"] == "w8a8"
 
 
 def test_user_config_that_does_not_fit_is_a_clear_400(webui):

@@ -1,54 +1,27 @@
 """The SD3.5 construction and checked-loading patches against stand-in A1111 modules.
 
-The stand-in ``BaseModel`` builds what A1111's does: depth, patch, widths from shapes, but never
+The stand-in ``BaseModel`` (tests/a1111/sd3.py) builds what A1111's does: depth, patch, widths from shapes, but never
 qk-norm or MMDiT-X. ``load_model_weights`` loads with ``strict=False`` as A1111's does. The real
 A1111 runs the same patches in tests/webui/test_real_sd35.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import pytest
 import torch
+from a1111 import sd3 as a1111_sd3
+from a1111.processing import P
+from a1111.sd3 import A1111BaseModel, A1111QkvLinear, Inferencer
 from safetensors.torch import load_file
 
-from lib_sd3.families import CheckpointError, detect, shapes_of
+from lib_sd3.families import CheckpointError
 from lib_sd3.mmdit import MMDiT
 from lib_sd3.mmdit_load import KeyMismatchError
 from lib_sd3.webui import hooks
 from lib_sd3.webui.registry import REGISTRY
 from tests import tiny_sd35
-
-
-class A1111QkvLinear(torch.nn.Linear):
-    pass
-
-
-class ModelSamplingDiscreteFlow(torch.nn.Module):
-    def __init__(self, shift=1.0):
-        super().__init__()
-        self.shift = shift
-
-
-class A1111BaseModel(torch.nn.Module):
-    """What A1111 builds: every family as SD3 Medium."""
-
-    def __init__(self, shift=1.0, device=None, dtype=torch.float32, state_dict=None, prefix=""):
-        super().__init__()
-        config = dataclasses.replace(detect(shapes_of(state_dict)).config, qk_norm=None, x_block_self_attn_layers=())
-        self.diffusion_model = MMDiT(config, qkv_linear=A1111QkvLinear, dtype=dtype, device=device)
-        self.model_sampling = ModelSamplingDiscreteFlow(shift=shift)
-
-
-class Inferencer(torch.nn.Module):
-    def __init__(self, state_dict):
-        super().__init__()
-        import modules.models.sd3.sd3_model as sd3_model
-
-        self.model = sd3_model.BaseModel(shift=3.0, device="cpu", state_dict=state_dict, prefix="model.diffusion_model.")
-        self.is_sd3 = True
 
 
 @pytest.fixture
@@ -70,10 +43,7 @@ def webui(fake_webui, tmp_path):
     def reload_model_weights(sd_model=None, info=None, forced_reload=False):
         calls.append(("reload", info.filename))
 
-    fake_webui.module("modules.models.sd3.mmdit", QkvLinear=A1111QkvLinear)
-    fake_webui.module("modules.models.sd3.sd3_impls", BaseModel=A1111BaseModel,
-                      ModelSamplingDiscreteFlow=ModelSamplingDiscreteFlow)
-    fake_webui.module("modules.models.sd3.sd3_model", BaseModel=A1111BaseModel)
+    a1111_sd3.install_construction(fake_webui)
     fake_webui.module("modules.sd_models", load_model_weights=load_model_weights, select_checkpoint=lambda: None,
                       get_checkpoint_state_dict=get_checkpoint_state_dict, reload_model_weights=reload_model_weights)
     files = {}
@@ -174,7 +144,7 @@ def test_status_and_infotext_name_the_family(webui):
     assert hooks.STATUS[models.FEATURE]() == {
         "family": "sd3.5-medium", "label": "SD3.5 Medium", "turbo_from": None, "mmdit": "sd-webui-sd3",
         "depth": 3, "qk_norm": "rms", "mmdit_x_layers": [0, 1]}
-    p = types.SimpleNamespace(extra_generation_params={}, sd_model=model)
+    p = P(sd_model=model)
     models.process(p, {})
     assert p.extra_generation_params == {"SD3 family": "SD3.5 Medium"}
 

@@ -1,9 +1,7 @@
 """Skip-layer guidance wired into A1111's CFG denoiser, against an oracle on a toy MMDiT.
 
-The stand-in denoiser reproduces the parts of A1111's ``CFGDenoiser.forward`` that SLG rests on (the
-same on dev and the early SD3 branch): the ``cfg_denoiser`` callback with the batch about to run,
-one model call on [cond rows, uncond rows], A1111's own ``combine_denoised`` (copied verbatim), then
-``step += 1``. The oracle computes cond, uncond and the skipped-layer cond by running the toy model's
+The stand-in denoiser (tests/a1111/cfg_denoiser.py) reproduces the parts of A1111's ``CFGDenoiser.forward``
+that SLG rests on. The oracle computes cond, uncond and the skipped-layer cond by running the toy model's
 blocks itself, and the window by Stability's rule (``SkipLayerCFGDenoiser``), written out here.
 """
 
@@ -13,33 +11,13 @@ import types
 
 import pytest
 import torch
-from torch import nn
+from a1111.cfg_denoiser import STEPS, CFGDenoiser, DictWithShape
+from a1111.models import Model
+from a1111.sd3 import ToyMMDiT
 
 from lib_sd3.patching import AttributeSwap
 from lib_sd3.webui import infotext, slg
 from lib_sd3.webui.generation import GENERATIONS
-
-STEPS = 10
-
-
-class Block(nn.Module):
-    def __init__(self, gain: float) -> None:
-        super().__init__()
-        self.gain = gain
-
-    def forward(self, context, x, c=None):
-        return context * (1 - self.gain), x * (1 + self.gain) + self.gain * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
-
-
-class ToyMMDiT(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.joint_blocks = nn.ModuleList([Block(0.3), Block(-0.2), Block(0.5)])
-
-    def forward(self, x, sigma, context, y):
-        for block in self.joint_blocks:
-            context, x = block(context, x, c=y)
-        return x * (1 - sigma.view(-1, 1, 1, 1)) + y.view(-1, 1, 1, 1)
 
 
 def oracle_model(model: ToyMMDiT, x, sigma, cond, skip=()):
@@ -48,53 +26,6 @@ def oracle_model(model: ToyMMDiT, x, sigma, cond, skip=()):
         if i not in skip:
             context, x = block(context, x)
     return x * (1 - sigma.view(-1, 1, 1, 1)) + cond["vector"].view(-1, 1, 1, 1)
-
-
-class DictWithShape(dict):
-    """prompt_parser.DictWithShape: SD3 conds are dicts that also have a shape."""
-
-    @property
-    def shape(self):
-        return self["crossattn"].shape
-
-
-class CFGDenoiser(nn.Module):
-    callbacks: list = []
-
-    def __init__(self, model: ToyMMDiT) -> None:
-        super().__init__()
-        self.model = model
-        self.step = 0
-        self.steps = STEPS
-        self.calls = 0
-
-    def inner_model(self, x, sigma, cond):
-        self.calls += 1
-        return self.model(x, sigma, cond["crossattn"], cond["vector"])
-
-    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):  # A1111, verbatim
-        denoised_uncond = x_out[-uncond.shape[0]:]
-        denoised = torch.clone(denoised_uncond)
-
-        for i, conds in enumerate(conds_list):
-            for cond_index, weight in conds:
-                denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
-
-        return denoised
-
-    def forward(self, x, sigma, uncond, cond, cond_scale):
-        conds_list = [[(i, 1.0)] for i in range(x.shape[0])]
-        x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
-        image_cond_in = torch.zeros_like(x_in)
-        params = types.SimpleNamespace(x=x_in, image_cond=image_cond_in, sigma=sigma_in, text_cond=cond,
-                                       text_uncond=uncond, denoiser=self)
-        for callback in self.callbacks:
-            callback(params)
-        cond_in = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-        x_out = self.inner_model(params.x, params.sigma, cond={**cond_in, "c_concat": [params.image_cond]})
-        denoised = self.combine_denoised(x_out, conds_list, uncond, cond_scale)
-        self.step += 1
-        return denoised
 
 
 @pytest.fixture
@@ -118,8 +49,7 @@ class Wired:
 
 
 def generation(model, **args):
-    holder = types.SimpleNamespace(diffusion_model=model)
-    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(is_sd3=True, model=holder), extra_generation_params={})
+    p = types.SimpleNamespace(sd_model=Model("SD3", diffusion_model=model), extra_generation_params={})
     values = {"slg": True, "slg_layers": (1,), "slg_scale": 2.5, "slg_start": 0.1, "slg_end": 0.5} | args
     return p, values
 

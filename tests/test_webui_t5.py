@@ -1,13 +1,8 @@
 """lib_sd3.webui.t5 against stand-ins shaped like A1111's SD3 text encoders (dev and early state).
 
-The stand-ins keep what our code touches, with A1111's names and shapes: ``SD3Cond`` builds
-``T5XXLModel(T5_CONFIG, device="cpu", dtype=devices.dtype)`` only when ``opts.sd3_enable_t5`` is
-on; on dev an ``Sd3T5`` wrapper also holds ``t5xxl`` and returns zeros without it; the T5 module's
-``transformer`` holds T5-XXL's real key layout (``encoder.block.N.layer.0.SelfAttention.q.weight``,
-``...layer.1.DenseReluDense.wi_0.weight``, layer norms, block 0's relative attention bias) at a
-reduced size in ``AutocastLinear`` layers (weight cast to the input's dtype on every call), the
-embedding is built without a dtype, and the output is ``(z.float(), None)``. The arithmetic is
-simpler than T5's: these tests judge loading and wiring, not T5.
+The stand-ins (tests/a1111/other_impls.py: ``T5XXLModel``; tests/a1111/sd3.py: the ``SD3Cond`` of each state
+that builds it) keep what our code touches, with A1111's names and shapes; their arithmetic is simpler
+than T5's: these tests judge loading and wiring, not T5.
 """
 
 from __future__ import annotations
@@ -18,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from a1111 import sd3 as a1111_sd3
 from a1111.models import Model
+from a1111.other_impls import T5_CONFIG, T5XXLModel, tokenize
 from a1111.processing import P
 from hf_mirror import HFMirror
 
@@ -28,148 +25,7 @@ from lib_sd3.fetch import FetchOptions
 from lib_sd3.hashing import sha256_bytes
 from lib_sd3.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
 
-T5_CONFIG = {"d_ff": 24, "d_model": 16, "num_heads": 2, "num_layers": 3, "vocab_size": 50}
-TOKENS = 6
 GIB = 1 << 30
-
-
-# ------------------------------------------------------------------------------------- A1111 stand-ins
-class AutocastLinear(torch.nn.Linear):
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
-
-
-class LayerNorm(torch.nn.Module):
-    def __init__(self, d, dtype, device):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(d, dtype=dtype, device=device))
-
-    def forward(self, x):
-        return x * self.weight.to(x.dtype)
-
-
-class SelfAttention(torch.nn.Module):
-    def __init__(self, d, heads, first, dtype, device):
-        super().__init__()
-        for name in ("q", "k", "v", "o"):
-            setattr(self, name, AutocastLinear(d, d, bias=False, dtype=dtype, device=device))
-        self.relative_attention_bias = torch.nn.Embedding(32, heads, device=device) if first else None
-
-    def forward(self, x):
-        return self.o(torch.tanh(self.q(x)) * torch.tanh(self.k(x)) + self.v(x))
-
-
-class DenseReluDense(torch.nn.Module):
-    def __init__(self, d, ff, dtype, device):
-        super().__init__()
-        self.wi_0 = AutocastLinear(d, ff, bias=False, dtype=dtype, device=device)
-        self.wi_1 = AutocastLinear(d, ff, bias=False, dtype=dtype, device=device)
-        self.wo = AutocastLinear(ff, d, bias=False, dtype=dtype, device=device)
-
-    def forward(self, x):
-        return self.wo(torch.nn.functional.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
-
-
-class Sublayer(torch.nn.Module):
-    def __init__(self, name, inner, d, dtype, device):
-        super().__init__()
-        setattr(self, name, inner)
-        self.inner = name
-        self.layer_norm = LayerNorm(d, dtype, device)
-
-    def forward(self, x):
-        return x + torch.tanh(getattr(self, self.inner)(self.layer_norm(x)))
-
-
-class Block(torch.nn.Module):
-    def __init__(self, config, first, dtype, device):
-        super().__init__()
-        d = config["d_model"]
-        self.layer = torch.nn.ModuleList([
-            Sublayer("SelfAttention", SelfAttention(d, config["num_heads"], first, dtype, device), d, dtype, device),
-            Sublayer("DenseReluDense", DenseReluDense(d, config["d_ff"], dtype, device), d, dtype, device)])
-
-    def forward(self, x):
-        return self.layer[1](self.layer[0](x))
-
-
-class T5Stack(torch.nn.Module):
-    def __init__(self, config, dtype, device):
-        super().__init__()
-        d = config["d_model"]
-        self.embed_tokens = torch.nn.Embedding(config["vocab_size"], d, device=device)
-        self.block = torch.nn.ModuleList([Block(config, i == 0, dtype, device) for i in range(config["num_layers"])])
-        self.final_layer_norm = LayerNorm(d, dtype, device)
-
-    def forward(self, ids):
-        x = self.embed_tokens(ids).to(torch.float32)
-        for block in self.block:
-            x = block(x)
-        return self.final_layer_norm(x)
-
-
-class T5(torch.nn.Module):
-    def __init__(self, config, dtype, device):
-        super().__init__()
-        self.encoder = T5Stack(config, dtype, device)
-
-
-class T5XXLModel(torch.nn.Module):
-    def __init__(self, config, device="cpu", layer="last", layer_idx=None, dtype=None):
-        super().__init__()
-        self.transformer = T5(config, dtype, device)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
-
-    def forward(self, tokens):
-        embeds = self.transformer.encoder.embed_tokens
-        tokens = torch.asarray(tokens, dtype=torch.int64, device=embeds.weight.device)
-        return self.transformer.encoder(tokens).float(), None
-
-
-def tokenize(texts):
-    return [[(ord(c) % 49) + 1 for c in text[:TOKENS]] + [0] * (TOKENS - len(text[:TOKENS])) for text in texts]
-
-
-def make_dev_cond(shared):
-    class Sd3T5(torch.nn.Module):
-        def __init__(self, t5xxl):
-            super().__init__()
-            self.t5xxl = t5xxl
-
-        def forward(self, texts, *, token_count):
-            if not self.t5xxl or not shared.opts.sd3_enable_t5:
-                return torch.zeros((len(texts), token_count, T5_CONFIG["d_model"]))
-            return self.t5xxl(tokenize(texts))[0]
-
-    class SD3Cond(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.clip_l = torch.nn.Linear(2, 2)
-            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
-            self.model_t5 = Sd3T5(self.t5xxl)
-
-        def forward(self, prompts):
-            return self.model_t5(prompts, token_count=TOKENS)
-
-        def get_token_count(self, text):
-            return len(text)
-
-    return SD3Cond
-
-
-def make_early_cond(shared):
-    class SD3Cond(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.clip_l = torch.nn.Linear(2, 2)
-            self.t5xxl = T5XXLModel(T5_CONFIG, device="cpu", dtype=torch.float32) if shared.opts.sd3_enable_t5 else None
-
-        def forward(self, prompts):
-            if self.t5xxl and shared.opts.sd3_enable_t5:
-                return self.t5xxl(tokenize(prompts))[0]
-            return torch.zeros((len(prompts), TOKENS, T5_CONFIG["d_model"]))
-
-    return SD3Cond
 
 
 # ------------------------------------------------------------------------------------------ test files
@@ -212,10 +68,7 @@ def webui(request, fake_webui, tmp_path, monkeypatch):
     shared.cmd_opts = types.SimpleNamespace(sd3_t5=None, sd3_no_fetch=False, sd3_mirror=None)
     fake_webui.module("modules.devices", dtype=torch.float32, device=torch.device("cpu"))
     fake_webui.module("modules.models.sd3.other_impls", T5XXLModel=T5XXLModel)
-    if request.param == "dev":
-        fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=make_dev_cond(shared), T5_CONFIG=T5_CONFIG)
-    else:
-        fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=make_early_cond(shared), T5_CONFIG=T5_CONFIG)
+    a1111_sd3.install(fake_webui, request.param, cond=a1111_sd3.T5_CONDS[request.param](shared), T5_CONFIG=T5_CONFIG)
     calls = []
     fake_webui.module("modules.modelloader", load_file_from_url=lambda url, **kw: calls.append((url, kw)) or "orig")
     fake_webui.original_downloads = calls
@@ -252,8 +105,7 @@ def mirror(webui):
 
 def load_sd3(webui):
     """What A1111 does: build SD3Cond (our patch inside), then fire on_model_loaded."""
-    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
-                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    cond_class = webui.ui.module(a1111_sd3.COND_MODULE[webui.state]).SD3Cond
     model = Model("SD3", cond_stage_model=cond_class())
     webui.shared.sd_model = model
     webui.t5.attachment.decide(model)
@@ -283,8 +135,7 @@ def test_a1111_never_builds_t5_itself(webui):
 
 
 def load_sd3_without_refresh(webui):
-    cond_class = (webui.ui.module("modules.models.sd3.sd3_cond") if webui.state == "dev"
-                  else webui.ui.module("modules.models.sd3.sd3_model")).SD3Cond
+    cond_class = webui.ui.module(a1111_sd3.COND_MODULE[webui.state]).SD3Cond
     return Model("SD3", cond_stage_model=cond_class())
 
 
@@ -563,7 +414,6 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
 def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     """Opt-in: our meta-build + dtype-keeping load on A1111's own T5XXLModel (its other_impls.py,
     run as is with a stand-in sd_hijack): fp16 must equal A1111's own loading exactly."""
-    import importlib.util
     import os
 
     from safetensors.torch import save_file
@@ -574,16 +424,9 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     fake_webui.module("modules.sd_hijack", TextualInversionEmbeddings=lambda *a, textual_inversion_key=None, **k:
                       torch.nn.Embedding(*a, **k))
     fake_webui.module("modules.devices", dtype=torch.float16, device=torch.device("cpu"))
-    fake_webui.module("modules.models.sd3")
-    spec = importlib.util.spec_from_file_location("modules.models.sd3.other_impls",
-                                                  f"{root}/modules/models/sd3/other_impls.py")
-    other = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules[spec.name] = other
-    spec.loader.exec_module(other)
+    other = fake_webui.load_source(root, "modules.models.sd3.other_impls")
     config = {"d_ff": 64, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 100}
-    fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=type("SD3Cond", (), {}), T5_CONFIG=config)
+    a1111_sd3.install(fake_webui, "dev", cond=type("SD3Cond", (), {}), T5_CONFIG=config)
     torch.manual_seed(0)
     reference = other.T5XXLModel(config, device="cpu", dtype=torch.float32)
     for parameter in reference.parameters():

@@ -13,6 +13,7 @@ import types
 from functools import reduce
 
 import pytest
+from a1111 import sd3 as a1111_sd3
 from a1111.models import Model
 from conftest import registered
 
@@ -73,14 +74,7 @@ def webui(request, fake_webui, clip_tokenizer, t5_tokenizer):
     state = request.param
     ref = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=clip_tokenizer),
                                 t5xxl=types.SimpleNamespace(tokenizer=t5_tokenizer))
-    if state == "early":
-        cond_class = type("SD3Cond", (), {})
-        fake_webui.module("modules.models.sd3.sd3_model", SD3Cond=cond_class)
-    else:
-        cond_class = type("SD3Cond", (), {"get_token_count": lambda self, text: -1,
-                                          "get_target_prompt_token_count": lambda self, n: -1})
-        fake_webui.module("modules.models.sd3.sd3_cond", SD3Cond=cond_class)
-    cond = cond_class()
+    cond = a1111_sd3.install(fake_webui, state).SD3Cond()
     cond.tokenizer, cond.t5xxl = ref, object()
     if state == "dev":
         cond.model_lg = types.SimpleNamespace(tokenizer=clip_tokenizer, comma_token=None)

@@ -7,16 +7,25 @@ through our construction path.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from lib_sd3.mmdit_keys import diffusers_to_stability
+from lib_sd3.families import CheckpointError, Family, detect, read_header
+from lib_sd3.lora.deltas import swap_halves
+from lib_sd3.mmdit import MMDiT
+from lib_sd3.mmdit_keys import stability_module
+from lib_sd3.mmdit_load import build_mmdit, check_complete
+from lib_sd3.safetensors_file import load_tensors
 
 DEPTH = 3
 CONTEXT_DIM = 48
 ADM_DIM = 40
 POS_EMBED_MAX_SIZE = 12  # tokens per side; a 16x16 latent with patch 2 is an 8x8 crop of it
+
+POS_EMBED = ("pos_embed.pos_embed", "pos_embed")  # a buffer, not a module: renamed as a whole key
 
 SHAPES = {
     "sd3-medium": {},
@@ -45,6 +54,48 @@ def diffusers_model(family: str, seed: int = 0, depth: int = DEPTH):
     return model.eval()
 
 
+def swaps_shift_and_scale(stability_module_name: str, depth: int) -> bool:
+    """True where diffusers stores ``(scale, shift)`` and sd3-ref ``(shift, scale)``."""
+    return stability_module_name in ("final_layer.adaLN_modulation.1",
+                                     f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
+
+
+def diffusers_to_stability(state_dict: Mapping[str, torch.Tensor], prefix: str = "model.diffusion_model."
+                           ) -> dict[str, torch.Tensor]:
+    """A diffusers ``SD3Transformer2DModel`` state dict as a Stability-layout checkpoint.
+
+    Raises ValueError naming the first diffusers keys the table does not know, so nothing is
+    dropped silently.
+    """
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1 if blocks else 0
+    out: dict[str, torch.Tensor] = {}
+    thirds: dict[str, dict[int, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        if key == POS_EMBED[0]:
+            out[prefix + POS_EMBED[1]] = tensor
+            continue
+        module, _, param = key.rpartition(".")
+        found = stability_module(module)
+        if found is None:
+            unknown.append(key)
+            continue
+        name, part = found
+        target = f"{name}.{param}"
+        if part is not None:
+            thirds.setdefault(target, {})[part] = tensor
+        else:
+            out[prefix + target] = swap_halves(tensor) if swaps_shift_and_scale(name, depth) else tensor
+    if unknown:
+        raise ValueError(f"diffusers keys with no Stability name: {unknown[:3]}")
+    for target, parts in thirds.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise ValueError(f"{target}: only parts {sorted(parts)} of q/k/v found")
+        out[prefix + target] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return out
+
+
 def stability_checkpoint(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in diffusers_to_stability(model.state_dict()).items()}
 
@@ -63,3 +114,22 @@ def inputs(seed: int = 0, batch: int = 2):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 16, 16, 16, generator=g), torch.randn(batch, 7, CONTEXT_DIM, generator=g),
             torch.randn(batch, ADM_DIM, generator=g))
+
+
+def load_mmdit(path: str | Path) -> tuple[Family, MMDiT]:
+    """The family and a filled fp32 MMDiT of a safetensors checkpoint, checked key by key as A1111 loads are.
+
+    Built on the meta device, its parameters are the loaded tensors themselves (``assign=True``).
+    """
+    header = read_header(path)
+    family = detect(header.shapes, header.metadata, str(path))
+    if family is None:
+        raise CheckpointError(f"{Path(path).name}: not an SD3-family checkpoint (no MMDiT keys)")
+    model = build_mmdit(family.config, dtype=torch.float32, device="meta")
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    check_complete(family, expected, header.shapes, Path(path).name)
+    tensors = load_tensors(path, (family.prefix + key for key in expected))
+    model.load_state_dict({key: tensors.pop(family.prefix + key).float() for key in expected}, strict=True,
+                          assign=True)
+    model.dtype = torch.float32
+    return family, model.eval()

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HOOK_ATTR = "_sd3_lora_side_path"
@@ -28,11 +27,6 @@ class Term:
     def to(self, device: torch.device, dtype: torch.dtype) -> Term:
         down = None if self.down is None else self.down.to(device=device, dtype=dtype)
         return Term(self.up.to(device=device, dtype=dtype), down, self.scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.down is None:
-            return F.linear(x, self.up) * self.scale
-        return F.linear(F.linear(x, self.down), self.up) * self.scale
 
     def add_into(self, out2d: torch.Tensor, x2d: torch.Tensor) -> None:
         """``out2d += scale * x2d (up down)^T`` with the second matmul, the scale and the add in one ``addmm_``."""

@@ -10,7 +10,7 @@ eager int8, fp8, weight-only; ``torch._int_mm`` and its shape rules), ``selectio
 paths on the model's shapes and picks one), ``qlinear`` (the quantized Linear), ``layers`` (SD3 /
 SD3.5 layer names, sd3-ref <-> diffusers, config patterns), ``config`` (MixDQ-shaped YAML bit
 configs), ``presets`` (the shipped W8A8 / W4A8 / FP8 rules), ``model`` (quantize / restore /
-cache / quantize_from_file; files read tensor by tensor with :mod:`lib_sd3.safetensors_file`), ``calibrate``
+cache; files read tensor by tensor with :mod:`lib_sd3.safetensors_file`), ``calibrate``
 (sensitivity + integer programme; CLI in ``__main__``).
 """
 

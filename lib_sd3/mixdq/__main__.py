@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    prompt_path = Path(args.prompts) if args.prompts else cal.PROMPTS_FILE
-    prompts = [p.strip() for p in prompt_path.read_text(encoding="utf-8").splitlines() if p.strip()]
-    prompts = prompts[: args.max_prompts]
+    prompts = cal.read_prompts(Path(args.prompts) if args.prompts else cal.PROMPTS_FILE)[: args.max_prompts]
     if args.tiny:
         model, samples = tiny_model(), tiny_samples(prompts, args.steps)
     else:

@@ -48,8 +48,9 @@ SSIM_C1, SSIM_C2 = 1e-4, 9e-4  # (0.01 L)^2, (0.03 L)^2 for a dynamic range L = 
 Forward = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def shipped_prompts() -> list[str]:
-    return [line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    """One prompt per non-blank line (default: the shipped calibration prompts)."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def nsr(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -10,10 +10,6 @@ is bit-identical.
 Quantized tensors are cached on disk (safetensors, keyed by model hash + config digest, which
 includes the weight format: int8 / int4 codes or fp8), so turning MixDQ on a second time loads
 codes instead of recomputing them; the kernel path is chosen afresh per device on the loaded codes.
-
-:func:`quantize_from_file` fills a model built on the meta device straight from a safetensors
-file, one layer at a time (the float weights of the whole model are never in memory at once: that
-is what quantizing SD3.5 Large, 16 GB in fp16, on a 16 GB machine needs).
 """
 
 from __future__ import annotations
@@ -86,8 +82,6 @@ class MixDQState:
     cache_hit: bool
     seconds: float
     kernel: KernelChoice
-    source_file: Path | None = None  # quantize_from_file: restore reads the float layers from here
-    source_prefix: str = ""
 
     def report(self) -> dict[str, object]:
         return {"config_summary": self.config.summary(), "layers": len(self.originals),
@@ -109,10 +103,9 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def _empty_quant(linear: nn.Module, plan: LayerPlan, config: BitConfig, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> QuantLinear:
+def _empty_quant(linear: nn.Module, plan: LayerPlan, config: BitConfig) -> QuantLinear:
     layer = QuantLinear(linear.in_features, linear.out_features, plan.w_bits, plan.act_mode,
-                        linear.bias is not None, dtype or linear.weight.dtype, device or linear.weight.device,
+                        linear.bias is not None, linear.weight.dtype, linear.weight.device,
                         config.group_size, plan.float_rows, config.weight_format)
     if plan.act_mode == "static":
         layer.act_scale.fill_(plan.act_scale)
@@ -198,15 +191,7 @@ def _spill(originals: dict[str, nn.Module], devices: dict[str, torch.device], sp
     return Path(path)
 
 
-def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None,
-                source: Path | None = None, prefix: str = "") -> None:
-    if source is not None:  # built from a file on the meta device: read each float tensor back, one at a time
-        with SafetensorsReader(source) as reader:
-            for name, module in originals.items():
-                for k, t in list(module.named_parameters(recurse=False)):
-                    value = reader.get_tensor(f"{prefix}{name}.{k}").to(devices[f"{name}.{k}"], t.dtype)
-                    module._parameters[k] = nn.Parameter(value, requires_grad=False)
-        return
+def _bring_back(originals: dict[str, nn.Module], devices: dict[str, torch.device], spill_path: Path | None) -> None:
     tensors = _tensors(originals)
     if spill_path is not None:
         with SafetensorsReader(spill_path) as spilled:
@@ -261,69 +246,9 @@ def restore(model: nn.Module) -> MixDQState | None:
     current = state(model)
     if current is None:
         return None
-    _bring_back(current.originals, current.devices, current.spill_path, current.source_file, current.source_prefix)
+    _bring_back(current.originals, current.devices, current.spill_path)
     for name, original in current.originals.items():
         swap_module(model, name, original)
     delattr(model, STATE_ATTR)
     log.info("MixDQ off: %d layers restored", len(current.originals))
     return current
-
-
-@torch.no_grad()
-def quantize_from_file(model: nn.Module, path: str | Path, config: BitConfig, prefix: str = "",
-                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16,
-                       kernel: str = "auto") -> MixDQState:
-    """Fill ``model`` (built on the meta device) from the safetensors file ``path``, quantizing as it reads.
-
-    Each configured Linear is read (one float layer in memory), quantized to ``device`` and swapped
-    in; every other tensor is read into place in ``dtype`` (integer tensors keep theirs). Peak memory
-    is the quantized model plus one float layer, never the float model. A tensor of the model that
-    the file lacks is an error naming it (no silently empty layer). :func:`restore` reads the float
-    layers back from the same file.
-    """
-    if state(model) is not None:
-        raise RuntimeError("model is already MixDQ-quantized; restore it first")
-    start = time.perf_counter()
-    plans = resolve(config, model)
-    source = Path(path)
-    originals: dict[str, nn.Module] = {}
-    devices: dict[str, torch.device] = {}
-    float_bytes = 0
-    with SafetensorsReader(source) as reader:
-        absent = [prefix + k for k, _ in _named_tensors(model) if prefix + k not in reader]
-        if absent:
-            raise ValueError(f"{source.name} lacks {len(absent)} tensor(s) of the model, e.g. {absent[:5]}")
-        for name, plan in plans.items():
-            linear = model.get_submodule(name)
-            layer = _empty_quant(linear, plan, config, device, dtype)
-            weight = reader.get_tensor(f"{prefix}{name}.weight").to(device, dtype)
-            bias = reader.get_tensor(f"{prefix}{name}.bias").to(device, dtype) if linear.bias is not None else None
-            layer.set_weight(weight, bias)
-            float_bytes += sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
-            del weight, bias
-            originals[name] = swap_module(model, name, layer)
-            devices.update({f"{name}.{k}": torch.device(device) for k, _ in originals[name].named_parameters()})
-        for key, _ in _named_tensors(model):
-            owner, _, attr = key.rpartition(".")
-            if owner in plans:  # a QuantLinear's own buffers, filled above
-                continue
-            module = model.get_submodule(owner) if owner else model
-            value = reader.get_tensor(prefix + key)
-            value = value.to(device, dtype if value.is_floating_point() else value.dtype)
-            float_bytes += value.numel() * value.element_size()
-            if attr in module._parameters:
-                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-            else:
-                module._buffers[attr] = value
-    choice = _set_kernel(model, plans, config, kernel)
-    result = MixDQState(config, originals, devices, None, float_bytes, module_bytes(model), False,
-                        time.perf_counter() - start, choice, source, prefix)
-    setattr(model, STATE_ATTR, result)
-    log.info("MixDQ %s from %s: %d layers, %.0f MB float -> %.0f MB", config.name, source.name, len(plans),
-             float_bytes / 2**20, result.bytes_after / 2**20)
-    return result
-
-
-def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers, as a state dict names them (each once)."""
-    return [(k, t) for k, t in model.state_dict(keep_vars=True).items() if t is not None]

@@ -100,10 +100,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
-    @property
-    def a_bits(self) -> int:
-        return 16 if self.act_mode == "float" else 8
-
     @classmethod
     def from_linear(cls, linear: nn.Module, w_bits: int, act_mode: ActMode = "dynamic",
                     group_size: int = quantizers.DEFAULT_GROUP_SIZE, act_scale: float | None = None,

@@ -133,8 +133,8 @@ def apply_choice(choice: str, sd_model: Any = None) -> dict[str, Any]:
         raise RuntimeError("MixDQ needs an SD3 model loaded")
     wanted = config_for(choice)
     state = mixdq_model.state(mmdit)
-    if state is not None and wanted is not None and state.config.digest() == wanted.digest():
-        return current(sd_model)
+    if _digest(state.config if state else None) == _digest(wanted):
+        return current(sd_model)  # already there: nothing changes, so the last change stays the one reported
     if wanted is not None:
         mixdq_config.resolve(wanted, mmdit)  # a config that does not fit fails before anything changes
     cuda_before = _cuda_allocated()
@@ -152,6 +152,10 @@ def apply_choice(choice: str, sd_model: Any = None) -> dict[str, Any]:
     _last_report.update({"to": choice, "cuda_allocated_before_mb": _mb(cuda_before),
                          "cuda_allocated_after_mb": _mb(_cuda_allocated())})
     return current(sd_model)
+
+
+def _digest(config: mixdq_config.BitConfig | None) -> str | None:
+    return None if config is None else config.digest()
 
 
 def _gc_cuda() -> None:

@@ -8,8 +8,10 @@ The opt-in suite under tests/webui/ checks the same code against a real A1111.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 
@@ -79,6 +81,7 @@ class FakeWebUI:
 
     def __init__(self) -> None:
         self.callbacks: dict[str, list] = {}
+        self._outside: dict[str, Any] = {}  # modules outside ``modules`` (extensions' own): what was there before
         self._saved = {k: v for k, v in sys.modules.items() if k == "modules" or k.startswith("modules.")}
         for k in self._saved:
             del sys.modules[k]
@@ -104,11 +107,17 @@ class FakeWebUI:
             callback(*args)
 
     def module(self, dotted: str, **attrs: Any) -> types.ModuleType:
-        """Create (or extend) ``modules.x.y`` with ``attrs``, parents included."""
+        """Create (or extend) ``modules.x.y`` with ``attrs``, parents included.
+
+        A name outside ``modules`` (a built-in extension's ``networks``, ...) is replaced for the test and put
+        back on close."""
         parts = dotted.split(".")
+        if parts[0] != "modules":
+            self.drop_on_close(parts[0])
         for i in range(1, len(parts) + 1):
             name = ".".join(parts[:i])
-            if name not in sys.modules:
+            replaced = name in self._outside and self._outside[name] is sys.modules.get(name)  # a real one: faked
+            if name not in sys.modules or replaced:
                 module = types.ModuleType(name)
                 module.__path__ = []  # a package, so children import
                 sys.modules[name] = module
@@ -119,10 +128,31 @@ class FakeWebUI:
             setattr(module, key, value)
         return module
 
+    def load_source(self, root: str | Path, dotted: str) -> types.ModuleType:
+        """Execute A1111's own ``root/modules/x/y.py`` as ``modules.x.y`` inside the fake package."""
+        parent, _, leaf = dotted.rpartition(".")
+        self.module(parent)
+        spec = importlib.util.spec_from_file_location(dotted, Path(root, *dotted.split(".")).with_suffix(".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[dotted] = module
+        setattr(sys.modules[parent], leaf, module)
+        spec.loader.exec_module(module)
+        return module
+
+    def drop_on_close(self, package: str) -> None:
+        """``package`` and its submodules (an extension's, imported during the test) leave ``sys.modules`` on close;
+        whatever was there before comes back."""
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")] or [package]:
+            self._outside.setdefault(name, sys.modules.get(name))
+
     def close(self) -> None:
         for k in [k for k in sys.modules if k == "modules" or k.startswith("modules.")]:
             del sys.modules[k]
         sys.modules.update(self._saved)
+        packages = {name.split(".")[0] for name in self._outside}
+        for k in [k for k in sys.modules if k.split(".")[0] in packages]:
+            del sys.modules[k]
+        sys.modules.update({k: v for k, v in self._outside.items() if v is not None})
         if self._saved_gradio is None:
             sys.modules.pop("gradio", None)
         else:

@@ -3,8 +3,8 @@
     <A1111 venv python> tests/webui/a1111_construction_probe.py --webui ROOT --assets DIR
 
 Builds each checkpoint with A1111's ``sd3_impls.BaseModel`` and loads it the way ``load_model_weights``
-does (``load_state_dict(strict=False)``), builds it with the extension's ``load_mmdit``, runs both on
-one input and prints, per file, A1111's load error (if any), the keys it left unused / unfilled, and the
+does (``load_state_dict(strict=False)``), builds it with the extension's MMDiT (``tests/tiny_sd35.load_mmdit``),
+runs both on one input and prints, per file, A1111's load error (if any), the keys it left unused / unfilled, and the
 largest output difference. No A1111 patch is involved: this is A1111 without the extension.
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
     from modules.models.sd3.sd3_impls import BaseModel
     from safetensors.torch import load_file
 
-    from lib_sd3.mmdit_load import load_mmdit
+    from tests.tiny_sd35 import load_mmdit
 
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(1, 16, 8, 8, generator=generator)

@@ -1,4 +1,4 @@
-"""A small MMDiT with sd3-ref / A1111's module names, written for the tests (A1111 is not in CI).
+"""Fake of A1111's ``modules/models/sd3/mmdit.py``: a small MMDiT with sd3-ref / A1111's module names (A1111 is not in CI).
 
 Same layer names and data flow as ``modules/models/sd3/mmdit.py`` (two streams, joint attention,
 adaLN modulation, a ``pre_only`` text stream in the last block), at toy sizes.
