@@ -11,6 +11,7 @@ import pytest
 import torch
 from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
+from conftest import registered
 from safetensors.torch import save_file
 
 from lib_sd3.webui.registry import REGISTRY
@@ -57,8 +58,6 @@ def lora_webui(fake_webui, tmp_path):
     fake_webui.module("networks", load_network=original_load, module_types=[RecordingModuleType()],
                       loaded_networks=[], available_networks={}, network_apply_weights=early_apply_weights)
     fake_webui.module("ui_extra_networks_lora", ExtraNetworksPageLora=Page)
-    from conftest import registered
-
     from lib_sd3.webui import lora
 
     registered(lora)

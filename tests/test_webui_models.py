@@ -14,6 +14,7 @@ import torch
 from a1111 import sd3 as a1111_sd3
 from a1111.processing import P
 from a1111.sd3 import A1111BaseModel, A1111QkvLinear, Inferencer
+from conftest import registered
 from safetensors.torch import load_file
 
 from lib_sd3.families import CheckpointError
@@ -26,8 +27,6 @@ from tests import tiny_sd35
 
 @pytest.fixture
 def webui(fake_webui, tmp_path):
-    from conftest import registered
-
     from lib_sd3.webui import models
 
     registered(models)
