@@ -209,3 +209,44 @@ def test_lora_that_matches_nothing_is_said_not_applied(lora_webui, caplog):
     networks.loaded_networks[:] = [something]
     lora.note_not_applied(p)
     assert p.extra_generation_params == {}
+
+
+def test_checkpoint_load_puts_text_encoder_lora_back_first(lora_webui):
+    """The early SD3 branch reads CLIP once per model, and A1111's Lora extension drops its backups on every
+    load_state_dict without restoring: a merged text-encoder LoRA would outlive a checkpoint switch."""
+    from lib_sd3.webui import models
+
+    clip = torch.nn.Linear(4, 4)
+    base = clip.weight.detach().clone()
+    model = torch.nn.Module()
+    model.is_sd3, model.cond_stage_model, model.model = True, torch.nn.Module(), torch.nn.Module()
+    model.cond_stage_model.clip_l = clip
+
+    def merge(layer):  # A1111's network_apply_weights with one LoRA wanted: backup, then W += delta
+        layer.network_weights_backup = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.weight += 1
+        layer.network_current_names = (("te_lora", 1.0, 1.0, None),)
+
+    def restore(layer):
+        layer.weight.copy_(layer.network_weights_backup)
+
+    def a1111_load_model_weights(model, checkpoint_info, state_dict, timer):  # the checkpoint has no CLIP keys
+        for module in model.modules():  # A1111's network_reset_cached_weight, from its _load_from_state_dict patch
+            module.network_current_names, module.network_weights_backup = (), None
+
+    sys.modules["networks"].network_restore_weights_from_backup = restore
+    lora_webui.module("modules.sd_models", load_model_weights=a1111_load_model_weights,
+                      reload_model_weights=lambda **kw: None, get_checkpoint_state_dict=lambda *a: {},
+                      select_checkpoint=lambda: None)
+    assert REGISTRY.apply(models.LOADING.name).value == "applied"
+    try:
+        import modules.sd_models
+
+        merge(clip)
+        modules.sd_models.load_model_weights(model, types.SimpleNamespace(filename="other.safetensors"), {}, None)
+        assert torch.equal(clip.weight, base) and clip.network_current_names == ()
+        merge(clip)  # the LoRA used again after the switch: added once, not twice
+        assert torch.equal(clip.weight, base + 1)
+    finally:
+        REGISTRY.undo(models.LOADING.name)

@@ -389,14 +389,21 @@ class QuantizedSidePaths:
 SIDE_PATHS = QuantizedSidePaths()
 
 
-def unmerge(mmdit: Any) -> None:
-    """Put back A1111's LoRA-free weights before MixDQ quantizes them (else the LoRA is baked into int8)."""
+def unmerge(root: Any) -> None:
+    """Put A1111's LoRA-free weights back into every layer under ``root`` that has a LoRA merged in.
+
+    Before MixDQ quantizes the MMDiT (else the LoRA is baked into int8), and before a checkpoint loads into
+    an SD3 model: A1111's Lora extension drops its backups whenever a layer's ``load_state_dict`` runs,
+    without restoring them, and the early SD3 branch's ``SD3Cond`` reads CLIP-L/G from ``models/CLIP`` only
+    once per model object. A text-encoder LoRA would otherwise stay merged for good after a checkpoint
+    switch (and be added twice when used again); dev reloads CLIP on each load, so there this changes nothing.
+    """
     networks = extension_module("networks")
     restore = getattr(networks, "network_restore_weights_from_backup", None)
-    if restore is None or mmdit is None:
+    if restore is None or root is None:
         return
     with torch.no_grad():  # A1111 restores inside forward, under no_grad; its weights are Parameters
-        for module in mmdit.modules():
+        for module in root.modules():
             if getattr(module, "network_current_names", ()):
                 restore(module)
                 module.network_current_names = ()
@@ -426,4 +433,5 @@ hooks.PROCESS.append(attach_side_paths)
 hooks.BEFORE_EVERY_SAMPLING.append(attach_side_paths)
 hooks.BEFORE_EVERY_SAMPLING.append(note_not_applied)
 hooks.BEFORE_MMDIT_REWRITE.append(unmerge)
+hooks.BEFORE_LOAD_WEIGHTS.append(unmerge)
 hooks.STATUS[FEATURE] = status

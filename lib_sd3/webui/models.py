@@ -5,7 +5,8 @@ Three patches, all global (they act before an SD3 model exists), all feature-det
 - ``sd3_model.BaseModel`` (the name ``SD3Inferencer`` builds its MMDiT wrapper with, both states):
   a subclass that detects the family from the state dict and builds :class:`lib_sd3.mmdit.MMDiT`
   for SD3.5 (qk-norm, MMDiT-X). SD3 Medium keeps A1111's own construction, untouched.
-- ``sd_models.load_model_weights``: before A1111's ``load_state_dict(strict=False)``, every
+- ``sd_models.load_model_weights``: first ``hooks.BEFORE_LOAD_WEIGHTS`` on an SD3 model (the LoRA
+  feature puts merged layers back there); then, before A1111's ``load_state_dict(strict=False)``, every
   ``model.diffusion_model.*`` key must match a parameter (and the reverse), else one error naming
   the family and the first keys. A1111 reloads a checkpoint of the same config into the *same*
   model object, so when the family's architecture differs from the one built (SD3 <-> SD3.5),
@@ -132,6 +133,9 @@ def _rebuild(holder: Any, family: Family, state_dict: dict) -> None:
 
 def _checked_load(original: Any) -> Any:
     def load_model_weights(model, checkpoint_info, state_dict, timer):
+        if getattr(model, "is_sd3", False):
+            for hook in hooks.BEFORE_LOAD_WEIGHTS:
+                hook(model)
         holder = getattr(model, "model", None)
         if getattr(holder, "diffusion_model", None) is None:  # not a model with an MMDiT/UNet wrapper
             return original(model, checkpoint_info, state_dict, timer)
