@@ -3,7 +3,7 @@
 Source: Stability's reference inference script (``Stability-AI/sd3.5``, ``sd3_infer.py`` ``CONFIGS``),
 whose samplers map onto A1111's labels (``dpmpp_2m`` -> "DPM++ 2M", ``euler`` -> "Euler") and whose
 schedule (timesteps uniform from t(sigma_max) to t(sigma_min), then shifted) is A1111's "Uniform" on
-SD3 with flow-correct samplers. SD3.5 Medium's CFG is the reference's ``skip_layer_config["cfg"]`` (4.0),
+SD3 with flow-correct samplers, but for its low end, which the reference shifts twice (docs/slg.md). SD3.5 Medium's CFG is the reference's ``skip_layer_config["cfg"]`` (4.0),
 the value it uses when SLG is on, which the preset turns on.
 
 ``shift`` is recorded, not applied: A1111 builds the model's sampling with its own shift (3) and has no

@@ -38,6 +38,8 @@ TARGETS: tuple[SourceTarget, ...] = (
                  "SD3.5 Large / Medium built with their own MMDiT (qk-norm, MMDiT-X)"),
     SourceTarget("models.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "SD3 checkpoints checked key by key before loading; the previous model kept on a bad file"),
+    SourceTarget("models.checkpoint_option", ("modules/options.py",), r"^\s+def set\(self, key, value",
+                 "a checkpoint refused by the header check: HTTP 422 from /sdapi/v1/options, one console line"),
     SourceTarget("mixdq.load_model_weights", ("modules/sd_models.py",), r"^def load_model_weights\(",
                  "MixDQ float layers restored before A1111 loads new weights"),
     SourceTarget("api.script_args", ("modules/api/api.py",), r"^\s+def init_script_args\(",

@@ -104,6 +104,7 @@ def make_webui(root, state):
         "modules/sd_models.py": SD_MODELS,
         "modules/modelloader.py": MODELLOADER_EARLY if state == "early" else MODELLOADER_DEV,
         "modules/api/api.py": "class Api:\n    def init_script_args(self, request, default_script_args):\n        pass\n",
+        "modules/options.py": "class Options:\n    def set(self, key, value, is_api=False, run_callbacks=True):\n        pass\n",
         "modules/sd_samplers_cfg_denoiser.py": "class CFGDenoiser:\n    def combine_denoised(self, x_out):\n        pass\n",
         "extensions-builtin/Lora/networks.py": (
             "def load_network(name, network_on_disk):\n    pass\n\n\ndef network_apply_weights(self):\n    pass\n"),

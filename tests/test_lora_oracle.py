@@ -92,3 +92,54 @@ def test_sd35_medium_shaped_every_format():
         assert (ours - _peft_output(peft_model, {"a": 0.8})).abs().max().item() < TOL, fmt
     ours = _our_output(base, [(lf.FORMATS["onetrainer"](sd_a, base), 1.0), (lf.FORMATS["peft"](sd_b, base), 0.5)])
     assert (ours - _peft_output(peft_model, {"a": 1.0, "b": 0.5})).abs().max().item() < TOL
+
+
+# --- low-precision LyCORIS files through A1111's merge rule ------------------------------------------------
+
+def _a1111_delta(params: dict) -> torch.Tensor:
+    """The delta A1111's network modules build, in the dtype they build it in (its network_lora copies the factors
+    into layers of the model's dtype, fp32 here; network_hada / network_lokr / network_full use the tensors given)."""
+    flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
+    if "lora_up.weight" in params:
+        return flat(params["lora_up.weight"]).float() @ flat(params["lora_down.weight"]).float()
+    if "hada_w1_a" in params:
+        return (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
+    if "lokr_w2_a" in params or "lokr_w2" in params:
+        w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+        w2 = params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_a"] @ params["lokr_w2_b"]
+        return torch.kron(w1, w2)
+    return params["diff"]
+
+
+def _a1111_merge(weight: torch.Tensor, params: dict, strength: float) -> torch.Tensor:
+    """A1111's ``network_apply_weights``: ``(weight.to(updown.dtype) + updown).to(weight.dtype)``."""
+    updown = _a1111_delta(params).reshape(weight.shape) * deltas.scale(params) * strength
+    return (weight.to(updown.dtype) + updown).to(weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["lycoris_loha", "lycoris_lokr"])
+def test_low_precision_lycoris_merges_like_its_fp32_twin(fmt, dtype):
+    """A bf16 / fp16 LoHa or LoKr whose values are exact in that dtype must land where peft's fp32 model is:
+    the delta, and above all the base weight, must not be rounded to the file's dtype on the way."""
+    base = lf.tiny_transformer(0)
+    peft_model = copy.deepcopy(base)
+    lf.add_peft_lora(peft_model, "a", seed=10)
+    with torch.no_grad():  # values every dtype holds exactly, so the file loses nothing
+        for name, p in peft_model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(p.to(dtype).float())
+    from peft.utils import get_peft_model_state_dict
+
+    sd_a = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name="a").items()}
+    file = {k: v.to(dtype) for k, v in lf.FORMATS[fmt](sd_a, base).items()}
+    stability = lf.to_stability(base)
+    norm = keys.normalise(file, {"unet": {name: tuple(w.shape) for name, w in stability.items()}})
+    assert not norm.unmatched, keys.unmatched_summary(norm.unmatched)
+    for (_, module), params in norm.modules.items():
+        stability[module] = _a1111_merge(stability[module], params, 0.8)
+    model = copy.deepcopy(base)
+    lf.from_stability(model, stability)
+    with torch.no_grad():
+        ours = model(**lf.inputs()).sample
+    assert (ours - _peft_output(peft_model, {"a": 0.8})).abs().max().item() < TOL

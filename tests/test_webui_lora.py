@@ -152,3 +152,96 @@ def test_weightless_norms_are_skipped_not_crashed(lora_webui):
     layer = lora_webui.mmdit.context_embedder
     networks.network_apply_weights(layer)
     assert torch.equal(layer.backup, layer.weight)
+
+
+def test_unreadable_file_loads_empty_with_one_line(lora_webui, caplog):
+    """A truncated file: no exception for A1111 to print, one line, and the LoRA named as not applied."""
+    from lib_sd3.webui import infotext, lora, routes
+
+    networks = sys.modules["networks"]
+    good = write(lora_webui.tmp, "whole", {"lora_unet_x_embedder_proj.alpha": torch.tensor(1.0),
+                                            "lora_unet_context_embedder.lora_down.weight": torch.randn(2, 16),
+                                            "lora_unet_context_embedder.lora_up.weight": torch.randn(16, 2)})
+    cut = lora_webui.tmp / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with caplog.at_level(logging.INFO):
+        net = networks.load_network("cut", on_disk(cut))
+    assert net.modules == {} and getattr(net, lora.NOT_APPLIED_ATTR).startswith("unreadable file")
+    lines = [r for r in caplog.records if "cut" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None and "not applied" in lines[0].getMessage()
+    report = routes.status()["features"]["LoRA"]["loras"]["cut"]
+    assert report["applied"] is False and report["error"].startswith("unreadable file")
+    assert not lora_webui.original_calls  # A1111's loader would only raise on the same read
+
+    networks.loaded_networks[:] = [net]
+    p = types.SimpleNamespace(extra_generation_params={})
+    lora.note_not_applied(p)
+    assert p.extra_generation_params == {infotext.LORA_NOT_APPLIED: "cut"}
+
+
+def test_lora_that_matches_nothing_is_said_not_applied(lora_webui, caplog):
+    from lib_sd3.webui import infotext, lora, routes
+
+    networks = sys.modules["networks"]
+    sd15 = write(lora_webui.tmp, "sd15", {  # an SD1.5 LoRA on an SD3 model
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 16),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(16, 2)})
+    fits = write(lora_webui.tmp, "fits", {"lora_unet_joint_blocks_1_x_block_mlp_fc2.lora_down.weight": torch.randn(2, 64),
+                                          "lora_unet_joint_blocks_1_x_block_mlp_fc2.lora_up.weight": torch.randn(16, 2)})
+    with caplog.at_level(logging.INFO):
+        nothing = networks.load_network("sd15", on_disk(sd15))
+        something = networks.load_network("fits", on_disk(fits))
+    lines = [r.getMessage() for r in caplog.records if "sd15" in r.getMessage()]
+    assert len(lines) == 1 and lora.NOTHING_MATCHES in lines[0] and "not applied" in lines[0], lines
+    assert routes.status()["features"]["LoRA"]["loras"]["sd15"]["applied"] is False
+    assert routes.status()["features"]["LoRA"]["loras"]["fits"]["applied"] is True
+    nothing.mentioned_name = "sd15_alias"
+    networks.loaded_networks[:] = [something, nothing]
+    p = types.SimpleNamespace(extra_generation_params={})
+    lora.note_not_applied(p)
+    assert p.extra_generation_params == {infotext.LORA_NOT_APPLIED: "sd15_alias"}
+    networks.loaded_networks[:] = [something]
+    lora.note_not_applied(p)
+    assert p.extra_generation_params == {}
+
+
+def test_checkpoint_load_puts_text_encoder_lora_back_first(lora_webui):
+    """The early SD3 branch reads CLIP once per model, and A1111's Lora extension drops its backups on every
+    load_state_dict without restoring: a merged text-encoder LoRA would outlive a checkpoint switch."""
+    from lib_sd3.webui import models
+
+    registered(models)
+    clip = torch.nn.Linear(4, 4)
+    base = clip.weight.detach().clone()
+    model = torch.nn.Module()
+    model.is_sd3, model.cond_stage_model, model.model = True, torch.nn.Module(), torch.nn.Module()
+    model.cond_stage_model.clip_l = clip
+
+    def merge(layer):  # A1111's network_apply_weights with one LoRA wanted: backup, then W += delta
+        layer.network_weights_backup = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.weight += 1
+        layer.network_current_names = (("te_lora", 1.0, 1.0, None),)
+
+    def restore(layer):
+        layer.weight.copy_(layer.network_weights_backup)
+
+    def a1111_load_model_weights(model, checkpoint_info, state_dict, timer):  # the checkpoint has no CLIP keys
+        for module in model.modules():  # A1111's network_reset_cached_weight, from its _load_from_state_dict patch
+            module.network_current_names, module.network_weights_backup = (), None
+
+    sys.modules["networks"].network_restore_weights_from_backup = restore
+    lora_webui.module("modules.sd_models", load_model_weights=a1111_load_model_weights,
+                      reload_model_weights=lambda **kw: None, get_checkpoint_state_dict=lambda *a: {},
+                      select_checkpoint=lambda: None)
+    assert REGISTRY.apply(models.LOADING.name).value == "applied"
+    try:
+        import modules.sd_models
+
+        merge(clip)
+        modules.sd_models.load_model_weights(model, types.SimpleNamespace(filename="other.safetensors"), {}, None)
+        assert torch.equal(clip.weight, base) and clip.network_current_names == ()
+        merge(clip)  # the LoRA used again after the switch: added once, not twice
+        assert torch.equal(clip.weight, base + 1)
+    finally:
+        REGISTRY.undo(models.LOADING.name)

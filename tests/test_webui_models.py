@@ -173,3 +173,56 @@ def test_a_model_a1111_built_wrong_is_rebuilt_at_load(webui):
     ours, reference = _output(model, webui.files["sd3.5-large:ref"])
     assert model.model.diffusion_model.config.qk_norm == "rms"
     assert (ours - reference).abs().max().item() < 1e-4
+
+
+class A1111Options:
+    """A1111's ``Options.set``: an exception from the option's onchange (the model load) is printed and swallowed."""
+
+    def __init__(self, onchange):
+        self.data, self.onchange, self.displayed = {"sd_model_checkpoint": "good"}, onchange, []
+
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        old = self.data.get(key)
+        if old == value:
+            return False
+        self.data[key] = value
+        if run_callbacks:
+            try:
+                self.onchange()
+            except Exception as e:  # A1111: errors.display(e, ...) -- a full traceback -- then the old value back
+                self.displayed.append(e)
+                self.data[key] = old
+                return False
+        return True
+
+
+def test_refused_checkpoint_option_is_an_api_error_and_one_line(webui, tmp_path, caplog):
+    import logging
+
+    from fastapi import HTTPException
+
+    from lib_sd3.webui import models
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(webui.files["sd3.5-large"].read_bytes()[:-100])
+    aliases = {"cut": _info(cut), "good": _info(webui.files["sd3.5-large"])}
+    loads = []
+    opts = A1111Options(lambda: loads.append(opts.data["sd_model_checkpoint"]))
+    webui.module("modules.options", Options=A1111Options)
+    webui.module("modules.sd_models", checkpoint_aliases=aliases)
+    assert REGISTRY.apply(models.CHECKPOINT_OPTION_CHECK.name).value == "applied"
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(HTTPException) as refused:  # POST /sdapi/v1/options
+            opts.set("sd_model_checkpoint", "cut", is_api=True)
+        assert refused.value.status_code == 422 and "cut.safetensors" in refused.value.detail
+        assert "truncated" in refused.value.detail
+        assert opts.set("sd_model_checkpoint", "cut") is False  # the settings UI: the dropdown shows the old value
+        assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 2  # one line each
+        assert len(caplog.records) == 2 and "the previous model stays loaded" in caplog.records[0].getMessage()
+        assert opts.data["sd_model_checkpoint"] == "good" and loads == [] and opts.displayed == []
+        opts.data["sd_model_checkpoint"] = "other"
+        assert opts.set("sd_model_checkpoint", "good", is_api=True) is True and loads == ["good"]
+        assert opts.set("sd_model_checkpoint", "cut", run_callbacks=False) is True  # override_settings: left to reload
+    finally:
+        REGISTRY.undo(models.CHECKPOINT_OPTION_CHECK.name)
+    assert A1111Options.set.__name__ == "set" and not hasattr(A1111Options.set, "__sd3_original__")

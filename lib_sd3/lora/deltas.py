@@ -3,6 +3,12 @@
 The formulas are the ones A1111's network modules (``network_lora`` / ``network_hada`` /
 ``network_lokr`` / ``network_full``) apply, so a delta computed here equals A1111's ``calc_updown``
 before the user's strength: ``scale = alpha / rank`` when both exist, else 1 (or the stored ``scale``).
+
+Precision: A1111 adds a module's delta as ``(weight.to(delta.dtype) + delta).to(weight.dtype)``, and its
+LoHa / LoKr / full modules compute the delta in the dtype of the file's factors. A bf16 or fp16 LyCORIS
+file would therefore round the delta *and the whole base weight* to 8 or 11 bits. Every dict handed on
+here holds fp32 factors where that happens (:func:`upcast`); plain LoRA factors pass as they are, because
+A1111 copies them into its own layers of the model's dtype.
 """
 
 from __future__ import annotations
@@ -54,6 +60,13 @@ def scale(params: dict[str, torch.Tensor]) -> float:
     if "alpha" in params and rank:
         return float(params["alpha"]) / rank
     return 1.0
+
+
+def upcast(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's float tensors in fp32 unless it is a plain LoRA (see the module docstring)."""
+    if _plain_lora(params):
+        return dict(params)
+    return {name: t.float() if t.is_floating_point() and t.element_size() < 4 else t for name, t in params.items()}
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +132,7 @@ def _plain_lora(params: dict[str, torch.Tensor]) -> bool:
 def _fuse_lora(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: Sequence[int]
                ) -> dict[str, torch.Tensor]:
     """Several LoRA pieces -> one exact LoRA: ``down`` stacked, ``up`` block-placed, each piece's scale folded in."""
-    out, dtype = shape[0], pieces[0][1][LORA_UP].dtype
+    out = shape[0]
     downs, ups = [], []
     for target, params in pieces:
         up = _mat(params[LORA_UP]) * scale(params)
@@ -129,7 +142,7 @@ def _fuse_lora(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: 
         placed[rows_of(target, out)] = up
         ups.append(placed)
         downs.append(params[LORA_DOWN].float().reshape(up.shape[1], *params[LORA_DOWN].shape[1:]))
-    return {LORA_UP: torch.cat(ups, dim=1).to(dtype), LORA_DOWN: torch.cat(downs, dim=0).to(dtype)}
+    return {LORA_UP: torch.cat(ups, dim=1), LORA_DOWN: torch.cat(downs, dim=0)}
 
 
 def _check_lora_shapes(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: Sequence[int]) -> bool:
@@ -147,9 +160,9 @@ def assemble(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: Se
              ) -> tuple[dict[str, torch.Tensor] | None, str]:
     """One weights dict for a target module out of the pieces that land on it, or (None, why not).
 
-    A single whole piece passes through unchanged (A1111 applies it as-is: DoRA, conv, tucker all
-    keep working); LoRA pieces on slices become one block LoRA (exact, still low-rank); anything
-    else on slices becomes a dense ``diff``.
+    A single whole piece passes through unchanged but for :func:`upcast` (A1111 applies it as-is: DoRA,
+    conv, tucker all keep working); LoRA pieces on slices become one block LoRA (exact, still low-rank,
+    fp32); anything else on slices becomes a dense fp32 ``diff``.
     """
     if len(pieces) == 1 and pieces[0][0].part is None and not pieces[0][0].swap:
         params = pieces[0][1]
@@ -157,7 +170,7 @@ def assemble(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: Se
             return None, UNKNOWN_KIND
         if kind(params) == "lora" and not _check_lora_shapes(pieces, shape):
             return None, SHAPE_MISMATCH
-        return dict(params), ""
+        return upcast(params), ""
     if all(_plain_lora(p) for _, p in pieces):
         if not _check_lora_shapes(pieces, shape):
             return None, SHAPE_MISMATCH
@@ -172,7 +185,7 @@ def assemble(pieces: Sequence[tuple[Target, dict[str, torch.Tensor]]], shape: Se
         except ValueError as error:
             return None, str(error)
         total[rows] += swap_halves(delta) if target.swap else delta
-    return {"diff": total.to(next(iter(pieces[0][1].values())).dtype)}, ""
+    return {"diff": total}, ""
 
 
 def merge(weights: dict[str, torch.Tensor], modules: dict[str, dict[str, torch.Tensor]], strength: float) -> None:

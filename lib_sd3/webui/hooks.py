@@ -23,6 +23,7 @@ UI: list[Callable[[bool], None]] = []  # (is_img2img) -> None, builds gradio blo
 STATUS: dict[str, Callable[[], dict[str, Any]]] = {}  # feature -> extra status for /sd3/status
 MODEL_LOADED: list[Callable[[Any], None]] = []  # (sd_model) -> None
 BEFORE_MMDIT_REWRITE: list[Callable[[Any], None]] = []  # (mmdit) -> None, before MixDQ re-reads its float weights
+BEFORE_LOAD_WEIGHTS: list[Callable[[Any], None]] = []  # (sd_model) -> None, before a checkpoint loads into an SD3 model
 APP_STARTED: list[Callable[[], None]] = []  # after A1111 built its UI/API and script runners (each UI reload too)
 INSTALL: list[Callable[[Any], None]] = []  # (modules.script_callbacks) -> None; at every install(), since
 # A1111 drops every callback on a UI reload while feature modules stay imported
@@ -48,6 +49,7 @@ class Feature:
     process: tuple[ScriptHook, ...] = ()
     before_every_sampling: tuple[ScriptHook, ...] = ()
     before_mmdit_rewrite: tuple[Callable[[Any], None], ...] = ()
+    before_load_weights: tuple[Callable[[Any], None], ...] = ()
     postprocess: tuple[Callable[[Any, Any, Any], None], ...] = ()
     status: Callable[[], dict[str, Any]] | None = None
 
@@ -61,6 +63,7 @@ def add(feature: Feature) -> None:
     UI.extend(feature.ui)
     MODEL_LOADED.extend(feature.model_loaded)
     BEFORE_MMDIT_REWRITE.extend(feature.before_mmdit_rewrite)
+    BEFORE_LOAD_WEIGHTS.extend(feature.before_load_weights)
     APP_STARTED.extend(feature.app_started)
     INSTALL.extend(feature.install)
     RETARGET.extend(feature.retarget)

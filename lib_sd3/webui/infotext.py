@@ -26,6 +26,7 @@ NAN_RECOVERY = "SD3 NaN recovery"
 FAMILY = "SD3 family"
 SGM_NOISE = "SD3 SGM noise multiplier"
 T5_CUT = "SD3 T5 cut"
+LORA_NOT_APPLIED = "SD3 LoRA not applied"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ FIELDS: tuple[Field, ...] = (
     Field(SGM_NOISE, "A1111's SGM noise multiplier undone on SD3 (flow: pure noise has std 1)"),
     Field(T5_CUT, "early SD3 branch: how many T5 tokens dev's 77-per-CLIP-chunk rule kept"),
     Field(FAMILY, "the SD3 family the checkpoint was loaded as (the checkpoint itself pastes back as Model)"),
+    Field(LORA_NOT_APPLIED, "prompt LoRAs that changed nothing (unreadable file, or no key fits the model)"),
 )
 LABELS = tuple(f.label for f in FIELDS)
 

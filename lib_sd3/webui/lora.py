@@ -5,7 +5,9 @@ partial, misspelt diffusers map that crashes on one-dot keys (dev). While an SD3
 load the file ourselves: :func:`lib_sd3.lora.keys.normalise` maps every layout onto the model's
 modules, and A1111's own network module types (LoRA, LoHa, LoKr, full, ...) are built on them, so
 A1111's weight merging, ``<lora:name:te:unet>`` strengths, caching and hashes stay A1111's. Keys that
-do not apply are named in one console line and in ``GET /sd3/status``.
+do not apply are named in one console line and in ``GET /sd3/status``; a LoRA of which nothing applies
+(a file that cannot be read, or one made for another model) is loaded *empty*, so A1111 goes on without
+a traceback, and the image's infotext says it was not applied.
 
 The extension's modules (``networks``, ``network``, ``ui_extra_networks_lora``) are imported by A1111
 from the extension's folder; they are found in ``sys.modules`` once the app has started.
@@ -28,7 +30,7 @@ from lib_sd3 import get_logger
 from lib_sd3.lora import detect, keys, sidepath
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.safetensors_file import read_header
-from lib_sd3.webui import hooks
+from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 
 log = get_logger("lora")
@@ -44,6 +46,9 @@ NO_NETWORK_NAME = "layer has no A1111 network name"
 NO_MODULE_TYPE = "no A1111 network module type accepts it"
 BUNDLED_EMBEDDING = "bundled embeddings are not loaded for SD3"
 STATUS_KEYS = 20  # unmatched keys listed per LoRA in /sd3/status
+NOT_APPLIED_ATTR = "sd3_not_applied"  # on a Network we built of which nothing applies: why
+NOTHING_MATCHES = "nothing in it fits this model"
+MESSAGE_CHARS = 80  # an error quoted in a log line / status is cut to this
 
 
 def extension_module(name: str) -> Any | None:
@@ -116,7 +121,10 @@ class Sd3LoraLoader:
         from modules import sd_models, shared
 
         networks, network = extension_module("networks"), extension_module("network")
-        state_dict = sd_models.read_state_dict(network_on_disk.filename)
+        try:
+            state_dict = sd_models.read_state_dict(network_on_disk.filename)
+        except Exception as error:  # truncated / corrupt: A1111's loader would fail on the same read
+            return self._unreadable(network, name, network_on_disk, error)
         targets = Targets(shared.sd_model)
         lora = {k: v for k, v in state_dict.items() if not k.startswith("bundle_emb.")}
         normalised = keys.normalise(lora, targets.index)
@@ -139,7 +147,20 @@ class Sd3LoraLoader:
                 unmatched[label] = NO_MODULE_TYPE
                 continue
             net.modules[sd_key] = module
+        if not net.modules:
+            setattr(net, NOT_APPLIED_ATTR, NOTHING_MATCHES)
         self._report(name, network_on_disk.filename, normalised, unmatched, len(net.modules))
+        return net
+
+    def _unreadable(self, network: Any, name: str, network_on_disk: Any, error: Exception) -> Any:
+        """An empty network: A1111 lists it and goes on; the console, status and infotext say why."""
+        reason = f"unreadable file ({_cut(f'{type(error).__name__}: {error}')})"
+        net = network.Network(name, network_on_disk)
+        net.mtime = os.path.getmtime(network_on_disk.filename)  # a repaired file (new mtime) is read again
+        setattr(net, NOT_APPLIED_ATTR, reason)
+        self.reports[name] = {"file": os.path.basename(network_on_disk.filename), "formats": [], "modules": 0,
+                              "unmatched": 0, "unmatched_keys": [], "applied": False, "error": reason}
+        log.error("LoRA %s: %s; not applied", name, reason)
         return net
 
     @staticmethod
@@ -158,15 +179,34 @@ class Sd3LoraLoader:
                 modules: int) -> None:
         self.reports[name] = {
             "file": os.path.basename(filename), "formats": sorted(normalised.formats), "modules": modules,
-            "unmatched": len(unmatched), "unmatched_keys": list(unmatched)[:STATUS_KEYS],
+            "unmatched": len(unmatched), "unmatched_keys": list(unmatched)[:STATUS_KEYS], "applied": modules > 0,
         }
-        if unmatched:
+        if not modules:
+            log.warning("LoRA %s: %s; not applied (%s)", name, NOTHING_MATCHES,
+                        keys.unmatched_summary(unmatched) or "no keys")
+        elif unmatched:
             log.warning("LoRA %s: %s", name, keys.unmatched_summary(unmatched))
         else:
             log.info("LoRA %s: %d layers (%s)", name, modules, ", ".join(sorted(normalised.formats)))
 
 
+def _cut(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 3] + "..."
+
+
 LOADER = Sd3LoraLoader()
+
+
+def note_not_applied(p: Any, _values: Any = None) -> None:
+    """Name in the infotext the LoRAs of this generation that changed nothing (A1111 still lists their hashes)."""
+    networks = extension_module("networks")
+    skipped = [getattr(net, "mentioned_name", None) or net.name for net in getattr(networks, "loaded_networks", ())
+               if getattr(net, NOT_APPLIED_ATTR, None)]
+    if skipped:
+        p.extra_generation_params[infotext.LORA_NOT_APPLIED] = ", ".join(skipped)
+    else:
+        p.extra_generation_params.pop(infotext.LORA_NOT_APPLIED, None)
 
 
 def _wrap_load_network(original: Any) -> Any:
@@ -348,14 +388,21 @@ class QuantizedSidePaths:
 SIDE_PATHS = QuantizedSidePaths()
 
 
-def unmerge(mmdit: Any) -> None:
-    """Put back A1111's LoRA-free weights before MixDQ quantizes them (else the LoRA is baked into int8)."""
+def unmerge(root: Any) -> None:
+    """Put A1111's LoRA-free weights back into every layer under ``root`` that has a LoRA merged in.
+
+    Before MixDQ quantizes the MMDiT (else the LoRA is baked into int8), and before a checkpoint loads into
+    an SD3 model: A1111's Lora extension drops its backups whenever a layer's ``load_state_dict`` runs,
+    without restoring them, and the early SD3 branch's ``SD3Cond`` reads CLIP-L/G from ``models/CLIP`` only
+    once per model object. A text-encoder LoRA would otherwise stay merged for good after a checkpoint
+    switch (and be added twice when used again); dev reloads CLIP on each load, so there this changes nothing.
+    """
     networks = extension_module("networks")
     restore = getattr(networks, "network_restore_weights_from_backup", None)
-    if restore is None or mmdit is None:
+    if restore is None or root is None:
         return
     with torch.no_grad():  # A1111 restores inside forward, under no_grad; its weights are Parameters
-        for module in mmdit.modules():
+        for module in root.modules():
             if getattr(module, "network_current_names", ()):
                 restore(module)
                 module.network_current_names = ()
@@ -378,5 +425,7 @@ DECLARED = hooks.Feature(
     FEATURE, patches=PATCHES,
     after=("MixDQ",),  # the side paths attach to the layers MixDQ quantized in its process hook
     retarget=(PATCH_LOAD, PATCH_CARD, PATCH_WEIGHTLESS),  # the Lora extension's modules, re-imported on a reload
-    process=(attach_side_paths,), before_every_sampling=(attach_side_paths,), before_mmdit_rewrite=(unmerge,),
+    process=(attach_side_paths,), before_every_sampling=(attach_side_paths, note_not_applied),
+    before_mmdit_rewrite=(unmerge,),
+    before_load_weights=(unmerge,),  # a checkpoint loading into an SD3 model gets A1111's LoRA backups back first
     status=status)

@@ -1,17 +1,24 @@
 """SD3.5 in A1111: build the right MMDiT for each family, and never load a checkpoint partly.
 
-Three patches, all global (they act before an SD3 model exists), all feature-detected:
+Four patches, all global (they act before an SD3 model exists), all feature-detected:
 
 - ``sd3_model.BaseModel`` (the name ``SD3Inferencer`` builds its MMDiT wrapper with, both states):
   a subclass that detects the family from the state dict and builds :class:`lib_sd3.mmdit.MMDiT`
   for SD3.5 (qk-norm, MMDiT-X). SD3 Medium keeps A1111's own construction, untouched.
-- ``sd_models.load_model_weights``: before A1111's ``load_state_dict(strict=False)``, every
+- ``sd_models.load_model_weights``: first ``hooks.BEFORE_LOAD_WEIGHTS`` on an SD3 model (the LoRA
+  feature puts merged layers back there); then, before A1111's ``load_state_dict(strict=False)``, every
   ``model.diffusion_model.*`` key must match a parameter (and the reverse), else one error naming
   the family and the first keys. A1111 reloads a checkpoint of the same config into the *same*
   model object, so when the family's architecture differs from the one built (SD3 <-> SD3.5),
   the MMDiT is rebuilt first. Sets ``sd_model.sd3_family``.
 - ``sd_models.reload_model_weights``: the same checks from the safetensors header alone, before
   A1111 unloads anything, so a truncated or foreign SD3-shaped file leaves the previous model as it was.
+- ``options.Options.set`` for ``sd_model_checkpoint`` (the settings UI, the quicksettings dropdown and
+  ``POST /sdapi/v1/options``): the same header check before the option changes. A1111 runs the model
+  load in the option's ``onchange``, and ``Options.set`` prints any exception from there as a full
+  traceback and answers the API with HTTP 200 anyway; refusing before that gives one line, the API
+  client an HTTP 422 (A1111's API prints nothing more for an ``HTTPException``), and the UI's dropdown
+  the old value back (``set`` returning False is A1111's own "not changed").
 
 Shift: Stability uses 3 for every family, as A1111's ``ModelSamplingDiscreteFlow`` already does;
 the sampling object is kept as A1111 made it.
@@ -39,6 +46,8 @@ SD3_MODEL = "modules.models.sd3.sd3_model"
 SD3_IMPLS = "modules.models.sd3.sd3_impls"
 A1111_MMDIT = "modules.models.sd3.mmdit"
 SD_MODELS = "modules.sd_models"
+OPTIONS = "modules.options"
+CHECKPOINT_OPTION = "sd_model_checkpoint"
 FAMILY_ATTR = "sd3_family"  # on the loaded sd_model: the Family object ("surface" reads it)
 BUILT_ATTR = "sd3_built"  # on the BaseModel: the MMDiTConfig its diffusion_model was built for
 
@@ -131,6 +140,9 @@ def _rebuild(holder: Any, family: Family, state_dict: dict) -> None:
 
 def _checked_load(original: Any) -> Any:
     def load_model_weights(model, checkpoint_info, state_dict, timer):
+        if getattr(model, "is_sd3", False):
+            for hook in hooks.BEFORE_LOAD_WEIGHTS:
+                hook(model)
         holder = getattr(model, "model", None)
         if getattr(holder, "diffusion_model", None) is None:  # not a model with an MMDiT/UNet wrapper
             return original(model, checkpoint_info, state_dict, timer)
@@ -173,6 +185,16 @@ def precheck_file(filename: str | None) -> Family | None:
     return family
 
 
+def _refusal(filename: str | None) -> CheckpointError | None:
+    """Why ``filename`` must not be loaded (said once in the console), or None."""
+    try:
+        precheck_file(filename)
+    except CheckpointError as error:
+        log.error("not loading %s: %s; the previous model stays loaded", filename, error)
+        return error
+    return None
+
+
 def _checked_reload(original: Any) -> Any:
     def reload_model_weights(sd_model=None, info=None, forced_reload=False):
         checkpoint_info = info
@@ -181,15 +203,28 @@ def _checked_reload(original: Any) -> Any:
                 checkpoint_info = a1111_module(SD_MODELS).select_checkpoint()
             except Exception:
                 checkpoint_info = None
-        filename = getattr(checkpoint_info, "filename", None)
-        try:
-            precheck_file(filename)
-        except CheckpointError as error:
-            log.error("not loading %s: %s; the previous model stays loaded", filename, error)
-            raise
+        refused = _refusal(getattr(checkpoint_info, "filename", None))
+        if refused is not None:
+            raise refused
         return original(sd_model=sd_model, info=info, forced_reload=forced_reload)
 
     return reload_model_weights
+
+
+def _checked_option(original: Any) -> Any:
+    def set(self, key, value, is_api=False, run_callbacks=True):  # noqa: A001 -- A1111's method name
+        if key == CHECKPOINT_OPTION and run_callbacks and isinstance(value, str) and value != self.data.get(key):
+            info = a1111_module(SD_MODELS).checkpoint_aliases.get(value)  # None: A1111 answers itself
+            refused = _refusal(info.filename) if info is not None else None
+            if refused is not None:
+                if is_api:
+                    from fastapi import HTTPException
+
+                    raise HTTPException(status_code=422, detail=f"{Path(info.filename).name}: {refused}")
+                return False
+        return original(self, key, value, is_api=is_api, run_callbacks=run_callbacks)
+
+    return set
 
 
 # --- detection, registration --------------------------------------------------------------------
@@ -208,6 +243,14 @@ def _detect_loading() -> str | None:
     missing = [name for name in ("load_model_weights", "reload_model_weights", "get_checkpoint_state_dict",
                                  "select_checkpoint") if not hasattr(sd_models, name)]
     return f"{SD_MODELS} lacks {', '.join(missing)}" if missing else None
+
+
+def _detect_option() -> str | None:
+    if not callable(getattr(getattr(a1111_module(OPTIONS), "Options", None), "set", None)):
+        return f"{OPTIONS}.Options.set not found"
+    if not isinstance(getattr(a1111_module(SD_MODELS), "checkpoint_aliases", None), dict):
+        return f"{SD_MODELS}.checkpoint_aliases not found"
+    return None
 
 
 def current() -> dict[str, Any]:
@@ -252,6 +295,9 @@ LOADING = Patch.from_swaps(
     "models.load_model_weights", FEATURE, _detect_loading,
     lambda: [AttributeSwap(a1111_module(SD_MODELS), "load_model_weights", _checked_load),
              AttributeSwap(a1111_module(SD_MODELS), "reload_model_weights", _checked_reload)])
+CHECKPOINT_OPTION_CHECK = Patch.from_swaps(
+    "models.checkpoint_option", FEATURE, _detect_option,
+    lambda: [AttributeSwap(a1111_module(OPTIONS).Options, "set", _checked_option)])
 
-DECLARED = hooks.Feature(FEATURE, patches=(CONSTRUCTION, LOADING), model_loaded=(adopt,), process=(process,),
-                         status=current)
+DECLARED = hooks.Feature(FEATURE, patches=(CONSTRUCTION, LOADING, CHECKPOINT_OPTION_CHECK), model_loaded=(adopt,),
+                         process=(process,), status=current)

@@ -5,11 +5,17 @@ peft, OneTrainer, LyCORIS LoKr) into ``models/Lora``. ``<lora:NAME:0.8>`` must c
 image of a checkpoint with the same LoRA merged offline (``W += 0.8 * scale * B A``), for every layout; the
 Lora tab lists the files as SD3; a file of garbage keys costs one warning line and nothing else; with MixDQ
 W8A8 on, the LoRA still applies (float side path beside the int8 layers).
+
+Issue 22: a LoRA with text-encoder keys does not outlive a checkpoint switch (the early branch reads CLIP once
+per model); a truncated file and a LoRA for another model cost one line and are named in the infotext as not
+applied; a bf16 LoHa / LoKr gives exactly the image of its fp32 twin (same values).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +24,18 @@ import torch
 from webui_support import psnr, tracebacks_in, txt2img
 
 from lib_sd3.lora import names
+from lib_sd3.webui import infotext
 
 MMDIT = "model.diffusion_model."
 RANK, ALPHA, STRENGTH = 4, 8.0, 0.8
 MIN_PSNR_DB = 40.0
 CHANGED_MAX_PSNR_DB = 30.0  # the LoRA must visibly change the picture
 FORMATS = ("kohya", "diffusers", "peft", "onetrainer", "lycoris_lokr")
+TE_LORA = "sd3lora_te_and_unet"
+TRUNCATED_LORA = "sd3lora_truncated"
+SD15_LORA = "sd3lora_for_sd15"
+LOW_PRECISION = ("loha", "lokr")
+TE_LAYERS = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 
 
 def _checkpoint(webui) -> Path:
@@ -83,6 +95,38 @@ def _files(pieces) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
+def _text_encoder_lora(webui) -> dict[str, torch.Tensor]:
+    """kohya ``lora_te1_`` / ``lora_te2_``: a random rank-4 LoRA on every attention / MLP Linear of CLIP-L and G."""
+    from safetensors import safe_open
+
+    gen = torch.Generator().manual_seed(22)
+    out = {}
+    for prefix, file in (("lora_te1_", "clip_l.safetensors"), ("lora_te2_", "clip_g.safetensors")):
+        with safe_open(str(webui.data_dir / "models" / "CLIP" / file), "pt") as clip:
+            for key in sorted(k for k in clip.keys() if TE_LAYERS.match(k)):
+                w = clip.get_tensor(key).float()
+                a = torch.randn(RANK, w.shape[1], generator=gen) / w.shape[1] ** 0.5
+                b = torch.randn(w.shape[0], RANK, generator=gen) * float(w.std()) * 0.4 * (w.shape[1] / RANK) ** 0.5
+                name = prefix + key[: -len(".weight")].replace(".", "_")
+                out.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b,
+                            f"{name}.alpha": torch.tensor(ALPHA)})
+    return out
+
+
+def _lycoris_twins(pieces) -> dict[str, dict[str, torch.Tensor]]:
+    """LoHa ``(B A) * 1`` and LoKr ``[[1]] (x) B A`` of the test LoRA, in values bf16 holds exactly."""
+    files: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in LOW_PRECISION}
+    for name, (_target, a, b) in pieces.items():
+        a, b = a.bfloat16().float(), b.bfloat16().float()
+        key = "lycoris_" + name.replace(".", "_")
+        files["loha"].update({f"{key}.hada_w1_a": b, f"{key}.hada_w1_b": a, f"{key}.alpha": torch.tensor(ALPHA),
+                              f"{key}.hada_w2_a": torch.ones(b.shape[0], RANK),
+                              f"{key}.hada_w2_b": torch.full((RANK, a.shape[1]), 1.0 / RANK)})
+        files["lokr"].update({f"{key}.lokr_w1": torch.ones(1, 1), f"{key}.lokr_w2_a": b, f"{key}.lokr_w2_b": a,
+                              f"{key}.alpha": torch.tensor(ALPHA)})
+    return files
+
+
 def _merged(weights, pieces) -> dict[str, torch.Tensor]:
     merged = dict(weights)
     for target, a, b in pieces.values():
@@ -108,6 +152,20 @@ def loras(webui):
     save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 8), "random.key": torch.zeros(3),
                "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 4), "x.alpha": torch.tensor(1.0)},
               str(folder / "sd3lora_garbage.safetensors"))
+    files = _files(pieces)
+    save_file({k: v.contiguous() for k, v in {**files["kohya"], **_text_encoder_lora(webui)}.items()},
+              str(folder / f"{TE_LORA}.safetensors"))
+    whole = (folder / "sd3lora_kohya.safetensors").read_bytes()
+    (folder / f"{TRUNCATED_LORA}.safetensors").write_bytes(whole[: len(whole) * 2 // 3])
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(4, 320),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(320, 4),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(4, 768),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(768, 4)},
+              str(folder / f"{SD15_LORA}.safetensors"))
+    for kind, tensors in _lycoris_twins(pieces).items():
+        for dtype in (torch.float32, torch.bfloat16):
+            save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()},
+                      str(folder / f"sd3lora_{kind}_{str(dtype).split('.')[-1]}.safetensors"))
     assert webui.post("/sdapi/v1/refresh-loras").status_code == 200
     # the merged checkpoint goes beside the base one (the data dir's Stable-diffusion folder is the asset cache)
     merged_path = _checkpoint(webui).resolve().parent / f"sd3-tiny-lora-merged-{os.getpid()}.safetensors"
@@ -175,3 +233,88 @@ def test_lora_on_mixdq_w8a8(webui, loras):
     assert mse(lora_q, loras["merged"]) < 0.25 * mse(lora_q, loras["base"])  # W8A8 + LoRA sits by the float merge
     back, _, _ = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:sd3lora_kohya:{STRENGTH}>")
     assert psnr(back, loras["merged"]) >= MIN_PSNR_DB, "after MixDQ off the float LoRA is not the merge any more"
+
+
+# --- issue 22 ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _another_checkpoint(webui):
+    """sd3-tiny under a second name (a hard link beside it): a real checkpoint switch to the same weights."""
+    base = _checkpoint(webui).resolve()
+    other = base.parent / f"sd3-tiny-switch-{os.getpid()}.safetensors"
+    other.unlink(missing_ok=True)
+    try:
+        os.link(base, other)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(base, other)
+    try:
+        assert webui.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        yield other.stem
+    finally:
+        other.unlink(missing_ok=True)
+        webui.post("/sdapi/v1/refresh-checkpoints")
+
+
+def _not_applied(info) -> str | None:
+    return info.get("extra_generation_params", {}).get(infotext.LORA_NOT_APPLIED)
+
+
+def test_text_encoder_lora_does_not_outlive_a_checkpoint_switch(webui, loras):
+    """base -> <lora> -> another checkpoint -> back: the prompt without the tag is the base image again, and the
+    LoRA used again gives its first image (its text-encoder part once, not twice)."""
+    prompt = f"a cat <lora:{TE_LORA}:{STRENGTH}>"
+    unet_only, _, _ = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:sd3lora_kohya:{STRENGTH}>")
+    first, info, log = txt2img(webui, sampler_name="Euler", prompt=prompt)  # the last generation before the switch
+    assert not tracebacks_in(log), tracebacks_in(log)
+    report = webui.status()["features"]["LoRA"]["loras"][TE_LORA]
+    assert report["unmatched"] == 0 and report["applied"], report
+    te_effect = psnr(first, unet_only)
+    assert te_effect <= CHANGED_MAX_PSNR_DB, "the text-encoder part of the LoRA changes nothing: the test is blind"
+    assert _not_applied(info) is None
+    with _another_checkpoint(webui) as other:
+        _, _, log = txt2img(webui, sampler_name="Euler", override_settings={"sd_model_checkpoint": other},
+                            override_settings_restore_afterwards=True)
+        assert other in log, "no checkpoint switch happened"
+    after, _, _ = txt2img(webui, sampler_name="Euler")  # A1111 loads sd3-tiny back for this one
+    print(f"\n[{webui.state}] text encoders' share {te_effect:.1f} dB; after the switch: "
+          f"{psnr(after, loras['base']):.1f} dB from the base image")
+    assert np.array_equal(after, loras["base"]), "the text-encoder LoRA stayed merged after the checkpoint switch"
+    again, _, _ = txt2img(webui, sampler_name="Euler", prompt=prompt)
+    assert np.array_equal(again, first), f"the LoRA again: {psnr(again, first):.1f} dB from its first image"
+
+
+def test_truncated_lora_is_one_line_and_named_not_applied(webui, loras):
+    image, info, log = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:{TRUNCATED_LORA}:1>")
+    assert not tracebacks_in(log), tracebacks_in(log)
+    lines = [line for line in log.splitlines() if f"LoRA {TRUNCATED_LORA}" in line]
+    assert len(lines) == 1 and "not applied" in lines[0], log[-3000:]
+    assert np.array_equal(image, loras["base"])
+    assert _not_applied(info) == TRUNCATED_LORA, info.get("extra_generation_params")
+    report = webui.status()["features"]["LoRA"]["loras"][TRUNCATED_LORA]
+    assert report["applied"] is False and report["error"].startswith("unreadable file"), report
+
+
+def test_lora_for_another_model_is_said_not_applied(webui, loras):
+    image, info, log = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:{SD15_LORA}:1>")
+    assert not tracebacks_in(log), tracebacks_in(log)
+    lines = [line for line in log.splitlines() if f"LoRA {SD15_LORA}" in line]
+    assert len(lines) == 1 and "not applied" in lines[0], log[-3000:]
+    assert np.array_equal(image, loras["base"])
+    assert _not_applied(info) == SD15_LORA, info.get("extra_generation_params")
+    assert webui.status()["features"]["LoRA"]["loras"][SD15_LORA]["applied"] is False
+    both, info, _ = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:{SD15_LORA}:1> <lora:sd3lora_kohya:{STRENGTH}>")
+    assert _not_applied(info) == SD15_LORA and psnr(both, loras["merged"]) >= MIN_PSNR_DB
+
+
+@pytest.mark.parametrize("kind", LOW_PRECISION)
+def test_bf16_lycoris_gives_the_image_of_its_fp32_twin(webui, loras, kind):
+    """Same values in both files: A1111 must not add the delta (nor the base weight) in bf16."""
+    fp32, _, _ = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:sd3lora_{kind}_float32:{STRENGTH}>")
+    bf16, _, log = txt2img(webui, sampler_name="Euler", prompt=f"a cat <lora:sd3lora_{kind}_bfloat16:{STRENGTH}>")
+    print(f"\n[{webui.state}] {kind}: fp32 {psnr(fp32, loras['merged']):.1f} dB, bf16 {psnr(bf16, loras['merged']):.1f} dB "
+          f"from the offline merge; bf16 vs fp32 {psnr(bf16, fp32):.1f} dB")
+    assert not tracebacks_in(log), tracebacks_in(log)
+    assert psnr(fp32, loras["merged"]) >= MIN_PSNR_DB
+    assert np.array_equal(bf16, fp32), f"bf16 {kind}: {psnr(bf16, fp32):.1f} dB from its fp32 twin"

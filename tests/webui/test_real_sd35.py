@@ -30,11 +30,11 @@ def checkpoint(webui) -> str:
     return response.json()["sd_model_checkpoint"]
 
 
-def switch(webui, name: str) -> str:
+def switch(webui, name: str, status: int = 200) -> str:
     """Select a checkpoint through ``/sdapi/v1/options``; return the server log of the switch."""
     mark = webui.mark()
     response = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
-    assert response.status_code == 200, response.text
+    assert response.status_code == status, response.text
     return webui.log_since(mark)
 
 
@@ -140,9 +140,11 @@ def test_truncated_checkpoint_is_refused_and_the_previous_model_stays(webui):
     with back_to_sd3(webui):
         switch(webui, LARGE)
         before, _, _ = generate(webui)
-        log = switch(webui, TRUNCATED)
+        log = switch(webui, TRUNCATED, status=422)  # the API client sees the refusal (issue 22)
         assert "truncated" in log and TRUNCATED in log, log[-3000:]
         assert "the previous model stays loaded" in log, log[-3000:]
+        assert len([line for line in log.splitlines() if TRUNCATED in line]) == 1, log[-3000:]
+        assert not tracebacks_in(log), tracebacks_in(log)
         assert checkpoint(webui).startswith(LARGE), checkpoint(webui)
         assert family_status(webui)["family"] == "sd3.5-large"
         after, _, _ = generate(webui)
