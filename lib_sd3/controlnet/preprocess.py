@@ -41,7 +41,7 @@ class ResizeMode(str, enum.Enum):
 def resize(image: Image.Image, width: int, height: int, mode: ResizeMode = ResizeMode.JUST_RESIZE) -> Image.Image:
     """``image`` as an RGB ``width x height`` image. Just resize stretches; crop and resize covers the frame
     keeping the aspect ratio and cuts the overhang equally on both sides; resize and fill fits inside and
-    stretches the image's edge rows (or columns) over the bands left, as A1111 does for img2img."""
+    repeats the image's edge rows (or columns) over the bands left, as A1111 fills for img2img."""
     image = image.convert("RGB")
     mode = ResizeMode(mode)
     if mode is ResizeMode.JUST_RESIZE or image.size == (width, height):
@@ -57,14 +57,15 @@ def resize(image: Image.Image, width: int, height: int, mode: ResizeMode = Resiz
     left, top = width // 2 - inner_w // 2, height // 2 - inner_h // 2
     out.paste(inner, (left, top))
     if not cover:
+        def edge(box: tuple[int, int, int, int], size: tuple[int, int]) -> Image.Image:
+            return inner.crop(box).resize(size, Image.Resampling.NEAREST)  # one row / column, repeated
+
         if top > 0:
-            out.paste(inner.resize((width, top), LANCZOS, box=(0, 0, inner_w, 0)), (0, 0))
-            bottom = height - top - inner_h
-            out.paste(inner.resize((width, bottom), LANCZOS, box=(0, inner_h, inner_w, inner_h)), (0, top + inner_h))
+            out.paste(edge((0, 0, inner_w, 1), (inner_w, top)), (left, 0))
+            out.paste(edge((0, inner_h - 1, inner_w, inner_h), (inner_w, height - top - inner_h)), (left, top + inner_h))
         if left > 0:
-            out.paste(inner.resize((left, height), LANCZOS, box=(0, 0, 0, inner_h)), (0, 0))
-            right = width - left - inner_w
-            out.paste(inner.resize((right, height), LANCZOS, box=(inner_w, 0, inner_w, inner_h)), (left + inner_w, 0))
+            out.paste(edge((0, 0, 1, inner_h), (left, inner_h)), (0, top))
+            out.paste(edge((inner_w - 1, 0, inner_w, inner_h), (width - left - inner_w, inner_h)), (left + inner_w, top))
     return out
 
 
