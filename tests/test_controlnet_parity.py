@@ -2,8 +2,8 @@
 
 The files are written in Stability's released layout (tests/tiny_controlnet.py) and loaded through our loader.
 Two oracles for the whole denoiser call:
-- ``reference_velocity``: Stability's loop (``forward_core_with_concat``: after joint block i add hidden state
-  ``i // interval``; a skipped block skips its addition) run on diffusers' modules;
+- ``tiny_controlnet.reference_velocity``: Stability's loop (``forward_core_with_concat``: after joint block i
+  add hidden state ``i // interval``; a skipped block skips its addition) run on diffusers' modules;
 - diffusers' own transformer forward. It differs from the reference in two places, both checked here: it adds
   no residual after the last joint block (``context_pre_only``), and it adds the residual of a skipped block.
 """
@@ -41,31 +41,8 @@ def inputs(batch: int):
     return torch.cat([x[:1], x[:1]]), context, pooled
 
 
-def reference_hidden(ref_base, ref_cn, x, t, pooled, latent, strength=1.0):
-    tokens = ref_base.pos_embed(x)
-    return ref_cn(hidden_states=tokens, controlnet_cond=latent.repeat(x.shape[0], 1, 1, 1),
-                  conditioning_scale=strength, pooled_projections=pooled, timestep=t).controlnet_block_samples
-
-
-def reference_velocity(ref_base, x, t, context, pooled, hidden, skip=()):
-    """Stability's forward_core_with_concat, on diffusers' modules."""
-    tokens = ref_base.pos_embed(x)
-    temb = ref_base.time_text_embed(t, pooled)
-    ctx = ref_base.context_embedder(context)
-    blocks = ref_base.transformer_blocks
-    interval = len(blocks) // len(hidden)
-    for i, block in enumerate(blocks):
-        if i in skip:
-            continue
-        ctx, tokens = block(hidden_states=tokens, encoder_hidden_states=ctx, temb=temb)
-        tokens = tokens + hidden[i // interval]
-    out = ref_base.proj_out(ref_base.norm_out(tokens, temb))
-    b, _, h, w = x.shape
-    out = out.reshape(b, h // 2, w // 2, 2, 2, 16)
-    return torch.einsum("nhwpqc->nchpwq", out).reshape(b, 16, h, w)
-
-
-def our_velocity(base, cn, x, t, context, pooled, latent, strength=1.0, skip=(), step=0, steps=1, start=0.0, end=1.0):
+def our_velocity(base, cn, x, t, context, pooled, latent, strength=1.0, skip=(), step=0, steps=1, start=0.0,
+                 end=1.0):
     stack = ControlStack([ControlUnit(cn, latent, strength, start, end)])
     with skip_blocks(base, skip), controlling(base, stack, step, steps):
         return base(x, t, y=pooled, context=context)
@@ -87,7 +64,7 @@ def test_each_block_output_equals_diffusers(models, batch, sigma):
     t = torch.full((batch,), 1000 * sigma)
     latent = tiny_controlnet.control_latent()
     with torch.no_grad():
-        expected = reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
+        expected = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
         tokens = base.x_embedder(x) + base.cropped_pos_embed(tuple(x.shape[-2:]))
         got = cn(tokens, latent.expand(batch, -1, -1, -1), t, pooled)
     assert len(got) == len(expected) == tiny_controlnet.CONTROL_DEPTH
@@ -105,8 +82,8 @@ def test_denoiser_with_controlnet_equals_reference_on_diffusers(models, batch, s
     t = torch.full((batch,), 1000 * sigma)
     latent = tiny_controlnet.control_latent()
     with torch.no_grad():
-        hidden = reference_hidden(ref_base, ref_cn, x, t, pooled, latent, strength)
-        expected = denoised(x, sigma, reference_velocity(ref_base, x, t, context, pooled, hidden))
+        hidden = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, latent, strength)
+        expected = denoised(x, sigma, tiny_controlnet.reference_velocity(ref_base, x, t, context, pooled, hidden))
         got = denoised(x, sigma, our_velocity(base, cn, x, t, context, pooled, latent, strength))
         bare = denoised(x, sigma, base(x, t, y=pooled, context=context))
     assert max_err(got, expected) < TOLERANCE
@@ -122,7 +99,7 @@ def test_diffusers_forward_differs_only_by_the_last_blocks_residual(models, batc
     t = torch.full((batch,), 500.0)
     latent = tiny_controlnet.control_latent()
     with torch.no_grad():
-        hidden = reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
+        hidden = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
         last = ref_base.transformer_blocks[-1]
         interval = len(ref_base.transformer_blocks) // len(hidden)
         add_last = last.register_forward_hook(
@@ -147,8 +124,8 @@ def test_skipped_layers_skip_their_residual_as_the_reference(models, skip, batch
     t = torch.full((batch,), 800.0)
     latent = tiny_controlnet.control_latent()
     with torch.no_grad():
-        hidden = reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
-        expected = reference_velocity(ref_base, x, t, context, pooled, hidden, skip)
+        hidden = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, latent)
+        expected = tiny_controlnet.reference_velocity(ref_base, x, t, context, pooled, hidden, skip)
         got = our_velocity(base, cn, x, t, context, pooled, latent, skip=skip)
         unskipped = our_velocity(base, cn, x, t, context, pooled, latent)
         diffusers_rule = ref_base(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
@@ -181,9 +158,10 @@ def test_two_units_add_up(models):
     t = torch.full((2,), 400.0)
     first, second = tiny_controlnet.control_latent(1), tiny_controlnet.control_latent(2)
     with torch.no_grad():
-        h1 = reference_hidden(ref_base, ref_cn, x, t, pooled, first, 0.7)
-        h2 = reference_hidden(ref_base, ref_cn, x, t, pooled, second, 0.4)
-        expected = reference_velocity(ref_base, x, t, context, pooled, [a + b for a, b in zip(h1, h2, strict=True)])
+        h1 = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, first, 0.7)
+        h2 = tiny_controlnet.reference_hidden(ref_base, ref_cn, x, t, pooled, second, 0.4)
+        summed = [a + b for a, b in zip(h1, h2, strict=True)]
+        expected = tiny_controlnet.reference_velocity(ref_base, x, t, context, pooled, summed)
         stack = ControlStack([ControlUnit(cn, first, 0.7), ControlUnit(cn, second, 0.4)])
         with controlling(base, stack, 0, 1):
             got = base(x, t, y=pooled, context=context)

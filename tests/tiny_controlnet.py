@@ -94,3 +94,28 @@ def write_base(path: Path, seed: int = 0, depth: int = BASE_DEPTH):
 
 def control_latent(seed: int = 5, size: int = 16) -> torch.Tensor:
     return torch.randn(1, 16, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_hidden(ref_base, ref_cn, x, t, pooled, latent, strength=1.0):
+    """diffusers' ControlNet hidden states, fed as its pipeline feeds the 8B ControlNet (the base's pos_embed)."""
+    tokens = ref_base.pos_embed(x)
+    return ref_cn(hidden_states=tokens, controlnet_cond=latent.repeat(x.shape[0], 1, 1, 1),
+                  conditioning_scale=strength, pooled_projections=pooled, timestep=t).controlnet_block_samples
+
+
+def reference_velocity(ref_base, x, t, context, pooled, hidden, skip=()):
+    """Stability's forward_core_with_concat, on diffusers' modules."""
+    tokens = ref_base.pos_embed(x)
+    temb = ref_base.time_text_embed(t, pooled)
+    ctx = ref_base.context_embedder(context)
+    blocks = ref_base.transformer_blocks
+    interval = len(blocks) // len(hidden)
+    for i, block in enumerate(blocks):
+        if i in skip:
+            continue
+        ctx, tokens = block(hidden_states=tokens, encoder_hidden_states=ctx, temb=temb)
+        tokens = tokens + hidden[i // interval]
+    out = ref_base.proj_out(ref_base.norm_out(tokens, temb))
+    b, _, h, w = x.shape
+    out = out.reshape(b, h // 2, w // 2, 2, 2, 16)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(b, 16, h, w)
