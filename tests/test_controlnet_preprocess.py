@@ -118,3 +118,10 @@ def test_bad_parameters_are_one_clear_error():
         preprocess.control_map(photo(16, 16), 16, 16, "depth_anything")
     with pytest.raises(ValueError, match="blur radius"):
         preprocess.control_map(photo(16, 16), 16, 16, "blur", radius=-1)
+
+
+def test_invert_turns_a_near_bright_depth_map_into_stabilitys_near_dark():
+    near_bright = Image.new("RGB", (16, 16), (10, 10, 10))
+    near_bright.paste((240, 240, 240), (4, 4, 12, 12))
+    out = np.asarray(preprocess.control_map(near_bright, 16, 16, "invert"))
+    assert out[8, 8].tolist() == [15, 15, 15] and out[0, 0].tolist() == [245, 245, 245]

@@ -1,7 +1,7 @@
 """Control image -> control latent, as Stability's reference makes it (``sd3_infer.py``: ``_image_to_latent``,
 ``vae_encode``), with A1111's resize modes and the built-in preprocessors in front.
 
-Order: resize to the generation size (LANCZOS), the preprocessor (none / canny / blur) on the resized image,
+Order: resize to the generation size (LANCZOS), the preprocessor (none / canny / blur / invert) on the resized image,
 pixels in [0, 1], the per-type scaling of the reference, VAE encode, SD3 latent shift/scale. The scaling
 is the reference's, quirks included: canny maps ``img`` to ``img * 255 * 0.5 + 0.5`` (0.5 .. 128; the canny
 ControlNet was trained that way), depth and blur to ``2 img - 1``. The VAE is a callable, so A1111's
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from lib_sd3.controlnet.detect import ControlType
 
@@ -94,7 +94,14 @@ def none(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-PREPROCESSORS: Mapping[str, Callable[..., Image.Image]] = {"none": none, "canny": canny, "blur": blur}
+def invert(image: Image.Image) -> Image.Image:
+    """Dark <-> bright. Stability's depth ControlNet takes near = dark, far = bright (its example
+    ``inputs/depth.png``); MiDaS / Depth Anything maps (and the ControlNet extension's) are near = bright."""
+    return ImageOps.invert(image.convert("RGB"))
+
+
+PREPROCESSORS: Mapping[str, Callable[..., Image.Image]] = {"none": none, "canny": canny, "blur": blur,
+                                                            "invert": invert}
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
