@@ -11,15 +11,15 @@ from lib_sd3.controlnet.control import ControlStack, ControlUnit, controlling, j
 
 def test_sd35_large_blocks_take_hidden_state_i_over_two():
     hidden = [torch.full((1,), float(k)) for k in range(19)]
-    residuals = joint_residuals(hidden, 1.0, 38)
+    residuals = joint_residuals(hidden, 38)
     assert [int(r.item()) for r in residuals] == [i // 2 for i in range(38)]
 
 
-def test_strength_scales_and_skipped_blocks_get_none():
+def test_skipped_blocks_get_none():
     hidden = [torch.ones(1), 2 * torch.ones(1)]
-    residuals = joint_residuals(hidden, 0.5, 4, skipped=(1, 3))
+    residuals = joint_residuals(hidden, 4, skipped=(1, 3))
     assert residuals[1] is None and residuals[3] is None
-    assert residuals[0].item() == 0.5 and residuals[2].item() == 1.0
+    assert residuals[0].item() == 1.0 and residuals[2].item() == 2.0
 
 
 @pytest.mark.parametrize(("start", "end", "active_steps"), [

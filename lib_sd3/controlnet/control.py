@@ -40,14 +40,13 @@ class ControlUnit:
         return self.strength if self.start <= fraction <= self.end else 0.0
 
 
-def joint_residuals(hidden: Sequence[torch.Tensor], strength: float, n_joint: int,
-                    skipped: Sequence[int] = ()) -> list[torch.Tensor | None]:
-    """One unit's residual per joint block: ``strength * hidden[i // (n_joint // len(hidden))]``, None where
-    the block is skipped."""
+def joint_residuals(hidden: Sequence[torch.Tensor], n_joint: int, skipped: Sequence[int] = ()
+                    ) -> list[torch.Tensor | None]:
+    """One unit's residual per joint block: ``hidden[i // (n_joint // len(hidden))]`` (the same tensor for the
+    blocks sharing it), None where the block is skipped."""
     interval = n_joint // len(hidden)
-    scaled = [h * strength for h in hidden]
     skip = set(skipped)
-    return [None if i in skip else scaled[i // interval] for i in range(n_joint)]
+    return [None if i in skip else hidden[i // interval] for i in range(n_joint)]
 
 
 def add_residuals(total: list[torch.Tensor | None], more: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -74,8 +73,8 @@ class ControlStack:
             latent = unit.latent.to(device=tokens.device, dtype=model.dtype)
             latent = latent.expand(tokens.shape[0], *latent.shape[1:]) if latent.shape[0] == 1 else latent
             hidden = model(tokens.to(model.dtype), latent, t, pooled.to(model.dtype))
-            hidden = [h.to(tokens.dtype) for h in hidden]
-            total = add_residuals(total, joint_residuals(hidden, strength, n_joint, skipped))
+            hidden = [h.to(tokens.dtype).mul_(strength) for h in hidden]  # fresh outputs: scaled in place
+            total = add_residuals(total, joint_residuals(hidden, n_joint, skipped))
         return total
 
 
