@@ -158,5 +158,8 @@ def check_base(config: ControlNetConfig, base: MMDiTConfig, base_label: str, whe
     if config.depth > base.depth or base.depth % config.depth:
         problems.append(f"{config.depth} ControlNet blocks do not divide {base.depth} joint blocks")
     if problems:
-        raise _error(where, f"a ControlNet for {config.base_name} ({config.depth} blocks, width {config.hidden_size})"
-                            f" does not fit the loaded {base_label}: {'; '.join(problems)}")
+        shape = f"{config.depth} block{'s' if config.depth != 1 else ''}"
+        if config.hidden_size in BASE_NAMES:
+            shape += f", width {config.hidden_size}"
+        raise _error(where, f"a ControlNet for {config.base_name} ({shape}) does not fit the loaded {base_label}: "
+                            f"{'; '.join(problems)}")
