@@ -18,6 +18,7 @@ Blocks are called ``block(context, x, c=...)`` and return ``(context, x)``, like
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,8 +189,16 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Sequence["torch.Tensor | None"]]
+"""``(tokens, t, y) -> [residual or None per joint block]``: what a ControlNet adds to the image stream
+after each joint block, given the patch-embedded input (see :mod:`lib_sd3.controlnet`)."""
+
+
 class MMDiT(nn.Module):
-    """``forward(x, t, y, context)`` -> velocity shaped like ``x``; A1111's ``BaseModel`` calls it the same way."""
+    """``forward(x, t, y, context)`` -> velocity shaped like ``x``; A1111's ``BaseModel`` calls it the same way.
+
+    ``block_residuals`` (optional) is the ControlNet's entry; without it the forward is unchanged.
+    """
 
     def __init__(self, config: MMDiTConfig, qkv_linear: type[nn.Linear] = QkvLinear, dtype=None, device=None) -> None:
         super().__init__()
@@ -227,13 +236,16 @@ class MMDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, block_residuals: BlockResiduals | None = None) -> torch.Tensor:
         hw = tuple(x.shape[-2:])
         tokens = self.x_embedder(x) + self.cropped_pos_embed(hw).to(x.dtype)
         c = self.t_embedder(timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE).to(x.dtype))
         if y is not None:
             c = c + self.y_embedder(y)
         context = self.context_embedder(context)
-        for block in self.joint_blocks:
+        residuals = block_residuals(tokens, t, y) if block_residuals is not None else ()
+        for i, block in enumerate(self.joint_blocks):
             context, tokens = block(context, tokens, c=c)
+            if i < len(residuals) and residuals[i] is not None:  # a ControlNet (lib_sd3.controlnet)
+                tokens = tokens + residuals[i]
         return self.unpatchify(self.final_layer(tokens, c), hw)

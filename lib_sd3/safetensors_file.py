@@ -127,14 +127,18 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.header.tensors)
 
-    def get_tensor(self, key: str) -> Any:
+    def get_tensor(self, key: str, scratch: Any = None) -> Any:
+        """The tensor in memory of its own; or, given ``scratch`` (a uint8 CPU tensor at least as large), a view
+        of ``scratch`` valid until its next use: for callers that convert every tensor and drop what they read
+        (no freed buffers for the allocator to keep between reads)."""
         import torch
 
         info = self.header.tensors[key]
         dtype = _torch_dtype(info.dtype)
         if info.end - info.start != math.prod(info.shape) * DTYPE_BYTES[info.dtype]:
             raise ValueError(f"{self.path.name}: {key} has {info.end - info.start} bytes for shape {list(info.shape)}")
-        buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+        nbytes = info.end - info.start
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if scratch is None else scratch[:nbytes]
         view, offset = memoryview(buffer.numpy()), info.start
         while view:
             read = os.preadv(self._fd, [view], offset) if hasattr(os, "preadv") else self._read_at(view, offset)

@@ -70,6 +70,13 @@ def skip_blocks(diffusion_model: nn.Module, layers: Iterable[int]) -> Iterator[t
                 block.forward = own
 
 
+def skipped_layers(diffusion_model: nn.Module) -> tuple[int, ...]:
+    """The joint blocks :func:`skip_blocks` skips right now (a ControlNet leaves their residuals out, as the
+    reference's ``continue`` does)."""
+    return tuple(i for i, block in enumerate(joint_blocks_of(diffusion_model))
+                 if block.__dict__.get("forward") is _pass_through)
+
+
 def in_window(step: int, steps: int, start: float, end: float) -> bool:
     """True when the reference applies SLG at ``step`` (0-based count of denoiser calls) of ``steps``.
 

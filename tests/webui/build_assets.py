@@ -13,6 +13,8 @@ test session runs this as a subprocess. Written under DIR:
   the layout A1111 cannot build), built with the extension's own ``lib_sd3.mmdit.MMDiT`` (A1111 has no
   SD3.5 class), qk-norm scales random around 1 so dropping them shows; sd3-tiny's VAE.
   ``sd3-broken-truncated.safetensors``: an SD3-shaped file cut short, for the bad-input case.
+- ``ControlNet/sd3.5_large_controlnet_{blur,canny,depth}-tiny.safetensors``: SD3.5 Large ControlNets in
+  Stability's released layout at sd35-large-tiny's width (one block), and a truncated one.
 - ``CLIP/clip_g.safetensors``, ``CLIP/clip_l.safetensors``: random full-size CLIP-G / CLIP-L with the
   key layout of A1111's ``SDXLClipG`` / ``SDClipModel`` (their sizes are hard-coded in A1111, so they
   cannot be shrunk). Both A1111 states load them from ``models/CLIP/`` when the checkpoint lacks them.
@@ -201,6 +203,47 @@ def build_sd35_checkpoints(out: Path, sd3_checkpoint: Path) -> list[Path]:
     return [*paths, truncated]
 
 
+CONTROLNET_SEED = SEED + 20
+CONTROLNET_BLOCKS = 1
+"""sd35-large-tiny has 3 joint blocks: one ControlNet block feeds all three (interval 3; SD3.5 Large: 38 / 19)."""
+CONTROLNET_TYPES = {"blur": 0, "canny": 1, "depth": 2}
+CONTROLNET_TRUNCATED = "sd3.5_large_controlnet_broken-truncated.safetensors"
+
+
+def build_sd35_controlnets(out: Path) -> list[Path]:
+    """``ControlNet/sd3.5_large_controlnet_{blur,canny,depth}-tiny.safetensors``: Stability's released layout
+    (fp32, ``control_type``, the unused ``pos_embed.proj``) at sd35-large-tiny's width, built with the
+    extension's ``lib_sd3.controlnet.model.ControlNet``; output layers random (not zero), so they steer.
+    sd35-medium-tiny (width 128) is the wrong base for them; plus a truncated one."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lib_sd3.controlnet.detect import ControlNetConfig
+    from lib_sd3.controlnet.model import ControlNet
+
+    generator = torch.Generator().manual_seed(CONTROLNET_SEED)
+    hidden = 64 * SD35_SHAPES["sd35-large-tiny"]["depth"]
+    config = ControlNetConfig(depth=CONTROLNET_BLOCKS, hidden_size=hidden, patch_size=2, in_channels=16,
+                              pooled_dim=ADM_IN_CHANNELS)
+    folder = out / "ControlNet"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind, number in CONTROLNET_TYPES.items():
+        with torch.device("meta"):
+            model = ControlNet(config, dtype=torch.float32)
+        state = _reinit(model, generator)
+        state.update({"control_type": torch.tensor([number], dtype=torch.int32),
+                      "pos_embed.proj.weight": torch.randn(hidden, 16, 2, 2, generator=generator) * 0.02,
+                      "pos_embed.proj.bias": torch.zeros(hidden)})
+        path = folder / f"sd3.5_large_controlnet_{kind}-tiny.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        paths.append(path)
+    truncated = folder / CONTROLNET_TRUNCATED
+    truncated.write_bytes(paths[0].read_bytes()[: paths[0].stat().st_size * 2 // 3])
+    return [*paths, truncated]
+
+
 def build_clip(out: Path, webui: Path, generator) -> list[Path]:
     from safetensors.torch import save_file
 
@@ -343,6 +386,7 @@ def main() -> int:
     files = [build_checkpoint(out, generator), *build_clip(out, webui, generator),
              build_vae_approx(out, generator), build_reduced_t5(out, generator)]
     files += build_sd35_checkpoints(out, files[0])
+    files += build_sd35_controlnets(out)
     hf_home = out / "hf"
     (hf_home / "hub").mkdir(parents=True, exist_ok=True)
     (hf_home / "hub" / "version.txt").write_text("1", encoding="utf-8")  # transformers 4.30: no cache migration

@@ -130,7 +130,8 @@ def _webui_python(state: str, root: Path) -> Path:
 def _assets_key(root: Path) -> str:
     vocab = HERE.parent.parent / "lib_sd3" / "tokens" / "tokenizers.py"  # write_clip_vocab
     digest = hashlib.sha256((HERE / "build_assets.py").read_bytes() + vocab.read_bytes()
-                            + (HERE.parent.parent / "lib_sd3" / "mmdit.py").read_bytes())
+                            + (HERE.parent.parent / "lib_sd3" / "mmdit.py").read_bytes()
+                            + (HERE.parent.parent / "lib_sd3" / "controlnet" / "model.py").read_bytes())
     for path in sorted((root / "modules" / "models" / "sd3").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -319,7 +320,7 @@ def _stop(process: subprocess.Popen) -> None:
 def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) -> None:
     models = data_dir / "models"
     models.mkdir(parents=True)
-    for name in ("Stable-diffusion", "VAE-approx"):
+    for name in ("Stable-diffusion", "VAE-approx", "ControlNet"):
         (models / name).symlink_to(assets / name)
     (models / "CLIP").mkdir()  # a real folder: the fetch case downloads T5 into it
     for name in ("clip_g.safetensors", "clip_l.safetensors"):
