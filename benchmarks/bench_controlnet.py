@@ -35,7 +35,6 @@ from lib_sd3.controlnet.load import load_controlnet  # noqa: E402
 from lib_sd3.controlnet.model import ControlNet  # noqa: E402
 from lib_sd3.families import MMDiTConfig  # noqa: E402
 from lib_sd3.mmdit import MMDiT  # noqa: E402
-from lib_sd3.mmdit_load import load_mmdit  # noqa: E402
 from lib_sd3.slg import skip_blocks  # noqa: E402
 from tests import tiny_controlnet, tiny_sd35  # noqa: E402
 
@@ -51,7 +50,7 @@ LOAD_CONFIG = ControlNetConfig(depth=8, hidden_size=768, patch_size=2, in_channe
 def _parity(folder: Path) -> float:
     ref_base = tiny_controlnet.write_base(folder / "base.safetensors")
     ref_cn = tiny_controlnet.write_controlnet(folder / "canny.safetensors")
-    _, base = load_mmdit(folder / "base.safetensors")
+    _, base = tiny_sd35.load_mmdit(folder / "base.safetensors")
     _, cn = load_controlnet(folder / "canny.safetensors")
     latent = tiny_controlnet.control_latent()
     x2, context2, pooled2 = tiny_sd35.inputs(seed=3, batch=2)

@@ -15,7 +15,6 @@ import torch
 
 from lib_sd3.controlnet.control import ControlStack, ControlUnit, controlling
 from lib_sd3.controlnet.load import load_controlnet
-from lib_sd3.mmdit_load import load_mmdit
 from lib_sd3.slg import skip_blocks
 from tests import tiny_controlnet, tiny_sd35
 
@@ -28,7 +27,7 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnet")
     ref_base = tiny_controlnet.write_base(folder / "base.safetensors")
     ref_cn = tiny_controlnet.write_controlnet(folder / "canny.safetensors", control_type=1)
-    _, base = load_mmdit(folder / "base.safetensors")
+    _, base = tiny_sd35.load_mmdit(folder / "base.safetensors")
     _, cn = load_controlnet(folder / "canny.safetensors")
     return ref_base, ref_cn, base, cn
 
