@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from a1111.models import DevSD3Cond, EarlySD3Cond
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3.patching import PatchState
 from lib_sd3.webui import early, infotext, long_prompts, tokens

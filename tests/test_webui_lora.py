@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from feature_registration import registered
 from safetensors.torch import save_file
 from tiny_mmdit import TinyMMDiT
 
@@ -60,8 +61,6 @@ def lora_webui(fake_webui, tmp_path):
                                                     loaded_networks=[], available_networks={},
                                                     network_apply_weights=early_apply_weights)
     sys.modules["ui_extra_networks_lora"] = types.SimpleNamespace(ExtraNetworksPageLora=Page)
-    from conftest import registered
-
     from lib_sd3.webui import lora
 
     registered(lora)

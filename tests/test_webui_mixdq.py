@@ -6,6 +6,7 @@ import pytest
 import torch
 from a1111.models import Model
 from a1111.processing import P
+from feature_registration import registered
 from tiny_mmdit import TinyMMDiT
 
 from lib_sd3.mixdq import config as mixdq_config
@@ -18,8 +19,6 @@ from lib_sd3.webui import hooks, routes, script_args, settings
 @pytest.fixture
 def webui(fake_webui, tmp_path):
     """A1111 with an SD3 model loaded: shared.sd_model.model.diffusion_model is the MMDiT (both states)."""
-    from conftest import registered
-
     from lib_sd3.webui import mixdq
 
     registered(mixdq)

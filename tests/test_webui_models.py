@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from feature_registration import registered
 from safetensors.torch import load_file
 
 from lib_sd3.families import CheckpointError, detect, shapes_of
@@ -53,8 +54,6 @@ class Inferencer(torch.nn.Module):
 
 @pytest.fixture
 def webui(fake_webui, tmp_path):
-    from conftest import registered
-
     from lib_sd3.webui import models
 
     registered(models)

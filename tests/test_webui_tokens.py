@@ -14,7 +14,7 @@ from functools import reduce
 
 import pytest
 from a1111.models import Model
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3 import tokens as lib
 from lib_sd3.webui import hooks, routes
