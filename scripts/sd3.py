@@ -41,8 +41,22 @@ def arg_component(arg: options.Option, tab: str):
                          elem_id=elem_id)
     layers = gr.Dropdown(label=arg.label, info=f"none picked: {default}", multiselect=True, value=[],
                          choices=slg_layer_choices(), elem_id=elem_id)
-    layers.focus(fn=lambda: gr.update(choices=slg_layer_choices()), inputs=[], outputs=[layers], show_progress=False)
+    refresh = lambda: gr.update(choices=slg_layer_choices())  # noqa: E731
+    layers.focus(fn=refresh, inputs=[], outputs=[layers], show_progress=False)
+    page = _building_blocks()
+    if page is not None:  # at each page load too: A1111 loads the model while (or after) it builds the UI
+        page.load(fn=refresh, inputs=[], outputs=[layers], show_progress=False)
     return layers
+
+
+def _building_blocks():
+    """The gradio Blocks being built (A1111's txt2img / img2img interface), whose ``load`` runs at page load."""
+    try:
+        from gradio.context import Context
+    except ImportError:
+        return None
+    root = getattr(Context, "root_block", None)
+    return root if hasattr(root, "load") else None
 
 
 class SD3Script(scripts.Script):

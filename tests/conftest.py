@@ -50,11 +50,3 @@ def t5_tokenizer(tmp_path_factory):
 
     return tiny_tokenizers.t5_tokenizer(tmp_path_factory.mktemp("t5"))
 
-
-def registered(*modules):
-    """Register feature modules' declarations (``DECLARED``) as start-up does: once per process."""
-    from lib_sd3.webui import startup
-
-    for module in modules:
-        startup.register(module.DECLARED)
-    return modules

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from a1111 import models, processing
 from a1111 import scripts as fake_scripts
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3 import LOGGER_NAME, iclight
 from lib_sd3.patching import PatchState

@@ -11,7 +11,7 @@ import pytest
 from a1111 import sd3
 from a1111.models import Model
 from a1111.sd3 import DevInferencer, DevSD3Cond, EarlyInferencer, EarlySD3Cond, FakeClipLG, FakeCond, FakeT5
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3.patching import PatchState
 from lib_sd3.webui import early, infotext, long_prompts, tokens

@@ -11,7 +11,7 @@ import pytest
 import torch
 from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
-from conftest import registered
+from feature_registration import registered
 from safetensors.torch import save_file
 
 from lib_sd3.webui.registry import REGISTRY

@@ -6,7 +6,7 @@ import torch
 from a1111.mmdit import TinyMMDiT
 from a1111.models import Model
 from a1111.processing import P
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3.mixdq import config as mixdq_config
 from lib_sd3.mixdq import kernels

@@ -14,7 +14,7 @@ import torch
 from a1111 import sd3 as a1111_sd3
 from a1111.processing import P
 from a1111.sd3 import A1111BaseModel, A1111QkvLinear, Inferencer
-from conftest import registered
+from feature_registration import registered
 from safetensors.torch import load_file
 
 from lib_sd3.families import CheckpointError

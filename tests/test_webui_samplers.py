@@ -4,7 +4,7 @@ import pytest
 import torch
 from a1111.processing import P
 from a1111.sampling import install
-from conftest import registered
+from feature_registration import registered
 from oracle import data_scale, make_oracle, rms
 
 from lib_sd3 import flow

@@ -15,7 +15,7 @@ from functools import reduce
 import pytest
 from a1111 import sd3 as a1111_sd3
 from a1111.models import Model
-from conftest import registered
+from feature_registration import registered
 
 from lib_sd3 import tokens as lib
 from lib_sd3.webui import hooks, routes

@@ -5,6 +5,7 @@ The test model is the depth-2 SD3 MMDiT, so SLG skips joint block 1 (Stability's
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -173,10 +174,12 @@ def test_ui_words(webui):
     layer_tokens = "() => [...document.querySelectorAll('#sd3_slg_layers_txt2img .token')].map(e => e.innerText)"
     with browser_page(webui) as page:
         page.locator("#sd3_accordion_txt2img .label-wrap").first.click()
-        page.locator("#sd3_slg_layers_txt2img input").click()
-        page.wait_for_timeout(1500)  # the choices are read again when the field is opened
-        offered = page.evaluate("() => [...document.querySelectorAll('#sd3_slg_layers_txt2img "
-                                "li[data-testid=\"dropdown-option\"]')].map(e => e.dataset.value)")
+        options_js = ("() => [...document.querySelectorAll('#sd3_slg_layers_txt2img "
+                      "li[data-testid=\"dropdown-option\"]')].map(e => e.dataset.value)")
+        page.locator("#sd3_slg_layers_txt2img input").click()  # the choices are read again when the field opens
+        with contextlib.suppress(Exception):
+            page.wait_for_function(f"() => ({options_js})().length === 2", timeout=20_000)
+        offered = page.evaluate(options_js)
         page.locator('#sd3_slg_layers_txt2img li[data-testid="dropdown-option"][data-value="1"]').click()
         page.keyboard.press("Escape")
         page.wait_for_function(f"() => ({layer_tokens})().length === 1")
