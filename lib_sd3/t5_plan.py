@@ -56,9 +56,11 @@ def ordered(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 
 def plan_t5(requested: str, candidates: Sequence[Candidate], free_ram: int, free_vram: int | None,
-            picked: str = "") -> T5Plan:
+            picked: str = "", downloads: bool = True) -> T5Plan:
     """Decide T5 for one moment: ``requested`` is auto | fp16 | fp8 | off, ``candidates`` the usable
-    files, ``picked`` the file named in the ``T5-XXL file`` setting (empty: pick automatically)."""
+    files, ``picked`` the file named in the ``T5-XXL file`` setting (empty: pick automatically),
+    ``downloads`` whether downloads are allowed now (only the reason's words depend on it: the file
+    is still named in ``fetch``, and the download says it cannot start and how to get it by hand)."""
     if requested not in MODES:
         raise ValueError(f"T5 mode {requested!r}; allowed: {list(MODES)}")
     memory = choose_mode(requested, free_ram, free_vram)
@@ -77,7 +79,8 @@ def plan_t5(requested: str, candidates: Sequence[Candidate], free_ram: int, free
     if not pool:
         wanted = FILES[memory.mode]
         return T5Plan(memory.mode, None, memory.mode == "fp8", wanted,
-                      f"{memory.reason}; no T5-XXL file here: {wanted} is downloaded{note}")
+                      f"{memory.reason}; no T5-XXL file here: {wanted} "
+                      f"{'is downloaded' if downloads else 'is needed, and downloads are off'}{note}")
     wide = [c for c in pool if not c.narrow]
     narrow = [c for c in pool if c.narrow]
     if memory.mode == "fp8":  # native fp8 first: no rounding at load
@@ -96,6 +99,6 @@ def plan_t5(requested: str, candidates: Sequence[Candidate], free_ram: int, free
     if match:
         return T5Plan("fp8", chosen, True, None, f"{fp8_line}; from {chosen.describe()}, {why}{note}; it has fp8 "
                                                  "weights, so it serves as fp8 (no download while it is picked)")
-    return T5Plan("fp8", chosen, True, FILES["fp16"],
-                  f"{fp8_line}; from {chosen.describe()}, {why}{note}, until {FILES['fp16']} (fp16, asked for) "
-                  "is downloaded")
+    wanted = f"until {FILES['fp16']} (fp16, asked for) is downloaded" if downloads else \
+        f"as fp16 (asked for) needs {FILES['fp16']}, and downloads are off"
+    return T5Plan("fp8", chosen, True, FILES["fp16"], f"{fp8_line}; from {chosen.describe()}, {why}{note}, {wanted}")

@@ -92,3 +92,10 @@ def test_nothing_on_disk_downloads_what_fits_and_memory_always_decides():
     assert (plan.mode, plan.load, plan.fetch) == ("off", None, None) and "switched off" in plan.reason
     with pytest.raises(ValueError, match="allowed"):
         plan_t5("fp4", [], PLENTY, None)
+
+
+def test_the_reason_never_promises_a_download_while_downloads_are_off():
+    plan = plan_t5("fp16", [SCALED], PLENTY, None, downloads=False)
+    assert plan.fetch == T5_FP16 and "downloads are off" in plan.reason and "is downloaded" not in plan.reason
+    plan = plan_t5("auto", [], PLENTY, None, downloads=False)
+    assert plan.fetch == T5_FP16 and "is needed, and downloads are off" in plan.reason

@@ -103,7 +103,7 @@ class T5Feature:
         if getattr(cond, "t5xxl", None) is not None:  # what it holds now is ours to reuse
             freed = t5_lib.parameter_bytes(cond.t5xxl)
             ram, vram = ram + freed, (vram + freed if vram is not None else None)
-        return plan_t5(requested_mode(), self.files.candidates(), ram, vram, picked_file())
+        return plan_t5(requested_mode(), self.files.candidates(), ram, vram, picked_file(), fetch_allowed())
 
     def refresh(self, sd_model: Any | None = None, queued: bool = False) -> T5Plan:
         """Decide, then act: attach what the plan names to the loaded SD3 model and start the download it
