@@ -105,12 +105,16 @@ class T5Feature:
             ram, vram = ram + freed, (vram + freed if vram is not None else None)
         return plan_t5(requested_mode(), self.files.candidates(), ram, vram, picked_file(), fetch_allowed())
 
-    def refresh(self, sd_model: Any | None = None, queued: bool = False) -> T5Plan:
+    def refresh(self, sd_model: Any | None = None, queued: bool = False, asked: bool = False) -> T5Plan | None:
         """Decide, then act: attach what the plan names to the loaded SD3 model and start the download it
         asks for. The one path for model load (start-up included), a changed setting, the fetch route and a
-        finished download. ``queued``: from a route or a background thread (see :meth:`T5Attachment.apply`)."""
+        finished download. ``queued``: from a route or a background thread (see :meth:`T5Attachment.apply`);
+        ``asked``: the user asked (the fetch route), so a download may start with no SD3 model loaded.
+        Without an SD3 model and unasked, T5 is nobody's concern: nothing is looked at (None)."""
         sd_model = loaded_model() if sd_model is None else sd_model
         sd3 = model_is_sd3(sd_model) and hasattr(sd_model, "cond_stage_model")
+        if not sd3 and not asked:
+            return None
         plan = self.decide(sd_model if sd3 else None)
         self.decided_for, self.plan = (requested_mode(), picked_file()), plan
         log.info("T5: %s", plan.reason)
@@ -193,7 +197,7 @@ class T5Feature:
 
     def post_fetch(self) -> dict[str, Any]:
         """``POST /sd3/t5/fetch``: start (or report) the download the current settings call for."""
-        self.refresh(queued=True)
+        self.refresh(queued=True, asked=True)
         return self.status()
 
     def add_routes(self, router: Any) -> None:
