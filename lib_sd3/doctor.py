@@ -22,7 +22,7 @@ from lib_sd3 import families, iclight, known_files, sd3_state, targets
 from lib_sd3.hashing import sha256_file
 from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.safetensors_file import read_header
-from lib_sd3.t5_file import XXL_CONFIG, check_t5_file, encoder_layout
+from lib_sd3.t5_file import FOLDERS, XXL_CONFIG, check_t5_file, encoder_layout, known_row, safetensors_files
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -158,6 +158,26 @@ def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash
     return Check("text encoders", known.filename, WARN,
                  f"sha256 {digest[:12]}... differs from {known.sha256[:12]}..., which is unconfirmed: "
                  "compare with the LFS sha256 on the file's Hugging Face page")
+
+
+def check_other_t5_files(models: Path, t5_layout: Mapping[str, tuple[int, ...]] | None = None) -> list[Check]:
+    """T5 files under other names (ComfyUI's ``t5xxl_fp8_e4m3fn_scaled``, ``google_t5-v1_1-xxl_...``) in
+    models/CLIP and models/text_encoder: the WebUI uses any of them that the header check accepts.
+    Other models beside them (CLIP-L/G) are not listed."""
+    layout = encoder_layout(XXL_CONFIG) if t5_layout is None else t5_layout
+    rows = [known_files.sources(name)[0] for name in T5_FILES]
+    checks = []
+    for folder in FOLDERS:
+        for path in safetensors_files(models / folder):
+            key = path.relative_to(models).as_posix()
+            if folder == "CLIP" and path.parent == models / folder and path.name in known_files.TEXT_ENCODER_FILES:
+                continue  # checked above under its own name
+            t5 = check_t5_file(path, known_row(path, rows), layout)
+            if t5.usable:
+                checks.append(Check("text encoders", key, OK, f"{t5.detail}; the WebUI may pick it for T5"))
+            elif not t5.foreign:
+                checks.append(Check("text encoders", key, WARN, f"{t5.detail}: not used for T5"))
+    return checks
 
 
 # --- tokenizer caches ---------------------------------------------------------------------------
@@ -334,6 +354,7 @@ def diagnose(root: Path, models_dir: Path | None = None, verify_hash: bool = Fal
     checks = [check_state(root)]
     checks += [check_text_encoder(clip_dir, known_files.sources(name)[0], verify_hash)
                for name in known_files.TEXT_ENCODER_FILES]
+    checks += check_other_t5_files(models)
     checks += check_tokenizers(env, home)
     checks += check_iclight(root)
     checks += check_targets(root)

@@ -73,36 +73,6 @@ def choose_mode(requested: str, free_ram: int, free_vram: int | None) -> Choice:
                          f"with headroom, only {where}" + ("; try fp8" if requested == "fp16" else ""))
 
 
-@dataclasses.dataclass(frozen=True)
-class FilePlan:
-    load: str | None  # file to load now (None: T5 stays off for now)
-    fp8: bool  # keep Linear weights in fp8 when loading
-    fetch: str | None  # file to download in the background
-
-
-def plan_files(mode: str, present: set[str]) -> FilePlan:
-    """Which file to load and which to fetch for a chosen mode, given the files on disk.
-
-    fp8 is as good from the fp16 file (rounded at load) as from the fp8 file, so an fp16 file on
-    disk serves fp8 without a download. fp16 needs the fp16 file; while it downloads, an fp8 file
-    on disk is used rather than nothing.
-    """
-    if mode == "off":
-        return FilePlan(None, False, None)
-    if mode == "fp8":
-        for name in (T5_FP8, T5_FP16):
-            if name in present:
-                return FilePlan(name, True, None)
-        return FilePlan(None, True, T5_FP8)
-    if mode == "fp16":
-        if T5_FP16 in present:
-            return FilePlan(T5_FP16, False, None)
-        if T5_FP8 in present:
-            return FilePlan(T5_FP8, True, T5_FP16)
-        return FilePlan(None, False, T5_FP16)
-    raise ValueError(f"T5 mode {mode!r}; expected fp16, fp8 or off")
-
-
 def free_memory() -> tuple[int, int | None]:
     """(available RAM, free VRAM or None without CUDA) in bytes."""
     try:

@@ -1,13 +1,17 @@
 """Is this file a T5-XXL encoder we can load? Judged by its safetensors header (keys and shapes),
-never by its byte length: conversions from other repos (bf16, fp32, fp8, "scaled fp8") differ in
-length from the published file and are as good. One rule for the doctor, ``GET /sd3/t5`` and the
-WebUI, so they agree on every file. Standard library only (the doctor runs without torch).
+never by its name or byte length: conversions from other repos (bf16, fp32, fp8, "scaled fp8") differ in
+length from the published file and are as good, and users keep them under the names ComfyUI or Stability
+gave them (``t5xxl_fp8_e4m3fn_scaled.safetensors``, ``google_t5-v1_1-xxl_encoderonly-fp16.safetensors``,
+``t5xxl.safetensors``) in ``models/CLIP`` or ``models/text_encoder``. One rule for the doctor, ``GET /sd3/t5``
+and the WebUI, so they agree on every file. Only headers are read, never tensor data. Standard library only
+(the doctor runs without torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lib_sd3.known_files import KnownFile
@@ -23,6 +27,9 @@ SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI "scaled fp8"; llm-c
 IGNORED_SUFFIXES = ("scale_input", "input_scale")  # activation scales: our layers upcast weights instead
 SCALED_MARKER = "scaled_fp8"  # ComfyUI's marker tensor in scaled-fp8 files
 PRECISIONS = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F8_E4M3": "fp8", "F8_E5M2": "fp8 (e5m2)"}
+FOLDERS = ("CLIP", "text_encoder")
+"""Where under A1111's ``models/`` T5 files are looked for: A1111's own folder, and ComfyUI's / Forge's."""
+SCAN_DEPTH = 2  # models/CLIP/*.safetensors and one level of subfolders (ComfyUI users sort files into some)
 
 Layout = Mapping[str, tuple[int, ...]]
 
@@ -57,6 +64,7 @@ class T5FileCheck:
     detail: str
     precision: str | None = None  # fp16 | bf16 | fp32 | fp8 | fp8 scaled | mixed ...
     size: int | None = None
+    foreign: bool = False  # a sound safetensors file of something else (CLIP, a VAE): no T5 tensor in it
 
     @property
     def usable(self) -> bool:
@@ -114,10 +122,41 @@ def check_t5_file(path: Path, known: KnownFile | None, layout: Layout) -> T5File
                            size=size)
     problem = layout_problem(header, layout)
     if problem is not None:
-        return T5FileCheck(name, "unusable", problem, size=size)
+        return T5FileCheck(name, "unusable", problem, size=size, foreign=not has_t5_tensors(header))
     precision = precision_of(header, layout)
     if known is not None and known.size == size:
         return T5FileCheck(name, "published", f"the published file by size ({precision})", precision, size)
-    published = f"{known.size:,} bytes" if known is not None and known.size else "unknown size"
-    return T5FileCheck(name, "own", f"a T5-XXL encoder ({precision}, {size:,} bytes), not the published file "
-                                    f"({published}): used as it is, never replaced", precision, size)
+    published = f" ({known.size:,} bytes)" if known is not None and known.size else ""
+    return T5FileCheck(name, "own", f"a T5-XXL encoder ({precision}, {size:,} bytes), not the published file"
+                                    f"{published}: used as it is, never replaced", precision, size)
+
+
+def has_t5_tensors(header: Header) -> bool:
+    """Whether any tensor is named like a T5 encoder's: without one the file is something else
+    (CLIP-L/G beside T5 in models/CLIP), not a broken T5."""
+    return any(key in EMBEDDING_KEYS or key.startswith("encoder.block.") for key in header.tensors)
+
+
+def safetensors_files(folder: Path, depth: int = SCAN_DEPTH) -> list[Path]:
+    """``*.safetensors`` in ``folder`` and its subfolders down to ``depth`` levels (links followed),
+    sorted; hidden folders skipped. A download in progress is a ``.part``, never listed."""
+    found: list[Path] = []
+    base = len(Path(folder).parts)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if len(Path(root).parts) - base < depth - 1 else []
+        found += [Path(root) / f for f in sorted(files) if f.endswith(".safetensors")]
+    return found
+
+
+def known_row(path: Path, rows: Iterable[KnownFile]) -> KnownFile | None:
+    """The table row to judge ``path`` against: the one of its name, else the one of its exact size
+    (the published bytes under another name are the published file), else None."""
+    rows = tuple(rows)
+    named = next((row for row in rows if row.filename == path.name), None)
+    if named is not None:
+        return named
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    return next((row for row in rows if row.size == size), None)

@@ -253,6 +253,29 @@ def test_text_encoder_verdicts_agree_with_the_safetensors_loader(tmp_path, hub, 
     assert code == 1 and report["sd3_can_work"] is False
 
 
+def test_t5_files_under_other_names_are_listed_like_the_webui_sees_them(tmp_path):
+    """ComfyUI / google names in models/CLIP or models/text_encoder: the same header rule as the WebUI's."""
+    from lib_sd3.t5_file import encoder_layout
+
+    config = {"d_ff": 8, "d_model": 4, "num_heads": 2, "num_layers": 2, "vocab_size": 10}
+    layout = encoder_layout(config)
+    models = tmp_path / "models"
+    (models / "CLIP").mkdir(parents=True)
+    (models / "text_encoder").mkdir()
+    t5 = {key: np.zeros(shape, np.float16) for key, shape in layout.items()}
+    save_file(t5, str(models / "CLIP" / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    save_file(t5, str(models / "text_encoder" / "google_t5-v1_1-xxl_encoderonly-fp16.safetensors"))
+    save_file({"text_model.final_layer_norm.weight": np.ones(4, np.float16)}, str(models / "CLIP" / "other.safetensors"))
+    (models / "CLIP" / "t5_cut.safetensors").write_bytes((models / "CLIP" / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+                                                         .read_bytes()[:-7])
+    rows = {c.item: c for c in doctor.check_other_t5_files(models, layout)}
+    assert set(rows) == {"CLIP/t5xxl_fp8_e4m3fn_scaled.safetensors", "CLIP/t5_cut.safetensors",
+                         "text_encoder/google_t5-v1_1-xxl_encoderonly-fp16.safetensors"}, "CLIP-L is not listed"
+    assert rows["CLIP/t5xxl_fp8_e4m3fn_scaled.safetensors"].status == OK
+    assert "may pick it for T5" in rows["text_encoder/google_t5-v1_1-xxl_encoderonly-fp16.safetensors"].detail
+    assert rows["CLIP/t5_cut.safetensors"].status == WARN and "truncated" in rows["CLIP/t5_cut.safetensors"].detail
+
+
 @pytest.mark.parametrize("content, words", [
     (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "not a safetensors file"),
     (b"\0" * 4096, "not a safetensors file"),  # a pre-allocated file never written

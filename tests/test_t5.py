@@ -15,6 +15,7 @@ import torch
 from lib_sd3 import t5
 from lib_sd3.fetch import FetchOptions
 from lib_sd3.known_files import T5_FP8, T5_FP16, sources
+from lib_sd3.t5_plan import Candidate, plan_t5
 
 GIB = 1 << 30
 FP16, FP8 = t5.RESIDENT_BYTES["fp16"], t5.RESIDENT_BYTES["fp8"]
@@ -55,17 +56,24 @@ def test_choose_mode_says_why_and_rejects_unknown():
         t5.choose_mode("fp4", GIB, None)
 
 
-@pytest.mark.parametrize("mode, present, expected", [
-    ("off", {T5_FP16}, t5.FilePlan(None, False, None)),
-    ("fp8", set(), t5.FilePlan(None, True, T5_FP8)),
-    ("fp8", {T5_FP16}, t5.FilePlan(T5_FP16, True, None)),  # no download: rounded at load
-    ("fp8", {T5_FP8, T5_FP16}, t5.FilePlan(T5_FP8, True, None)),
-    ("fp16", {T5_FP8}, t5.FilePlan(T5_FP8, True, T5_FP16)),  # fp8 meanwhile, fp16 fetched
-    ("fp16", {T5_FP16}, t5.FilePlan(T5_FP16, False, None)),
-    ("fp16", set(), t5.FilePlan(None, False, T5_FP16)),
+def present_files(names) -> list[Candidate]:
+    """The published files on disk, as the WebUI's file scan reports them."""
+    return [Candidate(name, Path("models/CLIP") / name, "fp8" if name == T5_FP8 else "fp16", True)
+            for name in (T5_FP16, T5_FP8) if name in names]
+
+
+@pytest.mark.parametrize("mode, present, expected", [  # (file loaded, fp8, file fetched)
+    ("off", {T5_FP16}, (None, False, None)),
+    ("fp8", set(), (None, True, T5_FP8)),
+    ("fp8", {T5_FP16}, (T5_FP16, True, None)),  # no download: rounded at load
+    ("fp8", {T5_FP8, T5_FP16}, (T5_FP8, True, None)),
+    ("fp16", {T5_FP8}, (T5_FP8, True, T5_FP16)),  # fp8 meanwhile, fp16 fetched: asked for explicitly
+    ("fp16", {T5_FP16}, (T5_FP16, False, None)),
+    ("fp16", set(), (None, False, T5_FP16)),
 ])
 def test_plan_files(mode, present, expected):
-    assert t5.plan_files(mode, present) == expected
+    plan = plan_t5(mode, present_files(present), 512 * GIB, None)
+    assert (plan.load.key if plan.load else None, plan.fp8, plan.fetch) == expected
 
 
 def test_free_memory_reports_plausible_ram():

@@ -80,8 +80,8 @@ def webui(request, fake_webui, tmp_path, monkeypatch):
 
     from lib_sd3.webui import t5 as t5_webui
 
-    feature = t5_webui.T5Feature(t5_webui.T5Setup({name: known(name) for name in FILES},
-                                                  FetchOptions(backoff=0.01, auth=None)))
+    feature = t5_webui.T5Feature(t5_webui.FetchSetup({name: known(name) for name in FILES},
+                                                     FetchOptions(backoff=0.01, auth=None)))
     tokenizer_calls = []
     feature.ensure_tokenizers = lambda: tokenizer_calls.append(1)
     fake_webui.tokenizer_calls = tokenizer_calls
@@ -108,7 +108,7 @@ def load_sd3(webui):
     cond_class = webui.ui.module(a1111_sd3.COND_MODULE[webui.state]).SD3Cond
     model = Model("SD3", cond_stage_model=cond_class())
     webui.shared.sd_model = model
-    webui.t5.attachment.decide(model)
+    webui.t5.refresh(model)
     return model
 
 
@@ -218,7 +218,7 @@ def test_present_file_is_used_without_network_and_off_mode_detaches(webui, mirro
     model = load_sd3(webui)
     assert mirror.requests == [] and generate(webui, model)[1] == "fp16"
     webui.shared.opts.data["sd3_t5_mode"] = "off"
-    webui.t5.attachment.decide(model)
+    webui.t5.refresh(model)
     assert model.cond_stage_model.t5xxl is None and generate(webui, model)[1] == "off"
 
 
@@ -235,13 +235,15 @@ def test_corrupt_file_on_disk_costs_t5_not_the_model(webui, mirror):
 
 
 def test_file_that_fails_to_load_costs_t5_not_the_model(webui, mirror, monkeypatch):
+    from lib_sd3.webui import t5_model
+
     webui.clip.mkdir(parents=True)
     (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
 
     def broken(path, fp8):
         raise ValueError("tensor data unreadable")
 
-    monkeypatch.setattr(webui.module, "build_t5", broken)
+    monkeypatch.setattr(t5_model, "build_t5", broken)
     model = load_sd3(webui)
     status = webui.t5.status()
     assert status["mode"] == "off" and "loading" in status["error"] and "unreadable" in status["error"]
@@ -384,7 +386,7 @@ def test_t5_output_non_finite_even_in_fp32_is_a_named_error(webui, mirror):
 
 def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path, monkeypatch):
     from lib_sd3.known_files import TOKENIZER_REPOS, tokenizer_files
-    from lib_sd3.webui import t5 as t5_webui
+    from lib_sd3.webui import text_encoder_fetch
 
     fake_webui.shared.opts.data.update({"sd3_fetch": True})
     fake_webui.shared.cmd_opts = types.SimpleNamespace(sd3_t5=None, sd3_no_fetch=False, sd3_mirror=None)
@@ -396,13 +398,13 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
         m.faults.lfs = False
         fake_webui.shared.opts.data["sd3_mirrors"] = m.endpoint
         m.faults.status = 503  # a broken mirror at model load: warnings, no exception, no long wait
-        t5_webui.T5Feature(t5_webui.default_setup()).ensure_tokenizers()
+        text_encoder_fetch.ensure_tokenizers(text_encoder_fetch.default_setup().tokenizer_options)
         assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.json"))
         m.faults.status = None
         for repo in TOKENIZER_REPOS:
             for known_file in tokenizer_files(repo):
                 m.add(repo, known_file.path, f"{repo}/{known_file.path}".encode())
-        t5_webui.T5Feature(t5_webui.default_setup()).ensure_tokenizers()
+        text_encoder_fetch.ensure_tokenizers(text_encoder_fetch.default_setup().tokenizer_options)
     for repo in TOKENIZER_REPOS:
         snapshot = t5_lib.cached_snapshot(tmp_path / "hub", repo, tokenizer_files(repo))
         assert snapshot is not None
@@ -436,7 +438,7 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     reference.transformer.load_state_dict({k: v.float() for k, v in state.items()})
 
     from lib_sd3.t5_file import encoder_layout
-    from lib_sd3.webui import t5 as t5_webui
+    from lib_sd3.webui import t5_model as t5_webui
 
     assert t5_webui.expected_layout() == encoder_layout(config), "the doctor's T5 layout is A1111's own"
     tokens = [[5, 6, 7, 1, 0, 0]]
@@ -523,7 +525,7 @@ def test_users_own_t5_file_is_attached_and_never_touched(webui, variant, monkeyp
     webui.shared.opts.data["sd3_t5_mode"] = "fp16"  # needs the fp16 file: fetched, from dead endpoints
     generate(webui, model)
     assert webui.t5.download.wait(30)
-    webui.t5.attachment.decide(model)
+    webui.t5.refresh(model)
     generate(webui, model)
     assert path.read_bytes() == data and path.stat().st_ino == inode, "the user's file is untouched"
     assert sorted(p.name for p in webui.clip.iterdir() if not p.name.endswith(".lock")) == [name]
@@ -577,3 +579,146 @@ def test_status_says_which_endpoint_is_tried(webui, mirror):
     assert any(f"trying {mirror.endpoint}" in text or f"downloading from {mirror.endpoint}" in text
                for text in shown), "the UI names the endpoint being tried"
     assert webui.t5.status()["fetch_state"] == "done"
+
+
+# ---------------------------------------------------------------- T5 files under the names users have
+COMFY_SCALED = "t5xxl_fp8_e4m3fn_scaled.safetensors"
+GOOGLE_FP16 = "google_t5-v1_1-xxl_encoderonly-fp16.safetensors"
+
+
+def t5_messages(caplog, words):
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+def test_comfyui_scaled_fp8_file_is_attached_and_auto_downloads_nothing(webui, mirror, caplog):
+    """64 GB free: fp16 would fit, but the user's fp8 file wins; no 9.8 GB download starts."""
+    caplog.set_level("INFO")
+    webui.clip.mkdir(parents=True)
+    (webui.clip / COMFY_SCALED).write_bytes(safetensors_bytes(SCALED_FILE))
+    model = load_sd3(webui)
+    out, infotext = generate(webui, model)
+    assert infotext == "fp8" and mirror.requests == [] and webui.t5.status()["fetch_state"] == "idle"
+    torch.testing.assert_close(out, expected_output(SCALED_MEANT, ["a cat", "sign"]), rtol=1e-3, atol=1e-3)
+    status = webui.t5.status()
+    assert status["loaded_file"] == COMFY_SCALED and status["precision"] == "fp8 scaled"
+    assert status["files"] == {T5_FP16: False, T5_FP8: False, COMFY_SCALED: True}
+    assert status["file_states"][COMFY_SCALED]["state"] == "own"
+    assert COMFY_SCALED in status["reason"] and "fp16 would fit too" in status["reason"]
+    assert f"from {COMFY_SCALED} (fp8 scaled, your own file), the only T5-XXL file here" in status["reason"]
+    assert len(t5_messages(caplog, "T5: fp8: needs")) == 1
+    assert t5_messages(caplog, f"T5-XXL on (fp8 from {COMFY_SCALED}")
+    markdown = webui.t5.status_markdown()
+    assert markdown.startswith("**T5-XXL:** fp8 — ") and COMFY_SCALED in markdown
+    webui.t5.post_fetch()  # "Download T5 now" under auto: still nothing to fetch
+    assert mirror.requests == [] and webui.t5.status()["fetch_state"] == "idle"
+
+
+def test_file_in_models_text_encoder_under_a_google_name_is_attached(webui, mirror):
+    folder = webui.clip.parent / "text_encoder"
+    folder.mkdir(parents=True)
+    (folder / GOOGLE_FP16).write_bytes(safetensors_bytes({k: v.to(torch.bfloat16) for k, v in FP16_STATE.items()}))
+    model = load_sd3(webui)
+    out, infotext = generate(webui, model)
+    key = f"text_encoder/{GOOGLE_FP16}"
+    assert infotext == "fp16" and mirror.requests == []
+    assert webui.t5.status()["loaded_file"] == key and webui.t5.status()["files"][key] is True
+    torch.testing.assert_close(out, expected_output({k: v.to(torch.bfloat16) for k, v in FP16_STATE.items()},
+                                                    ["a cat", "sign"]), rtol=1e-3, atol=1e-3)
+
+
+def test_asking_for_fp16_with_only_an_fp8_file_fetches_and_a_failure_says_t5_stays_on(webui, mirror, caplog):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / COMFY_SCALED).write_bytes(safetensors_bytes(SCALED_FILE))
+    webui.shared.opts.data["sd3_t5_mode"] = "fp16"
+    mirror.faults.status = 404
+    model = load_sd3(webui)
+    assert webui.t5.download.wait(30)
+    assert any(T5_FP16 in path for _, path, _ in mirror.requests), "asked for explicitly: downloaded"
+    out, infotext = generate(webui, model)
+    assert infotext == "fp8" and webui.t5.status()["fetch_state"] == "failed"
+    failed = t5_messages(caplog, "T5 download of")
+    assert len(failed) == 1 and f"T5 stays on (fp8 from {COMFY_SCALED})" in failed[0], failed
+    assert not t5_messages(caplog, "generating without T5"), "T5 was on: no message may say otherwise"
+
+
+def test_failed_download_with_nothing_attached_says_generating_without_t5(webui, mirror, caplog):
+    mirror.faults.status = 404
+    load_sd3(webui)
+    assert webui.t5.download.wait(30)
+    failed = t5_messages(caplog, "T5 download of")
+    assert len(failed) == 1 and "generating without T5" in failed[0]
+
+
+def test_setting_picks_another_file(webui, mirror):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
+    (webui.clip / COMFY_SCALED).write_bytes(safetensors_bytes(SCALED_FILE))
+    model = load_sd3(webui)
+    assert generate(webui, model)[1] == "fp16" and webui.t5.status()["loaded_file"] == T5_FP16
+    assert "preferred of 2 T5-XXL files" in webui.t5.status()["reason"]
+    webui.shared.opts.data["sd3_t5_file"] = COMFY_SCALED
+    out, infotext = generate(webui, model)  # applied at the next generation, like the mode
+    assert infotext == "fp8" and webui.t5.status()["loaded_file"] == COMFY_SCALED and mirror.requests == []
+    assert "picked in the 'T5-XXL file' setting" in webui.t5.status()["reason"]
+    torch.testing.assert_close(out, expected_output(SCALED_MEANT, ["a cat", "sign"]), rtol=1e-3, atol=1e-3)
+    webui.shared.opts.data["sd3_t5_file"] = "not-here.safetensors"
+    generate(webui, model)
+    assert webui.t5.status()["loaded_file"] == T5_FP16 and "not-here.safetensors" in webui.t5.status()["reason"]
+
+
+def test_odd_files_skipped_with_one_line_and_other_models_in_silence(webui, mirror, caplog):
+    webui.clip.mkdir(parents=True)
+    (webui.clip / "t5xxl_broken.safetensors").write_bytes(b"<!DOCTYPE html><html>502</html>")
+    (webui.clip / "t5_cut.safetensors").write_bytes(FILES[T5_FP16][:-100])
+    (webui.clip / "clip_l.safetensors").write_bytes(safetensors_bytes({"text_model.final_layer_norm.weight":
+                                                                      torch.ones(4)}))
+    (webui.clip / COMFY_SCALED).write_bytes(safetensors_bytes(SCALED_FILE))
+    model = load_sd3(webui)
+    for _ in range(3):
+        generate(webui, model)
+        webui.t5.status()
+    assert len(t5_messages(caplog, "t5xxl_broken.safetensors: corrupt")) == 1
+    assert len(t5_messages(caplog, "t5_cut.safetensors: truncated")) == 1
+    assert all("skipped as a T5-XXL file" in m for m in t5_messages(caplog, "t5_cut.safetensors"))
+    assert not t5_messages(caplog, "clip_l"), "CLIP-L is not a broken T5"
+    files = webui.t5.status()["files"]
+    assert files == {T5_FP16: False, T5_FP8: False, "t5_cut.safetensors": False, "t5xxl_broken.safetensors": False,
+                     COMFY_SCALED: True}
+    assert webui.t5.status()["loaded_file"] == COMFY_SCALED
+
+
+def test_file_checks_read_headers_only_and_once_per_file_version(webui, monkeypatch):
+    from lib_sd3 import safetensors_file
+
+    webui.clip.mkdir(parents=True)
+    path = webui.clip / COMFY_SCALED
+    path.write_bytes(safetensors_bytes(SCALED_FILE))
+    header_bytes = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    read = []
+
+    class Counting:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def read(self, n=-1):
+            data = self.file.read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(safetensors_file, "open", lambda p, mode="r": Counting(open(p, mode)), raising=False)
+    assert webui.t5.files.candidates()[0].key == COMFY_SCALED
+    assert 0 < sum(read) <= header_bytes < path.stat().st_size, "the header only, never the tensors"
+    webui.t5.files.scan()
+    webui.t5.status()
+    assert sum(read) <= header_bytes, "judged once while the file stays the same"
+    path.write_bytes(safetensors_bytes(FP8_STATE))
+    assert webui.t5.files.scan()[COMFY_SCALED].precision == "fp8", "a replaced file is judged again"

@@ -41,6 +41,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sd3_token_counter", True, "Show CLIP and T5 token counts for SD3 prompts"),
     Setting("sd3_t5_mode", "auto", "T5-XXL text encoder", T5_MODES, infotext=infotext.T5,
             comment="auto picks fp16 or fp8 from free memory, or off where neither fits"),
+    Setting("sd3_t5_file", "", "T5-XXL file", comment="a file name in models/CLIP or models/text_encoder; empty: "
+            "the published file, else the first T5-XXL file found (GET /sd3/t5 lists them)"),
     Setting("sd3_fetch", True, "Download missing T5-XXL and tokenizers in the background"),
     Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
     *(option_setting(option) for option in options.OPTIONS),

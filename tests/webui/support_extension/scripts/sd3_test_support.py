@@ -12,7 +12,10 @@ It also runs inside A1111 when scripts load, before the model loads, and does tw
   34b4443c) to the reduced T5 the test's mirror serves: T5-XXL at full size needs ~19 GB in fp32;
 - gives the extension's T5 feature (``lib_sd3.webui.t5.T5.configure``) that reduced file's size and
   sha256, so the downloader verifies the bytes the mirror really serves instead of rejecting them
-  as not the real T5-XXL.
+  as not the real T5-XXL;
+- plans T5's memory for that reduced T5 (``lib_sd3.t5.RESIDENT_BYTES``, headroom kept): the extension
+  plans for T5-XXL's 9.8 GB, and whether a T5 case ran then depended on the test machine having 12 GB
+  free, not on the extension.
 """
 
 import dataclasses
@@ -55,6 +58,18 @@ def _use_reduced_t5_source() -> str:
     return f"{len(rows)} T5 source(s) point at the reduced test file"
 
 
+def _plan_memory_for_reduced_t5() -> str:
+    config = SETTINGS.get("config")
+    if not config:
+        return "no reduced T5 config given"
+    from lib_sd3 import t5
+
+    d, ff = config["d_model"], config["d_ff"]
+    linear, embedding = config["num_layers"] * (4 * d * d + 3 * d * ff), config["vocab_size"] * d
+    t5.RESIDENT_BYTES.update(fp16=linear * 2 + embedding * 4, fp8=linear + embedding * 4)  # as t5.py counts XXL
+    return f"T5 memory planned for the reduced T5 ({t5.RESIDENT_BYTES['fp16'] / 1e9:.2f} GB in fp16)"
+
+
 def _safely(step) -> str:
     try:
         return step()
@@ -62,7 +77,8 @@ def _safely(step) -> str:
         return f"{step.__name__} failed: {error!r}"
 
 
-print(f"[sd3-test-support] {_safely(_shrink_t5_config)}; {_safely(_use_reduced_t5_source)}")
+print(f"[sd3-test-support] {_safely(_shrink_t5_config)}; {_safely(_use_reduced_t5_source)}; "
+      f"{_safely(_plan_memory_for_reduced_t5)}")
 
 
 LATENT_KEY = "SD3 test latent"
