@@ -12,8 +12,8 @@ import torch
 from oracle import GaussianFlowDenoiser, data_scale, fitted_order, make_oracle, rms
 
 from lib_sd3 import flow
-from lib_sd3 import samplers as S
-from lib_sd3.nan_guard import NonFiniteError
+from lib_sd3 import sampling as S
+from lib_sd3.nan_guard import NanGuard, NonFiniteError
 
 STEPS = [8, 16, 32, 64]
 FIRST_ORDER = {
@@ -183,7 +183,7 @@ def white_noise(x):
 def test_noise_injecting_samplers_reproduce_exact_marginals(name, noise_problem):
     oracle, x1, sigmas = noise_problem
     sampler = STOCHASTIC[name]
-    ours = S.edm_route(sampler, name in SECOND_ORDER)(oracle, x1.clone(), sigmas=sigmas,
+    ours = S.edm_route(sampler, name in SECOND_ORDER)(oracle, x1.clone(), sigmas=sigmas, eta=1.0,  # A1111's eta
                                                          noise_sampler=white_noise(x1), disable=True)
     mean, var = moments_error(ours, oracle)
     assert abs(mean) < MEAN_TOL and abs(var) < VAR_TOL, (mean, var)
@@ -254,6 +254,17 @@ class HalfOverflowDenoiser(torch.nn.Module):
         return self.oracle(x, s) + 0 * h.sum(-1, keepdim=True).to(x.dtype)
 
 
+def guarded_denoiser(model, guard: NanGuard, sampler: str, sigmas: torch.Tensor):
+    """``model`` behind ``guard`` as the WebUI's SD3Denoiser patch puts it: a failure names the sampler, the step
+    and the sigma."""
+
+    def denoise(x, sigma, **kwargs):
+        return guard(model, x, sigma, what="SD3 denoiser", where=lambda: S.describe_step(sampler, sigmas, sigma),
+                     **kwargs)
+
+    return denoise
+
+
 def test_guard_recovers_a_reduced_precision_nan(problem):
     oracle, x1 = problem
     sigmas = flow.shifted(10).double()
@@ -261,7 +272,7 @@ def test_guard_recovers_a_reduced_precision_nan(problem):
     unguarded = S.sample_flow_ddim(model, x1.clone(), sigmas=sigmas, disable=True)
     assert torch.isnan(unguarded).all()  # without the guard the fp16 NaN at step 4 reaches the result
     guard = S.denoiser_guard()
-    out = S.sample_flow_ddim(S.guarded_denoiser(model, guard, "DDIM", sigmas), x1.clone(), sigmas=sigmas, disable=True)
+    out = S.sample_flow_ddim(guarded_denoiser(model, guard, "DDIM", sigmas), x1.clone(), sigmas=sigmas, disable=True)
     full = S.sample_flow_ddim(oracle, x1.clone(), sigmas=sigmas, disable=True)
     assert torch.allclose(out, full, atol=1e-12)
     assert [(r.precision.name, r.where) for r in guard.recoveries] == [("bf16 autocast", f"sampler DDIM, step 4/10, sigma {float(sigmas[3]):.4g}")]
@@ -277,7 +288,7 @@ def test_guard_names_sampler_step_and_sigma_when_nan_persists(problem):
 
     guard = S.denoiser_guard()
     with pytest.raises(NonFiniteError, match=r"sampler UniPC, step 1/6, sigma 1;.*bf16 autocast.*fp32.*--no-half"):
-        S.sample_flow_unipc(S.guarded_denoiser(always_nan, guard, "UniPC", sigmas), x1.clone(), sigmas=sigmas, disable=True)
+        S.sample_flow_unipc(guarded_denoiser(always_nan, guard, "UniPC", sigmas), x1.clone(), sigmas=sigmas, disable=True)
 
 
 def restart_like(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0):
@@ -332,7 +343,7 @@ def test_fresh_noise_comes_from_a1111s_seeded_generator(monkeypatch, problem):
     S.sample_flow_ddim(oracle, x1.clone(), sigmas=sigmas, eta=1.0, disable=True)
     assert len(drawn) == 5  # every step but the last (to s = 0) adds noise
     drawn.clear()
-    S.edm_route(ks.sample_euler_ancestral)(oracle, x1.clone(), sigmas=sigmas, disable=True)
+    S.edm_route(ks.sample_euler_ancestral)(oracle, x1.clone(), sigmas=sigmas, eta=1.0, disable=True)  # A1111's eta
     assert len(drawn) == 5  # the exact first step included
 
 
