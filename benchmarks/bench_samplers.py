@@ -5,7 +5,7 @@ adaptive end points, and every sampler x schedule at 1-3 steps.
     python benchmarks/bench_samplers.py
 
 Last line: ``guard_overhead= orders_ok= moments_ok= calls_per_step_equal= dpm_fast_ok= dpm_adaptive_ok=
-few_steps_ok=`` (bounds and figures: docs/samplers.md).
+few_steps_ok= dpm_adaptive_vs_unpatched= dpm_fast_img2img_ok=`` (bounds and figures: docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +28,7 @@ import k_diffusion.sampling as ks  # noqa: E402
 from oracle import data_scale, fitted_order, make_oracle, rms  # noqa: E402
 
 from lib_sd3 import flow  # noqa: E402
-from lib_sd3 import samplers as S  # noqa: E402
+from lib_sd3 import sampling as S  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore")  # torchsde's Brownian-tree boundary notes, diffusers' deprecations
@@ -239,9 +240,11 @@ def few_steps() -> bool:
     oracle = make_oracle()
     x1 = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     exact = oracle.endpoint(x1, 1.0)
-    runs = {label: (route.wrap(K_DIFFUSION[label][0], K_DIFFUSION[label][1]), K_DIFFUSION[label][2])
-            for label, route in routes.KDIFFUSION_ROUTES.items() if label in K_DIFFUSION}
-    runs.update({label: (func, False) for label, func in routes.TIMESTEP_ROUTES.items() if label != "DDIM CFG++"})
+    opts = SimpleNamespace(uni_pc_order=3, uni_pc_variant="bh1", uni_pc_lower_order_final=True)  # A1111's defaults
+    runs = {label: (route.make(K_DIFFUSION[label][0], K_DIFFUSION[label][1], opts), K_DIFFUSION[label][2])
+            for label, route in routes.ROUTES.items() if label in K_DIFFUSION}
+    runs.update({label: (route.make(None, False, opts), False) for label, route in routes.ROUTES.items()
+                 if route.own_sampler and route.cfg_scale is None})  # CFG++ needs a CFG denoiser
     broken = []
     for label, (func, discard) in runs.items():
         for name in flow.SCHEDULE_NAMES:
@@ -267,6 +270,66 @@ def few_steps() -> bool:
     return not broken
 
 
+def dpm_adaptive_vs_unpatched() -> float:
+    """Distance of DPM adaptive's end point from the exact ODE state at sigma_min with the extension (what its route
+    runs on SD3) over the distance without it (k-diffusion's function on flow levels), CFG 4.5 on two Gaussian
+    oracles as in the fake WebUI, the same noise; the larger ratio of eta 0 and eta 1 (A1111's default)."""
+    from lib_sd3.webui import samplers as routes
+
+    route = routes.ROUTES["DPM adaptive"]
+    ours, _ = routes.stepping_aside(ks.sample_dpm_adaptive, route.make(ks.sample_dpm_adaptive, False, None), route,
+                                    "DPM adaptive")
+    cond, uncond = make_oracle(), make_oracle(seed=3)
+
+    def model(x, s, **_):
+        return uncond(x, s) + 4.5 * (cond(x, s) - uncond(x, s))
+
+    x1 = torch.randn(512, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = ks.sample_dpm_fast(model, x1.clone(), SIGMA_MIN, 1.0, 600, disable=True)
+    ratios = []
+    print("\nDPM adaptive, CFG 4.5: distance to the ODE end point / its rms (with the extension, without)")
+    for eta in (0.0, 1.0):
+        distances = []
+        for sampler in (ours, ks.sample_dpm_adaptive, S.sample_flow_dpm_adaptive):
+            g = torch.Generator().manual_seed(5)
+            out = sampler(model, x1.clone(), sigma_min=SIGMA_MIN, sigma_max=1.0, eta=eta, disable=True,
+                          noise_sampler=lambda _s, _t, g=g: torch.randn(x1.shape, dtype=x1.dtype, generator=g))
+            distances.append(rms(out - exact) / rms(exact))
+        ratios.append(distances[0] / distances[1])
+        print(f"eta {eta:.0f}: {distances[0]:.4f} {distances[1]:.4f} ratio {ratios[-1]:.3f}   (flow form itself "
+              f"{distances[2]:.4f}; {route.aside_note.format(label='DPM adaptive') if eta else 'it runs'})")
+    return max(ratios)
+
+
+def dpm_fast_img2img() -> bool:
+    """DPM fast in img2img at eta 1 (A1111's default) on the Gaussian oracle: the start is the exact flow marginal at
+    the level the strength picks, the end is compared with the exact marginal at sigma_min (tests/test_samplers.py);
+    ok at 30 steps within the moment tolerances, printed at 20 too."""
+    torch.manual_seed(0)
+    oracle = make_oracle(DIM)
+    ok = True
+    print(f"\nDPM fast img2img, eta 1, {SEEDS} seeds x {DIM} dims: (mean error / std, variance ratio - 1) at sigma_min")
+    for strength in (0.6, 0.9):
+        for steps in (20, 30):
+            sigmas = flow.shifted(steps).double()
+            tail = sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
+            s_max, s_min, n = float(tail[0]), float(tail[-2]), len(tail) - 1
+            g = torch.Generator().manual_seed(11)
+            x0 = oracle.mu + oracle.c * torch.randn(SEEDS, DIM, dtype=torch.float64, generator=g)
+            start = (1 - s_max) * x0 + s_max * torch.randn(SEEDS, DIM, dtype=torch.float64, generator=g)
+            out = S.sample_flow_dpm_fast(oracle, start, sigma_min=s_min, sigma_max=s_max, n=n, eta=1.0, disable=True,
+                                         noise_sampler=lambda _s, _t, g=g: torch.randn(
+                                             SEEDS, DIM, dtype=torch.float64, generator=g))
+            scale = torch.sqrt((1 - s_min) ** 2 * oracle.c**2 + s_min**2)
+            mean = float(((out.mean(0) - (1 - s_min) * oracle.mu) / scale).mean())
+            var = float((out.var(0) / scale**2).mean()) - 1
+            good = abs(mean) < MEAN_TOL and abs(var) < VAR_TOL
+            ok &= good or steps != 30
+            print(f"strength {strength} {steps} steps ({n} calls): {mean:+.3f} {var:+.3f}"
+                  + (f" {'ok' if good else 'FAIL'}" if steps == 30 else ""))
+    return ok
+
+
 def main() -> None:
     start = time.perf_counter()
     orders_ok = orders()
@@ -275,10 +338,13 @@ def main() -> None:
     calls_ok = calls_per_step()
     fast_ok, adaptive_ok = dpm_end_points()
     few_ok = few_steps()
+    adaptive_ratio = dpm_adaptive_vs_unpatched()
+    img2img_ok = dpm_fast_img2img()
     print(f"\n({time.perf_counter() - start:.0f} s)")
     print(f"guard_overhead={overhead:.3f} orders_ok={int(orders_ok)} moments_ok={int(moments_ok)} "
           f"calls_per_step_equal={int(calls_ok)} dpm_fast_ok={int(fast_ok)} dpm_adaptive_ok={int(adaptive_ok)} "
-          f"few_steps_ok={int(few_ok)}")
+          f"few_steps_ok={int(few_ok)} dpm_adaptive_vs_unpatched={adaptive_ratio:.3f} "
+          f"dpm_fast_img2img_ok={int(img2img_ok)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Rectified-flow maths for SD3: shift, sigma <-> timestep, flow <-> EDM, and schedules in flow space.
+"""Rectified-flow maths for SD3: shift, flow <-> EDM levels, and schedules in flow space (one table).
 
 SD3 is trained on x_s = (1 - s) x0 + s e with s in [0, 1] (s = 1 is pure noise) and a shifted
 time s(t) = m t / (1 + (m - 1) t), m = 3. Samplers written for VE / EDM models expect sigma in
@@ -9,8 +9,9 @@ returns flow levels: ``steps + 1`` entries, strictly decreasing, in (0, 1], endi
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,15 +38,6 @@ def unshift_time(s: torch.Tensor | float, shift: float = SD3_SHIFT) -> torch.Ten
     return s / (shift - (shift - 1) * s)
 
 
-def sigma_to_timestep(s: torch.Tensor | float) -> torch.Tensor | float:
-    """SD3's model input is timestep = 1000 s (A1111's ``ModelSamplingDiscreteFlow.timestep``)."""
-    return s * TRAIN_TIMESTEPS
-
-
-def timestep_to_sigma(timestep: torch.Tensor | float) -> torch.Tensor | float:
-    return timestep / TRAIN_TIMESTEPS
-
-
 def flow_to_edm_sigma(s: torch.Tensor | float) -> torch.Tensor | float:
     """sigma_edm = s / (1 - s); infinite at s = 1."""
     return s / (1 - s)
@@ -54,16 +46,6 @@ def flow_to_edm_sigma(s: torch.Tensor | float) -> torch.Tensor | float:
 def edm_to_flow_sigma(sigma: torch.Tensor | float) -> torch.Tensor | float:
     """s = sigma / (1 + sigma): the flow level with the same signal-to-noise ratio."""
     return sigma / (1 + sigma)
-
-
-def flow_to_edm(x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
-    """x_edm = x / (1 - s) = x0 + sigma_edm e exactly."""
-    return x / (1 - s)
-
-
-def edm_to_flow(x_edm: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """x = x_edm / (1 + sigma_edm), since 1 - s = 1 / (1 + sigma_edm)."""
-    return x_edm / (1 + sigma)
 
 
 def half_log_snr(s: torch.Tensor) -> torch.Tensor:
@@ -209,37 +191,60 @@ AYS_DESCRIPTION = "AYS SD1.5 levels mapped by log-SNR s=sigma/(1+sigma), start 1
 """What the infotext says was used for Align Your Steps on SD3."""
 
 
-SCHEDULE_NAMES = ("automatic", "uniform", "normal", "sgm_uniform", "simple", "ddim", "karras", "exponential",
-                  "polyexponential", "kl_optimal", "beta", "align_your_steps")
+@dataclasses.dataclass(frozen=True)
+class ScheduleRequest:
+    """What A1111's scheduler call asks for: steps, its level range, the model's shift and the options it reads."""
+
+    n: int
+    sigma_min: float
+    sigma_max: float
+    shift: float = SD3_SHIFT
+    rho: float | None = None
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """One of A1111's schedulers in flow form, and what the infotext says was used."""
+
+    levels: Callable[[ScheduleRequest], torch.Tensor]
+    description: str = ""
+
+
+def _in_flow_space(name: str) -> str:
+    return f"{name} in flow space (0,1]"
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "automatic": Schedule(lambda r: shifted(r.n, r.sigma_min, r.sigma_max, r.shift)),
+    "uniform": Schedule(lambda r: shifted(r.n, r.sigma_min, r.sigma_max, r.shift)),
+    "normal": Schedule(lambda r: shifted(r.n, r.sigma_min, r.sigma_max, r.shift)),
+    "sgm_uniform": Schedule(lambda r: sgm_uniform(r.n, r.sigma_min, r.sigma_max, r.shift)),
+    "simple": Schedule(lambda r: simple(r.n, r.shift)),
+    "ddim": Schedule(lambda r: ddim_uniform(r.n, r.shift)),
+    "karras": Schedule(lambda r: karras(r.n, r.sigma_min, r.sigma_max, 7.0 if r.rho is None else r.rho)),
+    "exponential": Schedule(lambda r: exponential(r.n, r.sigma_min, r.sigma_max)),
+    "polyexponential": Schedule(lambda r: polyexponential(r.n, r.sigma_min, r.sigma_max, 1.0 if r.rho is None else r.rho)),
+    "kl_optimal": Schedule(lambda r: kl_optimal(r.n, r.sigma_min, r.sigma_max)),
+    "beta": Schedule(lambda r: beta(r.n, r.sigma_min, r.sigma_max, r.shift, r.beta_alpha, r.beta_beta)),
+    "align_your_steps": Schedule(lambda r: align_your_steps(r.n), AYS_DESCRIPTION),
+}
+"""A1111's scheduler names (sd_schedulers.py) and their flow forms: "Automatic", "Uniform" and "Normal" are the
+model's own shifted schedule; the rest keep their formulas, confined to (0, 1]."""
+
+SCHEDULE_NAMES = tuple(SCHEDULES)
 """A1111's scheduler names (sd_schedulers.py) that have a flow form here."""
 
 
 def schedule(name: str, n: int, sigma_min: float, sigma_max: float, shift: float = SD3_SHIFT,
              rho: float | None = None, beta_alpha: float = 0.6, beta_beta: float = 0.6) -> torch.Tensor:
-    """The flow form of A1111's scheduler ``name`` (a name from :data:`SCHEDULE_NAMES`)."""
-    if name in ("automatic", "uniform", "normal"):
-        return shifted(n, sigma_min, sigma_max, shift)
-    if name == "sgm_uniform":
-        return sgm_uniform(n, sigma_min, sigma_max, shift)
-    if name == "simple":
-        return simple(n, shift)
-    if name == "ddim":
-        return ddim_uniform(n, shift)
-    if name == "karras":
-        return karras(n, sigma_min, sigma_max, 7.0 if rho is None else rho)
-    if name == "exponential":
-        return exponential(n, sigma_min, sigma_max)
-    if name == "polyexponential":
-        return polyexponential(n, sigma_min, sigma_max, 1.0 if rho is None else rho)
-    if name == "kl_optimal":
-        return kl_optimal(n, sigma_min, sigma_max)
-    if name == "beta":
-        return beta(n, sigma_min, sigma_max, shift, beta_alpha, beta_beta)
-    if name == "align_your_steps":
-        return align_your_steps(n)
-    raise ScheduleError(f"no flow form for scheduler {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
+    """The flow form of A1111's scheduler ``name`` (a name from :data:`SCHEDULES`)."""
+    if name not in SCHEDULES:
+        raise ScheduleError(f"no flow form for scheduler {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
+    return SCHEDULES[name].levels(ScheduleRequest(n, sigma_min, sigma_max, shift, rho, beta_alpha, beta_beta))
 
 
 def describe_schedule(name: str) -> str:
     """Infotext text for the flow schedule used (AYS says which heuristic it is)."""
-    return AYS_DESCRIPTION if name == "align_your_steps" else f"{name} in flow space (0,1]"
+    return SCHEDULES[name].description or _in_flow_space(name)

@@ -1,6 +1,6 @@
 """One guard for model calls whose output may be non-finite: recompute at higher precision, else a named error.
 
-Used around the SD3 denoiser (:func:`lib_sd3.samplers.guarded_denoiser`) and around T5-XXL
+Used around the SD3 denoiser (the SD3Denoiser patch in :mod:`lib_sd3.webui.samplers`) and around T5-XXL
 (:mod:`lib_sd3.webui.t5`). Both overflow the same way: fp16 tops out at 65504, an activation beyond
 it becomes inf and then NaN. bf16 has fp32's exponent range at fp16's cost, so the first rung of
 the ladder recomputes under bf16 autocast; the last one turns autocast off and runs fp32 inputs.

@@ -18,9 +18,9 @@ def test_shift_and_edm_conversions_invert():
     for level in (0.1, 0.5, 0.9):
         x_flow = (1 - level) * x0 + level * e
         sigma = flow.flow_to_edm_sigma(level)
-        assert torch.allclose(flow.flow_to_edm(x_flow, level), x0 + sigma * e)  # x_edm = x0 + sigma e exactly
-        assert torch.allclose(flow.edm_to_flow(flow.flow_to_edm(x_flow, level), sigma), x_flow)
-    assert flow.sigma_to_timestep(0.5) == 500 and flow.timestep_to_sigma(250) == 0.25
+        x_edm = x_flow / (1 - level)  # the change of variables lib_sd3.sampling.edm makes
+        assert torch.allclose(x_edm, x0 + sigma * e)  # x_edm = x0 + sigma e exactly
+        assert torch.allclose(x_edm / (1 + sigma), x_flow)  # and back: 1 - s = 1 / (1 + sigma_edm)
     lam = flow.half_log_snr(torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
     assert lam[0] == 0 and lam[1] == -math.inf and lam[2] == math.inf
 

@@ -162,7 +162,7 @@ def test_ddim_cfgpp_and_unipc_options(webui):
     p = load_sd3(webui, p=P(steps=10, cfg_scale=6.0))
     if webui.state == "dev":
         sampler = sd_samplers.create_sampler("DDIM CFG++", webui.model)
-        assert sampler.model_wrap_cfg.cond_scale_miltiplier == feature.CFGPP_SCALE
+        assert sampler.model_wrap_cfg.cond_scale_miltiplier == feature.ROUTES["DDIM CFG++"].cfg_scale
         assert torch.isfinite(sampler.sample(p, torch.randn(64, 4), "cond", "uncond")).all()
     webui.shared.opts.data["uni_pc_variant"] = "vary_coeff"  # no flow form: bh2
     _, out = txt2img(webui, "UniPC", p)
@@ -197,13 +197,13 @@ def test_nan_guard_recovery_goes_into_the_infotext(webui):
 def test_lcm_runs_on_sd3_in_flow_form(webui, monkeypatch):
     """A1111's LCMSampler builds an SD1.5 eps denoiser and fails on SD3 ("'CFGDenoiserLCM' object has no
     attribute 'inner_model'"); with the flow samplers it runs the flow LCM on SD3's own denoiser."""
-    from lib_sd3 import samplers as flow_samplers
+    from lib_sd3.sampling import loop
 
     p = load_sd3(webui, flow_on=False, p=P(steps=4))
     with pytest.raises(AttributeError, match="inner_model"):
         txt2img(webui, "LCM", p)  # flow samplers off: A1111's own behaviour, the bug
     z = torch.full((64, 4), 0.5)
-    monkeypatch.setattr(flow_samplers, "seeded_randn_like", lambda x: z.to(x))
+    monkeypatch.setattr(loop, "seeded_randn_like", lambda x: z.to(x))
     p = load_sd3(webui, p=P(steps=4))
     webui.model.calls.clear()
     noise, out = txt2img(webui, "LCM", p)
@@ -318,8 +318,25 @@ def test_route_table_names_every_sampler(webui):
     from modules import sd_samplers
 
     labels = {config.name for config in sd_samplers.all_samplers}
-    assert labels <= set(feature.KDIFFUSION_ROUTES) | set(feature.TIMESTEP_ROUTES)
-    assert feature.KDIFFUSION_ROUTES["DPM fast"].wrap(None, False) is feature.flow_samplers.sample_flow_dpm_fast
+    assert labels <= set(feature.ROUTES)
+    assert feature.ROUTES["DPM fast"].make(None, False, None) is feature.sampling.sample_flow_dpm_fast
     p = load_sd3(webui, p=P(steps=6))
     txt2img(webui, "DPM fast", p)
     assert p.extra_generation_params["SD3 flow sampler"] == "DPM fast -> flow DPM fast"
+
+
+def test_dpm_adaptive_steps_aside_at_eta_above_zero_and_says_so(webui):
+    """Issue 22: at A1111's default eta 1 DPM adaptive's flow form landed further from the ODE end point than A1111's
+    own on the real model; there A1111's own function runs, unchanged (the same result as with the flow samplers
+    off), and the infotext says so. At eta 0 the flow form runs."""
+    results = {}
+    for flow_on in (True, False):
+        p = load_sd3(webui, flow_on=flow_on, p=P(steps=10, cfg_scale=4.5, eta=1.0))
+        torch.manual_seed(7)  # the fake's fresh noise comes from torch's global generator
+        results[flow_on] = txt2img(webui, "DPM adaptive", p)[1]
+        if flow_on:
+            assert p.extra_generation_params["SD3 flow sampler"] == "DPM adaptive (A1111's own: ancestral, eta > 0)"
+    assert torch.equal(results[True], results[False])
+    p = load_sd3(webui, p=P(steps=10, cfg_scale=4.5, eta=0.0))
+    txt2img(webui, "DPM adaptive", p)
+    assert p.extra_generation_params["SD3 flow sampler"] == "DPM adaptive -> flow DPM adaptive"

@@ -2,8 +2,8 @@
 
 Three sd3_only patches (SD1.5 / SDXL keep A1111's original functions, the registry undoes them):
 
-- ``sd_samplers.create_sampler``: each sampler label runs what :data:`TIMESTEP_ROUTES` /
-  :data:`KDIFFUSION_ROUTES` say; a label from another extension gets :func:`fallback_route`.
+- ``sd_samplers.create_sampler``: each sampler label runs what its row in :data:`ROUTES` says; a label from
+  another extension gets :func:`fallback_route`.
 - ``sd_schedulers`` functions: every scheduler in the dropdown returns flow levels in (0, 1], with
   Align Your Steps mapped from SD1.5's levels by log-SNR.
 - ``SD3Denoiser.forward``: the NaN guard (recompute a non-finite step in bf16 / fp32, else a named error).
@@ -21,8 +21,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lib_sd3 import flow, get_logger
-from lib_sd3 import samplers as flow_samplers
+from lib_sd3 import flow, get_logger, sampling
 from lib_sd3.nan_guard import NanGuard
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, infotext, settings
@@ -32,33 +31,43 @@ from lib_sd3.webui.generation import GENERATIONS
 log = get_logger("samplers")
 
 FEATURE = "flow samplers"
-CFGPP_SCALE = 1 / 12.5  # A1111's DDIM CFG++ maps CFG scale 0..12.5 to guidance 0..1
+@dataclasses.dataclass(frozen=True)
+class EtaField:
+    """The A1111 option a sampler's eta comes from, its infotext label and default (A1111's sampler fields)."""
 
-TIMESTEP_ROUTES: dict[str, Callable[..., Any]] = {
-    "DDIM": flow_samplers.sample_flow_ddim,
-    "DDIM CFG++": flow_samplers.sample_flow_ddim_cfgpp,
-    "PLMS": flow_samplers.sample_flow_plms,
-    "UniPC": flow_samplers.sample_flow_unipc,
-    "LCM": flow_samplers.sample_flow_lcm,
-}
-"""A1111's samplers whose own code cannot drive SD3, and the flow sampler each one runs on SD3 instead (in a
-k-diffusion sampler object): the timestep samplers, and LCM, whose denoiser class (CFGDenoiserLCM ->
-LCMCompVisDenoiser) is SD1.5's eps model and fails on SD3 with "'CFGDenoiserLCM' object has no attribute
-'inner_model'"."""
+    option: str
+    infotext: str
+    default: float
+
+
+DDIM_ETA = EtaField("eta_ddim", "Eta DDIM", 0.0)
+"""DDIM's eta comes from the DDIM eta option, as in A1111, not from the ancestral one."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """What runs on SD3 for a k-diffusion sampler label: ``wrap(A1111's function, second_order)``, and how the
-    infotext's ``SD3 flow sampler`` says so (``{label}`` is the sampler's label)."""
+    """What runs on SD3 for one sampler label.
+
+    ``make(A1111's function, second_order, opts)`` gives the function that runs (A1111's function is None where
+    ``own_sampler``: A1111's sampler object cannot drive SD3 at all, so a k-diffusion sampler object runs the flow
+    form instead). ``eta``: the option the eta comes from (None: A1111's ancestral eta); ``cfg_scale``: A1111's
+    multiplier of the CFG scale, for a sampler that also renoises with the unconditional x0 (DDIM CFG++);
+    ``note``: the infotext's ``SD3 flow sampler`` (``{label}`` is the sampler's label). ``aside``: for which call
+    arguments A1111's own function runs instead, unchanged, with ``aside_note`` in the infotext.
+    """
 
     note: str
-    wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+    make: Callable[[Callable[..., Any] | None, bool, Any], Callable[..., Any]]
+    own_sampler: bool = False
+    eta: EtaField | None = None
+    cfg_scale: float | None = None
+    aside: Callable[[dict[str, Any]], bool] | None = None
+    aside_note: str = ""
 
 
 def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callable[..., Any]:
     """Euler / Heun / DPM2: exact as they are, but s_churn > 0 adds VE noise, so churn runs in EDM space."""
-    in_edm = flow_samplers.edm_route(func, second_order)
+    in_edm = sampling.edm_route(func, second_order)
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -67,32 +76,67 @@ def churn_aware(func: Callable[..., Any], second_order: bool = False) -> Callabl
     return run
 
 
-AS_IS = Route("{label} (flow ODE)", lambda func, _second_order: func)
+def unipc_from_opts(opts: Any) -> Callable[..., Any]:
+    """A1111's UniPC options (order, variant, lower-order final) applied to the flow UniPC."""
+    variant = getattr(opts, "uni_pc_variant", "bh1")
+
+    @functools.wraps(sampling.sample_flow_unipc)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("order", int(getattr(opts, "uni_pc_order", 3)))
+        kwargs.setdefault("variant", variant if variant in ("bh1", "bh2") else "bh2")  # vary_coeff has no flow form
+        kwargs.setdefault("lower_order_final", bool(getattr(opts, "uni_pc_lower_order_final", True)))
+        return sampling.sample_flow_unipc(*args, **kwargs)
+
+    return run
+
+
+def flow_form(sampler: Callable[..., Any], **fields: Any) -> Route:
+    """Our flow sampler instead of A1111's function for the label."""
+    return Route("{label} -> flow {label}", lambda _func, _second_order, _opts: sampler, **fields)
+
+
+AS_IS = Route("{label} (flow ODE)", lambda func, _second_order, _opts: func)
 """k-diffusion's own function: the flow ODE has the VE ODE's form, so a deterministic solver is right on flow levels."""
-CHURN_IN_EDM = Route("{label} (flow ODE; churn in EDM space)", churn_aware)
-IN_EDM = Route("{label} in EDM space", flow_samplers.edm_route)
+CHURN_IN_EDM = Route("{label} (flow ODE; churn in EDM space)", lambda func, second_order, _opts: churn_aware(
+    func, second_order))
+IN_EDM = Route("{label} in EDM space", lambda func, second_order, _opts: sampling.edm_route(func, second_order))
 """Noise-injecting: the exact first step from pure noise, then the unchanged sampler in EDM coordinates."""
 
-
-def replaced_by(flow_sampler: Callable[..., Any]) -> Route:
-    return Route("{label} -> flow {label}", lambda _func, _second_order: flow_sampler)
-
-
-KDIFFUSION_ROUTES: dict[str, Route] = {
+ROUTES: dict[str, Route] = {
+    # A1111's timestep samplers pass integer timesteps as SD3's sigma and read the output as eps; LCM's denoiser
+    # class (CFGDenoiserLCM -> LCMCompVisDenoiser) is SD1.5's eps model ("'CFGDenoiserLCM' object has no attribute
+    # 'inner_model'" on SD3): their flow forms run in a k-diffusion sampler object instead.
+    "DDIM": flow_form(sampling.sample_flow_ddim, own_sampler=True, eta=DDIM_ETA),
+    "DDIM CFG++": flow_form(sampling.sample_flow_ddim_cfgpp, own_sampler=True, eta=DDIM_ETA,
+                            cfg_scale=1 / 12.5),  # A1111 maps CFG scale 0..12.5 to guidance 0..1
+    "PLMS": flow_form(sampling.sample_flow_plms, own_sampler=True),
+    "UniPC": Route("{label} -> flow {label}", lambda _func, _second_order, opts: unipc_from_opts(opts),
+                   own_sampler=True),
+    "LCM": flow_form(sampling.sample_flow_lcm, own_sampler=True),
     "Euler": CHURN_IN_EDM, "Heun": CHURN_IN_EDM, "DPM2": CHURN_IN_EDM,
     "LMS": AS_IS, "DPM++ 2M": AS_IS,
     "Euler a": IN_EDM, "DPM2 a": IN_EDM, "DPM++ 2S a": IN_EDM, "DPM++ SDE": IN_EDM, "DPM++ 2M SDE": IN_EDM,
     "DPM++ 2M SDE Heun": IN_EDM, "DPM++ 3M SDE": IN_EDM, "Restart": IN_EDM,
-    "DPM fast": replaced_by(flow_samplers.sample_flow_dpm_fast),
-    "DPM adaptive": replaced_by(flow_samplers.sample_flow_dpm_adaptive),
+    # They plan their steps in log sigma from sigma_max, which is infinite in EDM space: their flow forms keep flow
+    # levels and take the ancestral noise in flow form (docs/samplers.md)
+    "DPM fast": flow_form(sampling.sample_flow_dpm_fast),
+    # At eta > 0 (A1111's default) its flow form's ancestral noise is exact on the oracle, yet on the real model it
+    # landed further from the ODE end point than A1111's own (11.7 vs 14.8 dB at CFG 4.5): stepped aside for there
+    "DPM adaptive": flow_form(sampling.sample_flow_dpm_adaptive, aside=lambda kwargs: ancestral_range(kwargs),
+                              aside_note="{label} (A1111's own: ancestral, eta > 0)"),
 }
-"""A1111's k-diffusion sampler labels and what each runs on SD3. DPM fast / adaptive plan their steps in log
-sigma from sigma_max, which is infinite in EDM space; their flow forms keep flow levels (docs/samplers.md)."""
+"""Every A1111 sampler label and what it runs on SD3: the one table of sampler routes."""
 
 
-def fallback_route(func: Callable[..., Any], label: str) -> Route:
-    """A sampler another extension adds: in EDM space if it takes eta or a noise sampler (it injects noise), churn
-    in EDM space if it takes s_churn, else as it is."""
+def ancestral_range(kwargs: dict[str, Any]) -> bool:
+    """eta > 0 over a range to integrate (k-diffusion's DPM adaptive refuses eta > 0 on an empty one, which A1111
+    gives it at 1 step; the flow form returns the start there)."""
+    return kwargs.get("eta", 0) > 0 and float(kwargs["sigma_min"]) < float(kwargs["sigma_max"])
+
+
+def fallback_route(func: Callable[..., Any]) -> Route:
+    """A sampler another extension adds, which no row names: in EDM space if it takes eta or a noise sampler (it
+    injects noise), churn in EDM space if it takes s_churn, else as it is. Its signature is all there is to go by."""
     params = inspect.signature(func).parameters
     if "eta" in params or "noise_sampler" in params:
         return IN_EDM
@@ -102,17 +146,13 @@ def fallback_route(func: Callable[..., Any], label: str) -> Route:
 MODEL_SCHEDULE = "model's own shifted schedule"
 """Infotext for "Automatic" without a scheduler option: A1111 takes the model's 1000 flow levels."""
 
-ETA_FIELDS = {"DDIM": ("eta_ddim", "Eta DDIM", 0.0), "DDIM CFG++": ("eta_ddim", "Eta DDIM", 0.0)}
-"""DDIM's eta comes from the DDIM eta option, as in A1111, not from the ancestral one."""
-
-
 @dataclasses.dataclass
 class Generation:
     """This generation's choices (from the PROCESS hook) and what happened during sampling."""
 
     flow: bool
     guard_on: bool
-    guard: NanGuard = dataclasses.field(default_factory=flow_samplers.denoiser_guard)
+    guard: NanGuard = dataclasses.field(default_factory=sampling.denoiser_guard)
     sampler: str = ""
     sigmas: Any = None
     schedule: str = ""
@@ -121,9 +161,9 @@ class Generation:
 
     def describe(self, sigma: Any) -> str:
         if self.sigmas is not None:
-            return flow_samplers.describe_step(self.sampler, self.sigmas, sigma)
+            return sampling.describe_step(self.sampler, self.sigmas, sigma)
         if self.calls is not None:
-            return flow_samplers.describe_call(self.sampler, self.calls.calls, self.calls.total, sigma)
+            return sampling.describe_call(self.sampler, self.calls.calls, self.calls.total, sigma)
         return f"sigma {float(sigma.flatten()[0]):.4g}"
 
 
@@ -144,20 +184,6 @@ def on_process(p: Any, args: dict[str, Any]) -> None:
 
 
 # --- which flow form a sampler gets ------------------------------------------------------------------------
-
-
-def unipc_from_opts(opts: Any) -> Callable[..., Any]:
-    """A1111's UniPC options (order, variant, lower-order final) applied to the flow UniPC."""
-    variant = getattr(opts, "uni_pc_variant", "bh1")
-
-    @functools.wraps(flow_samplers.sample_flow_unipc)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("order", int(getattr(opts, "uni_pc_order", 3)))
-        kwargs.setdefault("variant", variant if variant in ("bh1", "bh2") else "bh2")  # vary_coeff has no flow form
-        kwargs.setdefault("lower_order_final", bool(getattr(opts, "uni_pc_lower_order_final", True)))
-        return flow_samplers.sample_flow_unipc(*args, **kwargs)
-
-    return run
 
 
 def sgm_noise_multiplied(p: Any) -> bool:
@@ -186,7 +212,19 @@ def _first_sigma(kwargs: dict[str, Any]) -> float:
     return float(kwargs["sigmas"][0]) if "sigmas" in kwargs else float(kwargs["sigma_max"])
 
 
-def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str) -> Callable[..., Any]:
+def stepping_aside(own: Callable[..., Any], flow_func: Callable[..., Any], route: Route,
+                   label: str) -> tuple[Callable[..., Any], Callable[[dict[str, Any]], str]]:
+    """A1111's own function where ``route.aside`` says so, else the flow form; and the infotext note for each call."""
+
+    @functools.wraps(own)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return (own if route.aside(kwargs) else flow_func)(*args, **kwargs)
+
+    return run, lambda kwargs: (route.aside_note if route.aside(kwargs) else route.note).format(label=label)
+
+
+def in_generation(sampler: Any, func: Callable[..., Any], label: str,
+                  note: str | Callable[[dict[str, Any]], str]) -> Callable[..., Any]:
     """Run ``func`` for ``sampler`` with SD3's bookkeeping around it.
 
     - img2img on A1111s that noise with x + sigma * noise (no ``add_noise_to_latent``, the early SD3
@@ -215,7 +253,7 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str, note: str)
             return func(generation.calls or model, x, *args, **kwargs)
         finally:
             if p is not None:
-                write_infotext(p, generation, note)
+                write_infotext(p, generation, note(kwargs) if callable(note) else note)
             generation.sigmas = generation.calls = None
 
     return run
@@ -243,16 +281,17 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
 
         config = sd_samplers.find_sampler_config(name)
         label = getattr(config, "name", name)
-        if current().flow and label in TIMESTEP_ROUTES:
-            route = unipc_from_opts(shared.opts) if label == "UniPC" else TIMESTEP_ROUTES[label]
-            sampler = sd_samplers_kdiffusion.KDiffusionSampler(route, model)
+        route = ROUTES.get(label) if current().flow else None
+        if route is not None and route.own_sampler:
+            sampler = sd_samplers_kdiffusion.KDiffusionSampler(route.make(None, False, shared.opts), model)
             sampler.config = config
-            if label in ETA_FIELDS:
-                sampler.eta_option_field, sampler.eta_infotext_field, sampler.eta_default = ETA_FIELDS[label]
-            if label == "DDIM CFG++":
-                sampler.model_wrap_cfg.cond_scale_miltiplier = CFGPP_SCALE
+            if route.eta is not None:
+                sampler.eta_option_field, sampler.eta_infotext_field, sampler.eta_default = (
+                    route.eta.option, route.eta.infotext, route.eta.default)
+            if route.cfg_scale is not None:
+                sampler.model_wrap_cfg.cond_scale_miltiplier = route.cfg_scale
                 sampler.model_wrap_cfg.need_last_noise_uncond = True
-            note = f"{label} -> flow {label}"
+            note = route.note.format(label=label)
         else:
             sampler = original(name, model)
             func = getattr(sampler, "func", None)
@@ -260,9 +299,11 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
                 return sampler
             note = label
             if current().flow:
-                route = KDIFFUSION_ROUTES.get(label) or fallback_route(func, label)
-                func = route.wrap(func, bool(getattr(config, "options", {}).get("second_order")))
+                route = route or fallback_route(func)
+                own, func = func, route.make(func, bool(getattr(config, "options", {}).get("second_order")), shared.opts)
                 note = route.note.format(label=label)
+                if route.aside is not None:
+                    func, note = stepping_aside(own, func, route, label)
             sampler.func = func
         sampler.func = in_generation(sampler, sampler.func, label, note)
         return sampler
@@ -359,8 +400,8 @@ PATCHES = (
 )
 
 DECLARED = hooks.Feature(FEATURE, patches=PATCHES, process=(on_process,), status=lambda: {
-    "timestep_routes": {k: v.__name__ for k, v in TIMESTEP_ROUTES.items()},
-    "routes": {label: route.note.format(label=label) for label, route in KDIFFUSION_ROUTES.items()},
+    "routes": {label: route.note.format(label=label) + (f"; {route.aside_note.format(label=label)}" if route.aside
+                                                        else "") for label, route in ROUTES.items()},
     "schedules": list(flow.SCHEDULE_NAMES),
     "ays": flow.AYS_DESCRIPTION,
 })
