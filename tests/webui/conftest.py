@@ -137,6 +137,10 @@ def _assets_key(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+KEPT_BUILDS = 3
+"""Asset builds kept per A1111 state (~2.4 GB each)."""
+
+
 def build_assets(state: str, root: Path, python: Path) -> Path:
     """The cached asset folder for this A1111 state, built on first use (~30 s, ~2.4 GB)."""
     cache = Path(os.environ.get("WEBUI_SD3_CACHE", Path.home() / ".cache" / "sd-webui-sd3-tests"))
@@ -151,9 +155,12 @@ def build_assets(state: str, root: Path, python: Path) -> Path:
     if result.returncode != 0:
         pytest.fail(f"{state}: building assets in A1111's venv failed:\n{result.stderr[-4000:]}")
     partial.rename(out)
-    for stale in cache.glob(f"{state}-*"):  # builds for an older builder or older A1111 sources
-        if stale != out:
-            shutil.rmtree(stale, ignore_errors=True)
+    # Builds for other builders or A1111 sources: keep the newest few, since another checkout's run may be
+    # serving from one right now (deleting it under a running A1111 makes that run hang on a missing file).
+    builds = sorted((p for p in cache.glob(f"{state}-*") if p != out and not p.name.endswith(".partial")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in builds[KEPT_BUILDS - 1:]:
+        shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
