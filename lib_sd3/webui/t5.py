@@ -33,7 +33,7 @@ from typing import Any
 from lib_sd3 import fetch as fetcher
 from lib_sd3 import get_logger
 from lib_sd3 import t5 as t5_lib
-from lib_sd3.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS, KnownFile, sources
+from lib_sd3.fetch.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS, KnownFile, sources
 from lib_sd3.nan_guard import NanGuard, first_finite
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.t5_file import T5FileCheck, check_t5_file
@@ -495,7 +495,7 @@ class T5Feature:
         """Put the CLIP and T5 tokenizers into the Hub cache before A1111 asks for them; never raises."""
         for repo in TOKENIZER_REPOS:
             try:
-                t5_lib.fetch_tokenizer(repo, fetch_options(self.setup.tokenizer_options))
+                fetcher.fetch_tokenizer(repo, fetch_options(self.setup.tokenizer_options))
             except fetcher.FetchError as error:
                 log.warning("tokenizer %s not cached: %s", repo, error)
             except Exception:
