@@ -186,10 +186,13 @@ class _Walk:
             session.max_redirects = MAX_REDIRECTS
             job = Job(session, self.part, Meter(self.dest.name, self.options.progress, clock), clock, self.options,
                       self.options.hub_auth())
+            bound_spent = f"no byte received for {self.options.give_up_s:.0f} s"
             for index, endpoint in enumerate(endpoints):
+                clock.start_endpoint(index)
+                if clock.walk_left() <= 0:  # an endpoint before overran its share: name the ones left out
+                    self._gave_up(bound_spent, endpoints[index:])
+                    break
                 try:
-                    clock.start_endpoint(index)
-                    clock.left()  # the bound may already be spent: then this endpoint and the rest are skipped
                     result = self._endpoint(job, endpoint)
                     if result is not None:
                         return result
@@ -197,11 +200,11 @@ class _Walk:
                     self.failures.append(f"{endpoint}: unreachable or silent ({error}); next endpoint")
                     log.warning("%s unreachable or silent, trying the next endpoint: %s", endpoint, error)
                 except GiveUp as error:
-                    self._gave_up(str(error), endpoints[index:])
+                    self._gave_up(str(error), endpoints[index + 1:])
                     break
             else:
                 if clock.walk_left() <= 0:
-                    self._gave_up(f"no byte received for {self.options.give_up_s:.0f} s", [])
+                    self._gave_up(bound_spent, [])
         tried = "\n".join(f"  - {f}" for f in self.failures)
         raise FetchError(f"could not download {self.dest.name} from any endpoint:\n{tried}", self.manual)
 
