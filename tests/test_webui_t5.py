@@ -443,6 +443,23 @@ def test_clip_downloads_go_through_the_fetcher(webui, mirror):
         modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
 
 
+@pytest.mark.parametrize("kind, methods", [("loop", ("GET",)), ("no-location", ("HEAD", "GET")),
+                                           ("ftp", ("HEAD", "GET"))])
+def test_bad_redirects_reach_the_webui_as_a_fetch_error_with_the_manual_path(webui, mirror, kind, methods):
+    """requests' own exceptions (redirect loop, no Location, ftp://) never reach A1111's model load or the T5 status."""
+    from modules import modelloader
+
+    mirror.faults.bad_redirect, mirror.faults.bad_redirect_methods = kind, methods
+    url = f"https://huggingface.co/{A1111_TEXT_ENCODERS}/resolve/main/{CLIP_L}"
+    with pytest.raises(RuntimeError, match="SD3 needs clip_l.safetensors") as info:
+        modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
+    assert "download ONE of these URLs" in str(info.value)
+    assert webui.t5.download.start(T5_FP16) and webui.t5.download.wait(30)
+    status = webui.t5.status()
+    assert status["fetch_state"] == "failed" and "could not download" in status["error"]
+    assert "download ONE of these URLs" in status["manual"]
+
+
 def test_file_with_only_shared_embedding_key_loads(webui, mirror):
     """ComfyUI-made files may store the embedding only as ``shared.weight``."""
     state = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in FP16_STATE.items()}
