@@ -10,7 +10,13 @@ Side by side in one run, on the same server and file:
   connection, one does not resolve, and ``--silent`` (default 2: a user's mirror and huggingface.co)
   accept the connection and never answer. Measured with the real defaults (connect timeout 10 s,
   read timeout 60 s, give-up bound 180 s without a byte), so it takes about two minutes; ``--fast``
-  divides the timeouts by 30 for a quick look (goal <= 180 with the defaults).
+  divides the timeouts by 30 for a quick look (goal <= 180 with the defaults);
+- endpoints_tried: three silent mirrors, then a good endpoint, at the same timeouts: how many of the four
+  were asked before the fetch ended (goal 4/4, and the file comes from the fourth), and how long it took
+  (silent_then_good_s, goal <= 180 with the defaults);
+- bad_redirects_ok: 1 when each bad redirect (a loop on GET only; no ``Location`` on HEAD+GET and on GET only;
+  an ``ftp://`` target on HEAD+GET and on GET only) fails only its endpoint: the next endpoint delivers the
+  file, and that endpoint alone ends in a ``FetchError`` (never a ``requests`` exception).
 Medians of ``--repeats`` runs. The last line holds the key=value pairs.
 """
 
@@ -21,7 +27,9 @@ import dataclasses
 import hashlib
 import multiprocessing
 import os
+import socket
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -43,7 +51,7 @@ from lib_sd3.fetch import (  # noqa: E402
     fetch,
     resolve_url,
 )
-from lib_sd3.known_files import KnownFile  # noqa: E402
+from lib_sd3.fetch.known_files import KnownFile  # noqa: E402
 
 REPO, PATH = "bench/text-encoders", "t5xxl_bench.safetensors"
 
@@ -66,24 +74,42 @@ def plain_download(url: str, dest: Path) -> None:
             fh.write(data)
 
 
-def dead_endpoints_s(source: KnownFile, silent: int, scale: float) -> float:
-    """Seconds until fetch() gives up on endpoints that refuse, do not resolve, or never answer."""
-    import socket
-
+def silent_listeners(count: int) -> list[socket.socket]:
+    """Endpoints that accept and never answer: the kernel completes the handshake from the backlog."""
     listeners = []
-    for _ in range(silent):  # the kernel completes the handshake from the backlog; nobody ever answers
+    for _ in range(count):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         listeners.append(sock)
+    return listeners
+
+
+def was_asked(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def patience(endpoints: list[str], scale: float) -> FetchOptions:
+    return FetchOptions(endpoints=endpoints, auth=None, timeout=(CONNECT_TIMEOUT_S * scale, READ_TIMEOUT_S * scale),
+                        give_up_s=GIVE_UP_S * scale, backoff=1.0 * scale)
+
+
+def dead_endpoints_s(source: KnownFile, silent: int, scale: float) -> float:
+    """Seconds until fetch() gives up on endpoints that refuse, do not resolve, or never answer."""
+    listeners = silent_listeners(silent)
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))
     refused_port = refused.getsockname()[1]
     refused.close()
     endpoints = [f"http://127.0.0.1:{refused_port}", "http://no-such-mirror.invalid",
                  *(f"http://127.0.0.1:{s.getsockname()[1]}" for s in listeners)]
-    options = FetchOptions(endpoints=endpoints, auth=None, timeout=(CONNECT_TIMEOUT_S * scale, READ_TIMEOUT_S * scale),
-                           give_up_s=GIVE_UP_S * scale, backoff=1.0 * scale)
+    options = patience(endpoints, scale)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         try:
@@ -98,6 +124,67 @@ def dead_endpoints_s(source: KnownFile, silent: int, scale: float) -> float:
     return took
 
 
+def silent_then_good(source: KnownFile, data: bytes, scale: float) -> tuple[int, int, float]:
+    """(endpoints asked, endpoints configured, seconds) for three silent mirrors, then a good one."""
+    listeners = silent_listeners(3)
+    with HFMirror() as good, tempfile.TemporaryDirectory() as tmp:
+        good.add(source.repo, source.path, data)
+        endpoints = [*(f"http://127.0.0.1:{s.getsockname()[1]}" for s in listeners), good.endpoint]
+        dest = Path(tmp) / PATH
+        started = time.perf_counter()
+        try:
+            fetch([source], dest, patience(endpoints, scale))
+        except FetchError as error:
+            print(f"three silent mirrors then a good one: {error.reason}")
+        took = time.perf_counter() - started
+        asked = sum(was_asked(s) for s in listeners) + (dest.is_file() and dest.read_bytes() == data)
+    for sock in listeners:
+        sock.close()
+    return asked, len(endpoints), took
+
+
+BAD_REDIRECTS = (("loop", ("GET",)), ("no-location", ("HEAD", "GET")), ("no-location", ("GET",)),
+                 ("ftp", ("HEAD", "GET")), ("ftp", ("GET",)))
+
+
+def bad_redirects_ok(source: KnownFile, data: bytes) -> bool:
+    """Each bad redirect fails its endpoint only: the next one delivers, alone it is a FetchError."""
+    ok = True
+    with HFMirror() as bad, HFMirror() as good, tempfile.TemporaryDirectory() as tmp:
+        bad.add(source.repo, source.path, data)
+        good.add(source.repo, source.path, data)
+        options = FetchOptions(endpoints=[bad.endpoint, good.endpoint], auth=None, backoff=0.0)
+        for i, (kind, methods) in enumerate(BAD_REDIRECTS):
+            bad.faults.bad_redirect, bad.faults.bad_redirect_methods = kind, methods
+            dest = Path(tmp) / f"r{i}.safetensors"
+            try:
+                result = fetch([source], dest, options)
+                delivered = result.url.startswith(good.endpoint) and dest.read_bytes() == data
+            except Exception as error:  # what the user of fetch() would have seen instead of the file
+                print(f"bad redirect {kind} on {'+'.join(methods)}: {type(error).__name__}: {error}".splitlines()[0])
+                delivered = False
+            alone = type(_error_of(fetch, [source], Path(tmp) / f"alone{i}.safetensors",
+                                   dataclasses.replace(options, endpoints=(bad.endpoint,)))) is FetchError
+            print(f"bad redirect {kind} on {'+'.join(methods)}: next endpoint delivered {delivered}, "
+                  f"alone a FetchError {alone}")
+            ok = ok and delivered and alone
+    return ok
+
+
+def _error_of(call, *args) -> BaseException | None:
+    try:
+        call(*args)
+    except Exception as error:
+        return error
+    return None
+
+
+def safetensors_shaped(size: int) -> bytes:
+    """``size`` random bytes behind a real safetensors length prefix and JSON header (fetch looks at the start)."""
+    header = b'{"__metadata__":{}}'
+    return (struct.pack("<Q", len(header)) + header + os.urandom(size))[:size]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=float, default=48.0)
@@ -107,7 +194,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="timeouts / 30 for dead_endpoints_s (not the defaults)")
     args = parser.parse_args()
     size, rate = int(args.size_mb * 1e6), args.rate_mb * 1e6
-    data = os.urandom(size)
+    data = safetensors_shaped(size)
     source = KnownFile(PATH, REPO, PATH, size, hashlib.sha256(data).hexdigest(), True)
 
     parent, child = multiprocessing.Pipe()
@@ -146,6 +233,8 @@ def main() -> None:
 
     scale = 1 / 30 if args.fast else 1.0
     dead_s = dead_endpoints_s(source, args.silent, scale)
+    asked, configured, silent_good_s = silent_then_good(source, data, scale)
+    redirects_ok = bad_redirects_ok(source, data)
 
     throughput_ratio = size / t_ours / rate
     hash_overhead = t_ours / t_plain
@@ -158,10 +247,13 @@ def main() -> None:
     print(f"every endpoint dead (1 refused, 1 unresolvable, {args.silent} silent), timeouts "
           f"{'/ 30 (--fast)' if args.fast else 'at their defaults'}: gave up after {dead_s:.1f} s "
           f"(bound {GIVE_UP_S * scale:.0f} s without a byte)")
+    print(f"three silent mirrors then a good endpoint: {asked} of {configured} asked, "
+          f"{silent_good_s:.1f} s until the file was there")
     print(f"throughput_ratio={throughput_ratio:.3f} resume_overhead={resume_overhead:.4f} "
           f"hash_overhead={hash_overhead:.3f} plain_throughput_ratio={size / t_plain / rate:.3f} "
           f"chunk_fraction={CHUNK_BYTES / size:.4f} dead_endpoints_s={dead_s:.1f} "
-          f"dead_endpoints_defaults={0 if args.fast else 1}")
+          f"dead_endpoints_defaults={0 if args.fast else 1} endpoints_tried={asked}/{configured} "
+          f"silent_then_good_s={silent_good_s:.1f} bad_redirects_ok={int(redirects_ok)}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib_sd3 import families, iclight, known_files, sd3_state, targets
+from lib_sd3 import families, iclight, sd3_state, targets
+from lib_sd3.fetch import known_files
+from lib_sd3.fetch.cache import cached_snapshot, hub_cache_dir
 from lib_sd3.hashing import sha256_file
-from lib_sd3.hub_cache import hub_cache_dir
 from lib_sd3.safetensors_file import read_header
 from lib_sd3.t5_file import FOLDERS, XXL_CONFIG, check_t5_file, encoder_layout, known_row, safetensors_files
 
@@ -190,25 +191,16 @@ def _subfolders(folder: Path) -> list[Path]:
         return []
 
 
-def cached_snapshot(cache: Path, repo: str, needed: Iterable[str]) -> tuple[str | None, bool]:
-    """(a snapshot revision holding every needed file or the first found, complete?) for ``repo``."""
-    revisions = _subfolders(cache / f"models--{repo.replace('/', '--')}" / "snapshots")
-    for snapshot in revisions:
-        if all((snapshot / name).is_file() for name in needed):  # is_file follows the blob symlinks
-            return snapshot.name, True
-    return (revisions[0].name if revisions else None), False
-
-
 def check_tokenizers(env: Mapping[str, str], home: Path) -> list[Check]:
     cache = hub_cache_dir(env, home)
     offline = any(env.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in OFFLINE_VARS)
     checks = []
     for repo, needed in known_files.TOKENIZER_ESSENTIALS.items():
-        revision, complete = cached_snapshot(cache, repo, needed)
-        if complete:
-            checks.append(Check("tokenizers", repo, OK, f"cached in {cache} (snapshot {revision[:12]})"))
+        snapshot = cached_snapshot(cache, repo, needed)
+        if snapshot.complete:
+            checks.append(Check("tokenizers", repo, OK, f"cached in {cache} (snapshot {snapshot.commit[:12]})"))
             continue
-        what = f"incomplete in {cache} (needs {', '.join(needed)})" if revision else f"not cached in {cache}"
+        what = f"incomplete in {cache} (needs {', '.join(needed)})" if snapshot.path else f"not cached in {cache}"
         if offline:
             checks.append(Check("tokenizers", repo, FAIL, f"{what}; offline mode is on, so SD3 cannot load"))
         else:

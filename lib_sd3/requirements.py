@@ -30,7 +30,8 @@ class Requirement:
 RUNTIME: tuple[Requirement, ...] = (
     Requirement("sentencepiece", "sentencepiece", "T5 token counts and the T5 tokenizer (google/t5-v1_1-xxl)", False),
     Requirement("safetensors", "safetensors", "reading the text-encoder files", True),
-    Requirement("huggingface-hub", "huggingface_hub", "fetching T5-XXL and the tokenizers", True),
+    Requirement("requests", "requests", "downloading T5-XXL, CLIP-L/G and the tokenizers", True),
+    Requirement("filelock", "filelock", "keeping two WebUIs from writing the same download (torch needs it too)", True),
     Requirement("pyyaml", "yaml", "MixDQ bit-width configs", True),
     Requirement("scipy", "scipy", "MixDQ calibration (the bit-width integer programme)", True),
 )

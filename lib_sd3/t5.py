@@ -1,4 +1,4 @@
-"""T5-XXL for SD3: which precision fits, fp8 weights that stay fp8, tokenizers.
+"""T5-XXL for SD3: which precision fits, and fp8 weights that stay fp8 (tokenizers: lib_sd3.fetch.tokenizers).
 
 Pure: no A1111 imports. :mod:`lib_sd3.webui.t5` wires these into A1111's ``SD3Cond``, behind the
 NaN guard of :mod:`lib_sd3.nan_guard` (fp16 T5 overflows on some prompts).
@@ -15,18 +15,13 @@ at a time and never all at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import os
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib_sd3.fetch import FetchOptions
-from lib_sd3.hub_cache import hub_cache_dir
-from lib_sd3.known_files import T5_FP8, T5_FP16, KnownFile, tokenizer_files
+from lib_sd3.fetch.known_files import T5_FP8, T5_FP16
 
 MODES = ("auto", "fp16", "fp8", "off")
 FILES = {"fp16": T5_FP16, "fp8": T5_FP8}
@@ -194,68 +189,3 @@ def parameter_bytes(model) -> int:
     """Bytes held by parameters and buffers: the resident size of a loaded encoder."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# ------------------------------------------------------------------------------------------- tokenizers
-def repo_folder(cache: Path, repo: str) -> Path:
-    """The Hub cache's folder for a model repo: ``models--org--name``."""
-    return Path(cache) / ("models--" + repo.replace("/", "--"))
-
-
-def cached_snapshot(cache: Path, repo: str, files: Iterable[KnownFile], revision: str = "main") -> Path | None:
-    """The snapshot folder that ``refs/<revision>`` names, if every file is in it."""
-    folder = repo_folder(cache, repo)
-    ref = folder / "refs" / revision
-    if not ref.is_file():
-        return None
-    snapshot = folder / "snapshots" / ref.read_text().strip()
-    return snapshot if all((snapshot / f.path).is_file() for f in files) else None
-
-
-def local_commit(repo: str) -> str:
-    """A stable commit-shaped name for a snapshot when the server did not send ``X-Repo-Commit``."""
-    return hashlib.sha1(f"sd-webui-sd3:{repo}".encode()).hexdigest()
-
-
-def fetch_tokenizer(repo: str, options: FetchOptions, cache: Path | None = None) -> Path:
-    """Put ``repo``'s tokenizer files into the Hub cache layout, so that
-    ``from_pretrained(repo)`` works afterwards with no network (``HF_HUB_OFFLINE=1`` or none at all).
-
-    Files go to ``models--org--name/snapshots/<commit>/`` and ``refs/<revision>`` names the commit
-    last, so a half-fetched snapshot is never advertised. Returns the snapshot folder.
-    """
-    from lib_sd3.fetch import fetch, is_offline
-
-    cache = hub_cache_dir() if cache is None else Path(cache)
-    files = tokenizer_files(repo)
-    revision = options.revision
-    existing = cached_snapshot(cache, repo, files, revision)
-    if existing is not None:
-        return existing
-    offline = options.offline or is_offline()
-    commit = local_commit(repo) if offline else _remote_commit(repo, files[0], options)
-    snapshot = repo_folder(cache, repo) / "snapshots" / commit
-    for known in files:
-        fetch([known], snapshot / known.path, options)
-    ref = repo_folder(cache, repo) / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(ref.name + ".tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
-    return snapshot
-
-
-def _remote_commit(repo: str, first: KnownFile, options: FetchOptions) -> str:
-    """The commit the endpoint serves (``X-Repo-Commit``), so our snapshot is named like the Hub's."""
-    import requests
-
-    from lib_sd3.fetch import probe, resolve_url
-
-    with requests.Session() as session:
-        for endpoint in options.endpoints:
-            with contextlib.suppress(Exception):  # an endpoint that fails here fails again in fetch()
-                remote = probe(session, resolve_url(endpoint, repo, first.path, options.revision), options.timeout,
-                               options.hub_auth())
-                if remote.commit and len(remote.commit) == 40:
-                    return remote.commit
-    return local_commit(repo)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from lib_sd3.known_files import KnownFile
+from lib_sd3.fetch.known_files import KnownFile
 from lib_sd3.safetensors_file import Header, read_header
 
 XXL_CONFIG = {"d_ff": 10240, "d_model": 4096, "num_heads": 64, "num_layers": 24, "vocab_size": 32128}

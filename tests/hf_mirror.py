@@ -4,7 +4,8 @@ It speaks the ``{endpoint}/{repo}/resolve/{revision}/{path}`` scheme the way the
 LFS file the resolve URL answers ``302`` to a CDN URL, carrying ``X-Linked-Etag`` (the sha256),
 ``X-Linked-Size`` and ``X-Repo-Commit``; for a small git file it answers ``200`` with the git blob
 id as ``ETag``. Knobs on :class:`Faults` switch off Range support, throttle, drop connections at a
-fraction of the file, answer 404/403/429/5xx, serve an HTML error page, or serve wrong bytes.
+fraction of the file, answer 404/403/429/5xx, serve an HTML error page (under any Content-Type),
+serve wrong bytes, or redirect badly (a loop, no ``Location``, a non-HTTP URL).
 Used by the fetch tests and by benchmarks/bench_fetch.py.
 """
 
@@ -31,10 +32,15 @@ class Faults:
     status: int | None = None  # answer every request (HEAD and GET) with this status...
     status_times: int = 10**9  # ...this many times, then serve normally
     retry_after: float | None = None  # Retry-After seconds sent with 429/503
-    html: bool = False  # 200 OK, but an HTML error page (as a misconfigured mirror does)
-    corrupt: bool = False  # the right length, wrong bytes
+    html: bool = False  # 200 OK, but an HTML error page (as a misconfigured mirror does)...
+    html_content_type: str = "text/html; charset=utf-8"  # ...sent as this (mirrors also say octet-stream)...
+    html_methods: tuple[str, ...] = ("HEAD", "GET")  # ...to these methods
+    corrupt: bool = False  # the right length and start, wrong bytes after the first 64
     lfs: bool = True  # redirect with X-Linked-* headers (LFS file) instead of a plain 200 with a git ETag
     advertise_sha256: str | None = None  # override the X-Linked-Etag the server claims
+    advertise_size: int | None = None  # override the X-Linked-Size the server claims
+    bad_redirect: str | None = None  # "loop", "no-location" or "ftp": the resolve URL redirects badly...
+    bad_redirect_methods: tuple[str, ...] = ("HEAD", "GET")  # ...for these methods
     head: bool = True  # answer HEAD (some mirrors answer 405)
 
 
@@ -147,8 +153,12 @@ class HFMirror:
                 if data is None:
                     self._plain(404, "Entry not found")
                     return
-                if faults.html:
-                    self._plain(200, "<html><body>Mirror maintenance</body></html>", "text/html; charset=utf-8")
+                if faults.bad_redirect and not cdn and self.command in faults.bad_redirect_methods:
+                    self._bad_redirect(faults.bad_redirect)
+                    return
+                if faults.html and self.command in faults.html_methods:
+                    page = "<!DOCTYPE html>\n<html><head><title>503</title></head><body>Mirror maintenance</body></html>"
+                    self._plain(200, page, faults.html_content_type)
                     return
                 sha256, git_sha1 = mirror._digests[key]
                 sha = faults.advertise_sha256 or sha256
@@ -156,14 +166,14 @@ class HFMirror:
                     self.send_response(302)
                     self.send_header("Location", "/cdn" + self.path)
                     self.send_header("X-Linked-Etag", f'"{sha}"')
-                    self.send_header("X-Linked-Size", str(len(data)))
+                    self.send_header("X-Linked-Size", str(faults.advertise_size or len(data)))
                     self.send_header("X-Repo-Commit", COMMIT)
                     self.send_header("ETag", f'"{sha}"')
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 if faults.corrupt:
-                    data = bytes(b ^ 0x5A for b in data)
+                    data = data[:64] + bytes(b ^ 0x5A for b in data[64:])
                 start = 0
                 requested = self.headers.get("Range")
                 if requested and faults.range and requested.startswith("bytes="):
@@ -194,6 +204,14 @@ class HFMirror:
                 if cut is not None:
                     self.close_connection = True
                     self.connection.close()
+
+            def _bad_redirect(self, kind: str) -> None:
+                location = {"loop": self.path, "ftp": "ftp://127.0.0.1/file.safetensors", "no-location": None}[kind]
+                self.send_response(302)
+                if location is not None:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def _send(self, data: bytes, start: int, stop: int, rate: float | None) -> None:
                 began = time.monotonic()

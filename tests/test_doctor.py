@@ -10,8 +10,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lib_sd3 import cli, doctor, known_files, targets
+from lib_sd3 import cli, doctor, targets
 from lib_sd3.doctor import FAIL, INFO, OK, WARN
+from lib_sd3.fetch import known_files
 from lib_sd3.hashing import sha256_bytes
 
 # --- fake A1111 source, trimmed from the real shapes of both states ------------------------------
@@ -378,6 +379,8 @@ def cache_repo(cache, repo, files, revision="0123456789abcdef", blobs=True):
     snapshot = base / "snapshots" / revision
     snapshot.mkdir(parents=True)
     (base / "blobs").mkdir(exist_ok=True)
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(revision)  # from_pretrained offline finds a snapshot through its ref
     for name in files:
         blob = base / "blobs" / sha256_bytes(name.encode())
         if blobs:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,6 @@ from pathlib import Path
 import pytest
 from hf_mirror import HFMirror
 
-from lib_sd3 import fetch as fetch_mod
 from lib_sd3.fetch import (
     CHUNK_BYTES,
     DEFAULT_ENDPOINT,
@@ -28,16 +28,17 @@ from lib_sd3.fetch import (
     FetchError,
     FetchOffline,
     FetchOptions,
-    FileLock,
     NotEnoughSpace,
     NotWritable,
+    download,
     endpoints_in_order,
     fetch,
     is_offline,
+    lock,
     resolve_url,
 )
+from lib_sd3.fetch.known_files import KnownFile
 from lib_sd3.hashing import sha256_bytes
-from lib_sd3.known_files import KnownFile
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO, PATH = "org/text-encoders", "sub dir/t5.safetensors"
@@ -50,7 +51,10 @@ def opts(**overrides) -> FetchOptions:
 
 
 def payload(size: int = SIZE, seed: int = 0) -> bytes:
-    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"x" * (size % 32)
+    """``size`` bytes that start like a safetensors file (an 8-byte length, a JSON header), then noise."""
+    header = b'{"__metadata__":{}}'
+    body = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
+    return (struct.pack("<Q", len(header)) + header + body)[:size]
 
 
 DATA = payload()
@@ -80,6 +84,24 @@ def assert_good_or_absent(dest: Path) -> None:
         assert dest.read_bytes() == DATA
 
 
+def lock_is_free(dest: Path) -> bool:
+    """Nobody holds the download lock of ``dest``, and no holder note is left behind."""
+    import filelock
+
+    other = filelock.FileLock(str(lock.lock_path(dest)))
+    try:
+        other.acquire(timeout=0)
+    except filelock.Timeout:
+        return False
+    other.release()
+    return not lock.holder_path(dest).exists()
+
+
+def visible(folder: Path) -> list[str]:
+    """What a user sees in ``folder`` (the lock file is hidden, and stays: see lib_sd3/fetch/lock.py)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def test_resolve_url_quotes_path_and_endpoint_slash():
     assert resolve_url("https://hf-mirror.com/", "a/b", "x y/z.bin", "main") == \
         "https://hf-mirror.com/a/b/resolve/main/x%20y/z.bin"
@@ -106,7 +128,7 @@ def test_download_verifies_by_best_available_digest(tmp_path, mirror, lfs, sourc
     result = fetch([source], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint], progress=seen.append))
     assert (tmp_path / "t5.safetensors").read_bytes() == DATA
     assert result.verified_by == how and result.sha256 == SHA
-    assert not (tmp_path / "t5.safetensors.part").exists() and not (tmp_path / "t5.safetensors.lock").exists()
+    assert visible(tmp_path) == ["t5.safetensors"] and lock_is_free(tmp_path / "t5.safetensors")
     assert seen[-1].done == SIZE and seen[-1].total == SIZE and seen[-1].rate > 0 and seen[-1].eta == 0
     assert [p.done for p in seen] == sorted(p.done for p in seen)
 
@@ -286,8 +308,9 @@ def test_offline_never_touches_network(tmp_path, mirror):
 
 def test_not_enough_disk_checked_before_downloading(tmp_path, mirror):
     dest = tmp_path / "t5.safetensors"
+    mirror.faults.advertise_size = 1 << 60  # the server's word for the size: more than any disk here
     with pytest.raises(NotEnoughSpace, match="disk space"):
-        fetch([known()], dest, opts(endpoints=[mirror.endpoint], free_bytes=lambda _p: SIZE // 2))
+        fetch([known(size=None)], dest, opts(endpoints=[mirror.endpoint]))
     assert all(method == "HEAD" for method, _, _ in mirror.requests)
     assert not dest.exists()
 
@@ -301,7 +324,7 @@ def test_disk_full_mid_stream_keeps_part_then_resumes(tmp_path, mirror, monkeypa
         limit["left"] -= len(data)
         fh.write(data)
 
-    monkeypatch.setattr(fetch_mod, "_write", full_disk)
+    monkeypatch.setattr(download, "_write", full_disk)
     dest = tmp_path / "t5.safetensors"
     with pytest.raises(NotEnoughSpace, match="disk full") as info:
         fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
@@ -309,7 +332,7 @@ def test_disk_full_mid_stream_keeps_part_then_resumes(tmp_path, mirror, monkeypa
     part = tmp_path / "t5.safetensors.part"
     assert not dest.exists() and 0 < part.stat().st_size <= SIZE // 2
     kept = part.stat().st_size
-    monkeypatch.setattr(fetch_mod, "_write", lambda fh, data: fh.write(data))
+    monkeypatch.setattr(download, "_write", lambda fh, data: fh.write(data))
     result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
     assert dest.read_bytes() == DATA and result.resumed_from == kept
 
@@ -330,8 +353,9 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, mirror):
         dest = small / "t5.safetensors"
         with pytest.raises(NotEnoughSpace):  # the pre-check
             fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
-        with pytest.raises(NotEnoughSpace) as info:  # the real ENOSPC, pre-check fooled
-            fetch([known()], dest, opts(endpoints=[mirror.endpoint], free_bytes=lambda _p: 1 << 40))
+        mirror.faults.head = False  # no size known before the download: no pre-check, the real ENOSPC
+        with pytest.raises(NotEnoughSpace) as info:
+            fetch([known(size=None)], dest, opts(endpoints=[mirror.endpoint]))
         # The first, useful error, not a second ENOSPC from closing the .part ("disk full in <dir>").
         assert info.value.reason.startswith("disk full while writing") and "it resumes" in info.value.reason
         assert not dest.exists() and (small / "t5.safetensors.part").stat().st_size > 0
@@ -353,9 +377,9 @@ def test_read_only_models_dir(tmp_path, mirror):
 
 def test_read_only_models_dir_injected(tmp_path, mirror, monkeypatch):
     def read_only(self):
-        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+        raise OSError(errno.EROFS, "Read-only file system", str(lock.lock_path(self.dest)))
 
-    monkeypatch.setattr(FileLock, "_try_acquire", read_only)
+    monkeypatch.setattr(lock.DownloadLock, "__enter__", read_only)
     with pytest.raises(NotWritable):
         fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
 
@@ -378,24 +402,32 @@ def test_cancel_keeps_part_for_resume(tmp_path, mirror):
     assert dest.read_bytes() == DATA and result.resumed_from > 0
 
 
-def test_exclusive_lock_fallback_waits_then_clears_stale_lock(tmp_path, mirror):
+def test_waiter_names_the_holder_and_a_dead_holders_lock_is_free(tmp_path, mirror):
+    mirror.faults.rate = 200_000  # ~10 s for the whole file: the child holds the lock all through this test
     dest = tmp_path / "t5.safetensors"
-    lock = tmp_path / "t5.safetensors.lock"
-    lock.write_text("12345\n")  # a live holder (fresh mtime)
-    with pytest.raises(FetchError, match="being downloaded by process 12345.*wait for that download") as info:
-        fetch([known()], dest, opts(endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=0.5))
-    assert ".lock" not in info.value.reason
-    old = time.time() - 3600
-    os.utime(lock, (old, old))  # the holder died an hour ago
-    fetch([known()], dest, opts(endpoints=[mirror.endpoint], use_fcntl=False, lock_timeout=5))
-    assert dest.read_bytes() == DATA and not lock.exists()
+    child = _child(dest, mirror.endpoint)
+    try:
+        deadline = time.monotonic() + 20
+        part = tmp_path / "t5.safetensors.part"
+        while not (part.exists() and part.stat().st_size >= CHUNK_BYTES) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pattern = f"being downloaded by process {child.pid} .*wait for that download"
+        with pytest.raises(FetchError, match=pattern) as info:
+            fetch([known()], dest, opts(endpoints=[mirror.endpoint], lock_timeout=0.5))
+        assert ".lock" not in info.value.reason
+    finally:
+        child.kill()  # dies holding the lock: the kernel releases it, nothing is stale
+        child.communicate(timeout=20)
+    mirror.faults.rate = None
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint], lock_timeout=5))
+    assert dest.read_bytes() == DATA and result.resumed_from > 0 and lock_is_free(dest)
 
 
 _CHILD = textwrap.dedent("""
     import sys, hashlib
     sys.path[:0] = [{root!r}]
     from lib_sd3.fetch import FetchOptions, fetch
-    from lib_sd3.known_files import KnownFile
+    from lib_sd3.fetch.known_files import KnownFile
     src = KnownFile("t5.safetensors", {repo!r}, {path!r}, {size}, {sha!r}, True)
     result = fetch([src], {dest!r}, FetchOptions(endpoints=[{endpoint!r}], backoff=0.01, auth=None,
                    progress=lambda p: print("progress", p.done, flush=True)))
@@ -431,7 +463,7 @@ def test_ctrl_c_mid_download_then_resume(tmp_path, mirror):
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=20)
     assert child.returncode != 0 and "KeyboardInterrupt" in err
-    assert not dest.exists() and not (tmp_path / "t5.safetensors.lock").exists()
+    assert not dest.exists() and lock_is_free(dest)
     kept = part.stat().st_size
     assert 0 < kept < SIZE
     mirror.faults.rate = None
@@ -468,6 +500,16 @@ class _Silent:
         self.sock.listen(64)
         self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         return self
+
+    def was_asked(self) -> bool:
+        """Whether a client connected (the handshake completed into the backlog)."""
+        self.sock.setblocking(False)
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return False
+        conn.close()
+        return True
 
     def __exit__(self, *exc):
         self.sock.close()
@@ -558,3 +600,104 @@ def test_401_says_how_to_get_in(tmp_path, mirror):
     with pytest.raises(FetchError, match="HF_TOKEN or run `huggingface-cli login`.*or download it by hand") as info:
         fetch([known()], tmp_path / "t5.safetensors", opts(endpoints=[mirror.endpoint]))
     assert "download ONE of these URLs" in info.value.manual
+
+
+# ------------------------------------------------------------------ misbehaving endpoints (issue: downloads)
+@pytest.mark.parametrize("kind, methods", [
+    ("loop", ("GET",)),  # HEAD answers, GET redirects to itself forever
+    ("no-location", ("HEAD", "GET")),
+    ("no-location", ("GET",)),
+    ("ftp", ("HEAD", "GET")),
+    ("ftp", ("GET",)),
+])
+def test_bad_redirects_fail_that_endpoint_and_the_next_one_is_tried(tmp_path, mirror, mirror2, kind, methods):
+    mirror.faults.bad_redirect, mirror.faults.bad_redirect_methods = kind, methods
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint, mirror2.endpoint]))
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror2.endpoint)
+    dest.unlink()
+    mirror.requests.clear()
+    with pytest.raises(FetchError) as info:  # alone: a FetchError with the manual path, never requests' OSError
+        fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
+    assert type(info.value) is FetchError and SHA in info.value.manual
+    assert {"loop": "redirect", "no-location": "without a Location", "ftp": "not an http"}[kind] in info.value.reason
+    assert len([r for r in mirror.requests if r[0] == "GET"]) <= 6, "a bad redirect is not retried"
+    assert not dest.exists() and visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("methods, source", [
+    (("GET",), known()),  # HEAD tells the truth (a CDN behind it fails), GET gets the page
+    (("HEAD", "GET"), known(size=None)),  # the page everywhere, and no size in the table to compare with
+])
+def test_html_page_under_a_binary_content_type_is_never_kept(tmp_path, mirror, mirror2, methods, source):
+    mirror.faults.html, mirror.faults.html_content_type = True, "application/octet-stream"
+    mirror.faults.html_methods = methods
+    dest = tmp_path / "t5.safetensors"
+    with pytest.raises(FetchError, match="the endpoint sent an HTML page instead of the file"):
+        fetch([source], dest, opts(endpoints=[mirror.endpoint]))
+    assert visible(tmp_path) == [], "no .part of HTML to resume from"
+    result = fetch([source], dest, opts(endpoints=[mirror2.endpoint]))
+    assert dest.read_bytes() == DATA and result.resumed_from == 0 and mirror2.bytes_sent == SIZE
+
+
+def test_part_of_html_left_by_an_older_version_is_discarded_not_resumed(tmp_path, mirror):
+    part = tmp_path / "t5.safetensors.part"
+    part.write_bytes(b"<html><body><h1>502 Bad Gateway</h1><hr><center>nginx</center></body></html>\r\n" * 2)
+    dest = tmp_path / "t5.safetensors"
+    result = fetch([known()], dest, opts(endpoints=[mirror.endpoint]))
+    assert dest.read_bytes() == DATA and result.resumed_from == 0
+    assert mirror.bytes_sent == SIZE, "the file once, not the file plus a failed resume"
+
+
+def test_three_silent_mirrors_leave_time_for_the_hub(tmp_path, mirror):
+    dest = tmp_path / "t5.safetensors"
+    seen = []
+    with _Silent() as one, _Silent() as two, _Silent() as three:
+        started = time.monotonic()
+        result = fetch([known()], dest, opts(endpoints=[one.endpoint, two.endpoint, three.endpoint, mirror.endpoint],
+                                            timeout=(1.0, 30.0), give_up_s=2.0, progress=seen.append))
+        took = time.monotonic() - started
+        asked = [s.was_asked() for s in (one, two, three)]
+    assert dest.read_bytes() == DATA and result.url.startswith(mirror.endpoint)
+    assert asked == [True, True, True] and [p.endpoint for p in seen if p.state == "connecting"][-1] == mirror.endpoint
+    assert took < 3.0, f"{took:.1f} s: each silent mirror gets a quarter of the 2 s bound, not a full read timeout"
+
+
+def test_an_endpoint_with_no_time_left_is_named(tmp_path, mirror):
+    """A server that trickles its answer defeats per-read timeouts; the endpoint it starves is named."""
+    dest = tmp_path / "t5.safetensors"
+    with _Trickle() as slow:
+        with pytest.raises(FetchError) as info:
+            fetch([known()], dest, opts(endpoints=[slow.endpoint, mirror.endpoint], timeout=(1.0, 0.5),
+                                        give_up_s=1.0))
+    assert f"not tried, no time left within the bound: {mirror.endpoint}" in info.value.reason
+    assert mirror.requests == []
+
+
+class _Trickle:
+    """Accepts, then sends an HTTP 404 answer one byte every 50 ms (about 3 s in all)."""
+
+    ANSWER = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nX-Padding: " + b"." * 20 + b"\r\n\r\n"
+
+    def __enter__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def _serve(self):
+        try:
+            conn, _ = self.sock.accept()
+            with conn:
+                for byte in self.ANSWER:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.05)
+        except OSError:
+            return
+
+    def __exit__(self, *exc):
+        self.sock.close()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lib_sd3 import t5
-from lib_sd3.fetch import FetchOptions
-from lib_sd3.known_files import T5_FP8, T5_FP16, sources
+from lib_sd3.fetch import FetchOptions, cache, fetch_tokenizer
+from lib_sd3.fetch.known_files import T5_FP8, T5_FP16, sources
 from lib_sd3.t5_plan import Candidate, plan_t5
 
 GIB = 1 << 30
@@ -165,9 +165,9 @@ def test_fp16_file_loaded_into_fp32_model_stays_fp16():
 
 # ------------------------------------------------------------------------------------------- tokenizers
 def test_repo_folder_and_local_commit():
-    assert t5.repo_folder(Path("/c"), "google/t5-v1_1-xxl") == Path("/c/models--google--t5-v1_1-xxl")
-    commit = t5.local_commit("a/b")
-    assert len(commit) == 40 and commit == t5.local_commit("a/b") != t5.local_commit("a/c")
+    assert cache.repo_folder(Path("/c"), "google/t5-v1_1-xxl") == Path("/c/models--google--t5-v1_1-xxl")
+    commit = cache.local_commit("a/b")
+    assert len(commit) == 40 and commit == cache.local_commit("a/b") != cache.local_commit("a/c")
 
 
 def _clip_tokenizer_files(folder: Path) -> dict[str, bytes]:
@@ -192,21 +192,21 @@ def _clip_tokenizer_files(folder: Path) -> dict[str, bytes]:
 def test_tokenizer_lands_where_from_pretrained_finds_it_offline(tmp_path, monkeypatch):
     from hf_mirror import HFMirror
 
-    from lib_sd3.known_files import CLIP_TOKENIZER_REPO, tokenizer_files
+    from lib_sd3.fetch.known_files import CLIP_TOKENIZER_REPO, tokenizer_files
 
     made = tmp_path / "made"
     made.mkdir()
     files = _clip_tokenizer_files(made)
-    cache = tmp_path / "hub"
+    hub = tmp_path / "hub"
     with HFMirror() as mirror:
         mirror.faults.lfs = False  # small git files: verified by their git blob id
         for known in tokenizer_files(CLIP_TOKENIZER_REPO):
             assert known.path in files, f"{known.path} is what from_pretrained reads; the fake must have it"
             mirror.add(CLIP_TOKENIZER_REPO, known.path, files[known.path])
-        snapshot = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint], backoff=0.01),
-                                      cache=cache)
+        snapshot = fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint], backoff=0.01),
+                                   cache=hub)
         served = len(mirror.requests)
-        again = t5.fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint]), cache=cache)
+        again = fetch_tokenizer(CLIP_TOKENIZER_REPO, FetchOptions(endpoints=[mirror.endpoint]), cache=hub)
         assert again == snapshot and len(mirror.requests) == served, "a complete snapshot is not fetched again"
     assert snapshot.name == "0123456789abcdef0123456789abcdef01234567"  # the server's X-Repo-Commit
     # A fresh process, offline, loading by repo id exactly as A1111 does.
@@ -215,7 +215,7 @@ def test_tokenizer_lands_where_from_pretrained_finds_it_offline(tmp_path, monkey
         tok = CLIPTokenizer.from_pretrained({CLIP_TOKENIZER_REPO!r})
         print(tok("abc")["input_ids"])
     """)
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     from transformers import CLIPTokenizer
@@ -225,8 +225,8 @@ def test_tokenizer_lands_where_from_pretrained_finds_it_offline(tmp_path, monkey
 
 def test_tokenizer_offline_without_cache_says_how_to_get_it(tmp_path):
     from lib_sd3.fetch import FetchOffline
-    from lib_sd3.known_files import T5_TOKENIZER_REPO
+    from lib_sd3.fetch.known_files import T5_TOKENIZER_REPO
 
     with pytest.raises(FetchOffline, match="spiece.model|config.json"):
-        t5.fetch_tokenizer(T5_TOKENIZER_REPO, FetchOptions(endpoints=["http://127.0.0.1:9"], offline=True),
-                           cache=tmp_path)
+        fetch_tokenizer(T5_TOKENIZER_REPO, FetchOptions(endpoints=["http://127.0.0.1:9"], offline=True),
+                        cache=tmp_path)

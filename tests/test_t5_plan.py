@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lib_sd3 import t5
-from lib_sd3.known_files import T5_FP8, T5_FP16
+from lib_sd3.fetch.known_files import T5_FP8, T5_FP16
 from lib_sd3.t5_plan import Candidate, plan_t5
 
 GIB = 1 << 30

@@ -22,8 +22,8 @@ from hf_mirror import HFMirror
 from lib_sd3 import fetch as fetcher
 from lib_sd3 import t5 as t5_lib
 from lib_sd3.fetch import FetchOptions
+from lib_sd3.fetch.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
 from lib_sd3.hashing import sha256_bytes
-from lib_sd3.known_files import A1111_TEXT_ENCODERS, CLIP_L, T5_FP8, T5_FP16, KnownFile
 
 GIB = 1 << 30
 
@@ -43,7 +43,7 @@ def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] |
 FP16_STATE = reference_state()
 LINEAR = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
 FP8_STATE = {k: (v.to(torch.float8_e4m3fn) if k.endswith(LINEAR) else v) for k, v in FP16_STATE.items()}
-FILES = {T5_FP16: safetensors_bytes(FP16_STATE), T5_FP8: safetensors_bytes(FP8_STATE), CLIP_L: b"clip-l" * 1000}
+FILES = {T5_FP16: safetensors_bytes(FP16_STATE), T5_FP8: safetensors_bytes(FP8_STATE), CLIP_L: safetensors_bytes({"clip_l.weight": torch.ones(1500)})}
 
 
 def expected_output(state: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
@@ -75,7 +75,7 @@ def webui(request, fake_webui, tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    monkeypatch.setattr(fetcher, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")  # the real Hub is never asked
+    monkeypatch.setattr(fetcher.endpoints, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")  # the real Hub is never asked
     monkeypatch.setattr(t5_lib, "free_memory", lambda: (64 * GIB, None))
 
     from lib_sd3.webui import t5 as t5_webui
@@ -296,6 +296,23 @@ def test_clip_downloads_go_through_the_fetcher(webui, mirror):
         modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
 
 
+@pytest.mark.parametrize("kind, methods", [("loop", ("GET",)), ("no-location", ("HEAD", "GET")),
+                                           ("ftp", ("HEAD", "GET"))])
+def test_bad_redirects_reach_the_webui_as_a_fetch_error_with_the_manual_path(webui, mirror, kind, methods):
+    """requests' own exceptions (redirect loop, no Location, ftp://) never reach A1111's model load or the T5 status."""
+    from modules import modelloader
+
+    mirror.faults.bad_redirect, mirror.faults.bad_redirect_methods = kind, methods
+    url = f"https://huggingface.co/{A1111_TEXT_ENCODERS}/resolve/main/{CLIP_L}"
+    with pytest.raises(RuntimeError, match="SD3 needs clip_l.safetensors") as info:
+        modelloader.load_file_from_url(url, model_dir=str(webui.clip), file_name=CLIP_L)
+    assert "download ONE of these URLs" in str(info.value)
+    assert webui.t5.download.start(T5_FP16) and webui.t5.download.wait(30)
+    status = webui.t5.status()
+    assert status["fetch_state"] == "failed" and "could not download" in status["error"]
+    assert "download ONE of these URLs" in status["manual"]
+
+
 def test_file_with_only_shared_embedding_key_loads(webui, mirror):
     """ComfyUI-made files may store the embedding only as ``shared.weight``."""
     state = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in FP16_STATE.items()}
@@ -385,15 +402,17 @@ def test_t5_output_non_finite_even_in_fp32_is_a_named_error(webui, mirror):
 
 
 def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path, monkeypatch):
-    from lib_sd3.known_files import TOKENIZER_REPOS, tokenizer_files
+    from lib_sd3.fetch.known_files import TOKENIZER_REPOS, tokenizer_files
     from lib_sd3.webui import text_encoder_fetch
 
     fake_webui.shared.opts.data.update({"sd3_fetch": True})
     fake_webui.shared.cmd_opts = types.SimpleNamespace(sd3_t5=None, sd3_no_fetch=False, sd3_mirror=None)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    monkeypatch.setattr(fetcher, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(t5_lib, "hub_cache_dir", lambda: tmp_path / "hub")
+    monkeypatch.setattr(fetcher.endpoints, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for var in ("TRANSFORMERS_CACHE",):
+        monkeypatch.delenv(var, raising=False)
     with HFMirror() as m:
         m.faults.lfs = False
         fake_webui.shared.opts.data["sd3_mirrors"] = m.endpoint
@@ -406,9 +425,9 @@ def test_ensure_tokenizers_fills_hub_cache_and_never_raises(fake_webui, tmp_path
                 m.add(repo, known_file.path, f"{repo}/{known_file.path}".encode())
         text_encoder_fetch.ensure_tokenizers(text_encoder_fetch.default_setup().tokenizer_options)
     for repo in TOKENIZER_REPOS:
-        snapshot = t5_lib.cached_snapshot(tmp_path / "hub", repo, tokenizer_files(repo))
-        assert snapshot is not None
-        assert (snapshot / "tokenizer_config.json").read_bytes() == f"{repo}/tokenizer_config.json".encode()
+        snapshot = fetcher.cache.cached_snapshot(tmp_path / "hub", repo, [f.path for f in tokenizer_files(repo)])
+        assert snapshot.complete
+        assert (snapshot.path / "tokenizer_config.json").read_bytes() == f"{repo}/tokenizer_config.json".encode()
 
 
 @pytest.mark.webui
@@ -528,7 +547,7 @@ def test_users_own_t5_file_is_attached_and_never_touched(webui, variant, monkeyp
     webui.t5.refresh(model)
     generate(webui, model)
     assert path.read_bytes() == data and path.stat().st_ino == inode, "the user's file is untouched"
-    assert sorted(p.name for p in webui.clip.iterdir() if not p.name.endswith(".lock")) == [name]
+    assert sorted(p.name for p in webui.clip.iterdir() if not p.name.startswith(".")) == [name]
     said = [r.message for r in caplog.records if "not the published file" in r.message]
     assert len(said) == 1, f"said once in the console, not {len(said)} times: {said}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_sd3 import get_logger
-from lib_sd3.known_files import CLIP_TOKENIZER_REPO, T5_TOKENIZER_REPO
+from lib_sd3.fetch.known_files import CLIP_TOKENIZER_REPO, T5_TOKENIZER_REPO
 from lib_sd3.tokens.cache import Tokenizers
 
 log = get_logger("tokens")

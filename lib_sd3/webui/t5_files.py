@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from lib_sd3 import get_logger
-from lib_sd3.known_files import T5_FP8, T5_FP16
+from lib_sd3.fetch.known_files import T5_FP8, T5_FP16
 from lib_sd3.t5_file import FOLDERS, T5FileCheck, check_t5_file, known_row, safetensors_files
 from lib_sd3.t5_plan import Candidate
 from lib_sd3.webui.t5_model import expected_layout, file_identity

@@ -18,8 +18,7 @@ from typing import Any
 
 from lib_sd3 import fetch as fetcher
 from lib_sd3 import get_logger
-from lib_sd3 import t5 as t5_lib
-from lib_sd3.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS, KnownFile, sources
+from lib_sd3.fetch.known_files import CLIP_G, CLIP_L, T5_FP8, T5_FP16, TOKENIZER_REPOS, KnownFile, sources
 from lib_sd3.patching import AttributeSwap
 from lib_sd3.webui import settings
 from lib_sd3.webui.capabilities import a1111_module
@@ -96,7 +95,7 @@ def ensure_tokenizers(options: fetcher.FetchOptions) -> None:
     """Put the CLIP and T5 tokenizers into the Hub cache before A1111 asks for them; never raises."""
     for repo in TOKENIZER_REPOS:
         try:
-            t5_lib.fetch_tokenizer(repo, fetch_options(options))
+            fetcher.fetch_tokenizer(repo, fetch_options(options))
         except fetcher.FetchError as error:
             log.warning("tokenizer %s not cached: %s", repo, error)
         except Exception:

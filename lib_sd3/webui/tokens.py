@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from lib_sd3 import get_logger
 from lib_sd3 import tokens as lib
-from lib_sd3.known_files import CLIP_TOKENIZER_REPO
+from lib_sd3.fetch.known_files import CLIP_TOKENIZER_REPO
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import STATE_DEV, STATE_EARLY, a1111_option, a1111_state, loaded_model, model_is_sd3
