@@ -1,11 +1,17 @@
-"""Our MMDiT for the SD3.5 families: qk-norm (RMSNorm on q and k per head) and MMDiT-X blocks.
+"""Our MMDiT for the whole SD3 family: SD3 Medium, SD3.5 with qk-norm (RMSNorm on q and k per head), MMDiT-X.
 
 Written in the style of sd3-ref / A1111's ``modules/models/sd3/mmdit.py`` with Stability's key
 layout (``joint_blocks.N.{context_block,x_block}.attn.qkv``, ``attn.ln_q``, ``x_block.attn2.*``,
 ``adaLN_modulation.1``), so checkpoints, MixDQ layer names and LoRA names are the ones A1111 and
-Stability use. A1111's own MMDiT has qk-norm but is never told to use it and has no MMDiT-X; we
-build this one only for the families that need it (see :attr:`lib_sd3.families.Family.needs_our_mmdit`)
-and leave SD3 Medium to A1111's, so nothing changes for the model A1111 already handles.
+Stability use. A1111's own MMDiT has qk-norm but is never told to use it and has no MMDiT-X.
+
+The arithmetic is sd3-ref's, operation for operation (so SD3 Medium gives A1111's numbers bit for
+bit); only the memory work differs, because that is where a step loses time next to diffusers:
+the image stream is made contiguous once after the patch embedding (sd3-ref keeps the transposed
+view of ``flatten(2).transpose(1, 2)``, so every LayerNorm copied it and every residual add ran on
+strided memory), modulation, gating, GELU and the qk-norm scale run in place on tensors this block
+just made, and the joint attention gets head-major q/k/v. Blocks run without autograd history in
+the WebUI; the in-place steps only ever touch fresh intermediates, never a block's inputs.
 
 An MMDiT-X block (SD3.5 Medium) gives the image stream a second self-attention over image tokens
 only (``attn2``), fed by the same ``norm1`` output with its own shift/scale and added with its own
@@ -38,18 +44,51 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def modulate_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`modulate` in place on ``x`` (a fresh norm output): the same products and sums, no new tensor."""
+    return x.mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + gate * update``, scaling the fresh ``update`` in place rather than allocating the product."""
+    return x + update.mul_(gate.unsqueeze(1))
+
+
+def heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, L, H*D)`` -> a ``(B, H, L, D)`` view."""
+    b, n, dim = t.shape
+    return t.reshape(b, n, heads, dim // heads).transpose(1, 2)
+
+
+def tokens_first(out: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, D)`` -> ``(B, L, H*D)``."""
+    b, heads, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, heads * d)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention on ``(B, L, H*D)`` tensors, returning ``(B, L, H*D)``."""
-    b, _, dim = q.shape
-    q, k, v = (t.reshape(b, -1, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, -1, dim)
+    q, k, v = (heads_first(t, heads) for t in (q, k, v))
+    return tokens_first(F.scaled_dot_product_attention(q, k, v))
+
+
+def joint_attention(streams: tuple[tuple[torch.Tensor, ...], ...], heads: int) -> tuple[torch.Tensor, ...]:
+    """Attention over the streams' tokens together; each stream's ``(B, L_i, H*D)`` rows of the output.
+
+    The streams are joined along the token axis of the head-major views, so the attention reads
+    one contiguous ``(B, H, L, D)`` tensor each for q, k and v (joining ``(B, L, H*D)`` tensors
+    instead hands it a strided view).
+    """
+    q, k, v = (torch.cat([heads_first(stream[i], heads) for stream in streams], dim=2) for i in range(3))
+    out = tokens_first(F.scaled_dot_product_attention(q, k, v))
+    return out.split([stream[0].shape[1] for stream in streams], dim=1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features ``[cos, sin]`` of the timestep (sd3-ref's order)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    # on the CPU and then moved, as sd3-ref does: exp on another device may round differently
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -64,7 +103,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * self.weight.to(device=x.device, dtype=x.dtype)
+        return x.mul_(self.weight.to(device=x.device, dtype=x.dtype))
 
 
 class Mlp(nn.Module):
@@ -74,7 +113,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_(self.fc1(x)))
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` in place: the same kernel, without a second 4x-wide tensor."""
+    return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
 class Embedder(nn.Module):
@@ -132,17 +176,17 @@ class DismantledBlock(nn.Module):
         """(q, k, v) for the joint attention, (q, k, v) of ``attn2`` or None, and what post_attention needs."""
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         h = self.norm1(x)
-        qkv = self.attn.pre_attention(modulate(h, mods[0], mods[1]))
         qkv2 = self.attn2.pre_attention(modulate(h, mods[6], mods[7])) if self.dual_attention else None
+        qkv = self.attn.pre_attention(modulate_(h, mods[0], mods[1]))  # h's last use
         return qkv, qkv2, mods
 
     def post_attention(self, attn: torch.Tensor, attn2: torch.Tensor | None, x: torch.Tensor,
                        mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
+        x = gated(x, gate_msa, self.attn.proj(attn))
         if attn2 is not None:
-            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = gated(x, mods[8], self.attn2.proj(attn2))
+        return gated(x, gate_mlp, self.mlp(modulate_(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -156,11 +200,9 @@ class JointBlock(nn.Module):
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         heads = self.x_block.attn.num_heads
-        (cq, ck, cv), _, context_mods = self.context_block.pre_attention(context, c)
-        (xq, xk, xv), x_qkv2, x_mods = self.x_block.pre_attention(x, c)
-        joint = attention(torch.cat((cq, xq), 1), torch.cat((ck, xk), 1), torch.cat((cv, xv), 1), heads)
-        n_context = context.shape[1]
-        context_attn, x_attn = joint[:, :n_context], joint[:, n_context:]
+        context_qkv, _, context_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
+        context_attn, x_attn = joint_attention((context_qkv, x_qkv), heads)
         attn2 = attention(*x_qkv2, heads) if x_qkv2 is not None else None
         context = None if self.context_block.pre_only else \
             self.context_block.post_attention(context_attn, None, context, context_mods)
@@ -174,7 +216,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, patch_size, patch_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: the image stream keeps this layout through every block
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class FinalLayer(nn.Module):
@@ -186,7 +229,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate_(self.norm_final(x), shift, scale))
 
 
 BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Sequence["torch.Tensor | None"]]

@@ -1,7 +1,8 @@
-"""The SD3.5 construction and checked-loading patches against stand-in A1111 modules.
+"""The SD3-family construction and checked-loading patches against stand-in A1111 modules.
 
 The stand-in ``BaseModel`` (tests/a1111/sd3.py) builds what A1111's does: depth, patch, widths from shapes, but never
-qk-norm or MMDiT-X. ``load_model_weights`` loads with ``strict=False`` as A1111's does. The real
+qk-norm or MMDiT-X, in a class of its own (``A1111MMDiT``). ``load_model_weights`` loads with ``strict=False`` as
+A1111's does. The real
 A1111 runs the same patches in tests/webui/test_real_sd35.py.
 """
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 from a1111 import sd3 as a1111_sd3
 from a1111.processing import P
-from a1111.sd3 import A1111BaseModel, A1111QkvLinear, Inferencer
+from a1111.sd3 import A1111BaseModel, A1111MMDiT, A1111QkvLinear, Inferencer
 from feature_registration import registered
 from safetensors.torch import load_file
 
-from lib_sd3.families import CheckpointError
+from lib_sd3.families import CheckpointError, detect, shapes_of
 from lib_sd3.mmdit import MMDiT
 from lib_sd3.mmdit_load import KeyMismatchError
 from lib_sd3.webui import hooks
@@ -76,15 +77,16 @@ def _load(webui, model, name):
     modules.sd_models.load_model_weights(model, _info(webui.files[name]), load_file(webui.files[name]), None)
 
 
-def test_construction_builds_our_mmdit_only_for_sd35(webui):
+def test_construction_builds_our_mmdit_for_every_family(webui):
     medium = Inferencer(load_file(webui.files["sd3.5-medium"]))
     mmdit = medium.model.diffusion_model
-    assert isinstance(mmdit, MMDiT) and hasattr(mmdit.joint_blocks[0].x_block, "attn2")
+    assert type(mmdit) is MMDiT and hasattr(mmdit.joint_blocks[0].x_block, "attn2")
     assert type(mmdit.joint_blocks[0].x_block.attn.qkv) is A1111QkvLinear  # A1111's LoRA type-checks it
     assert medium.model.model_sampling.shift == 3.0
     sd3 = Inferencer(load_file(webui.files["sd3-medium"]))
     assert isinstance(sd3.model, A1111BaseModel) and type(sd3.model).__mro__[1] is A1111BaseModel
-    assert sd3.model.diffusion_model.config.qk_norm is None
+    assert type(sd3.model.diffusion_model) is MMDiT and sd3.model.diffusion_model.config.qk_norm is None
+    assert type(sd3.model.diffusion_model.joint_blocks[0].x_block.attn.qkv) is A1111QkvLinear
 
 
 @pytest.mark.parametrize("first, second", [("sd3-medium", "sd3.5-large"), ("sd3.5-large", "sd3.5-medium"),
@@ -162,16 +164,18 @@ def test_undo_puts_a1111_back(webui):
         not hasattr(sd_models.load_model_weights, "__sd3_original__")
 
 
-def test_a_model_a1111_built_wrong_is_rebuilt_at_load(webui):
-    """Construction patch missing (say, a future A1111 renamed BaseModel): the load still gets the right MMDiT."""
+@pytest.mark.parametrize("name", ["sd3.5-large", "sd3-medium"])
+def test_a_model_a1111_built_is_rebuilt_at_load(webui, name):
+    """Construction patch missing (say, a future A1111 renamed BaseModel): the load still gets our MMDiT."""
     from lib_sd3.webui import models
 
     REGISTRY.undo(models.CONSTRUCTION.name)
-    model = Inferencer(load_file(webui.files["sd3.5-large"]))
-    assert type(model.model) is A1111BaseModel and model.model.diffusion_model.config.qk_norm is None
-    _load(webui, model, "sd3.5-large")
-    ours, reference = _output(model, webui.files["sd3.5-large:ref"])
-    assert model.model.diffusion_model.config.qk_norm == "rms"
+    model = Inferencer(load_file(webui.files[name]))
+    assert type(model.model) is A1111BaseModel and type(model.model.diffusion_model) is A1111MMDiT
+    _load(webui, model, name)
+    ours, reference = _output(model, webui.files[name + ":ref"])
+    assert type(model.model.diffusion_model) is MMDiT
+    assert model.model.diffusion_model.config == detect(shapes_of(load_file(webui.files[name]))).config
     assert (ours - reference).abs().max().item() < 1e-4
 
 

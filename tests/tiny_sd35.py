@@ -34,15 +34,16 @@ SHAPES = {
 }
 
 
-def diffusers_model(family: str, seed: int = 0, depth: int = DEPTH):
+def diffusers_model(family: str, seed: int = 0, depth: int = DEPTH, context_dim: int = CONTEXT_DIM,
+                    adm_dim: int = ADM_DIM, pos_embed_max_size: int = POS_EMBED_MAX_SIZE):
     """A random diffusers SD3 transformer shaped like ``family`` (every weight random, norms too)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=depth,
-                                  attention_head_dim=64, num_attention_heads=depth, joint_attention_dim=CONTEXT_DIM,
-                                  caption_projection_dim=64 * depth, pooled_projection_dim=ADM_DIM,
-                                  pos_embed_max_size=POS_EMBED_MAX_SIZE, **SHAPES[family])
+                                  attention_head_dim=64, num_attention_heads=depth, joint_attention_dim=context_dim,
+                                  caption_projection_dim=64 * depth, pooled_projection_dim=adm_dim,
+                                  pos_embed_max_size=pos_embed_max_size, **SHAPES[family])
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -4,7 +4,8 @@ Four patches, all global (they act before an SD3 model exists), all feature-dete
 
 - ``sd3_model.BaseModel`` (the name ``SD3Inferencer`` builds its MMDiT wrapper with, both states):
   a subclass that detects the family from the state dict and builds :class:`lib_sd3.mmdit.MMDiT`
-  for SD3.5 (qk-norm, MMDiT-X). SD3 Medium keeps A1111's own construction, untouched.
+  for every SD3 family: SD3.5 needs it (qk-norm, MMDiT-X); SD3 Medium gets it for speed (A1111's
+  MMDiT keeps the image stream in a transposed layout), with A1111's numbers bit for bit.
 - ``sd_models.load_model_weights``: first ``hooks.BEFORE_LOAD_WEIGHTS`` on an SD3 model (the LoRA
   feature puts merged layers back there); then, before A1111's ``load_state_dict(strict=False)``, every
   ``model.diffusion_model.*`` key must match a parameter (and the reverse), else one error naming
@@ -75,24 +76,22 @@ def family_of_state_dict(state_dict: dict, checkpoint_file: str | None = None) -
 # --- construction -------------------------------------------------------------------------------
 
 def _family_base_model(original: type) -> type:
-    """A subclass of A1111's ``BaseModel`` that builds our MMDiT where A1111's would be wrong."""
+    """A subclass of A1111's ``BaseModel`` that builds our MMDiT for every SD3 family it recognises."""
 
     class SD3FamilyBaseModel(original):
         def __init__(self, shift=1.0, device=None, dtype=torch.float32, state_dict=None, prefix="", **kwargs):
             family = detect(shapes_of(state_dict)) if state_dict is not None else None
-            if family is None or not family.needs_our_mmdit:
+            if family is None:
                 super().__init__(shift=shift, device=device, dtype=dtype, state_dict=state_dict, prefix=prefix,
                                  **kwargs)
-                if family is not None:
-                    self.sd3_built = family.config
                 return
-            # A1111's __init__ would build (and, outside its meta-init, allocate) the wrong MMDiT first
+            # A1111's __init__ would build (and, outside its meta-init, allocate) its own MMDiT first
             torch.nn.Module.__init__(self)
             self.diffusion_model = MMDiT(family.config, qkv_linear=_a1111_qkv_linear(), dtype=dtype, device=device)
             self.model_sampling = a1111_module(SD3_IMPLS).ModelSamplingDiscreteFlow(shift=shift)
             self.depth = family.config.depth
             self.sd3_built = family.config
-            log.info("%s: building the SD3.5 MMDiT (qk-norm %s, MMDiT-X layers %s)", family.label,
+            log.info("%s: building sd-webui-sd3's MMDiT (qk-norm %s, MMDiT-X layers %s)", family.label,
                      family.config.qk_norm, list(family.config.x_block_self_attn_layers) or "none")
 
     # same name as A1111's class, so anything that prints or compares the class name sees "BaseModel"
@@ -101,33 +100,16 @@ def _family_base_model(original: type) -> type:
 
 
 def _built_config(holder: Any) -> MMDiTConfig | None:
-    """The config a loaded BaseModel's MMDiT was built for (read from its shapes if built before us)."""
-    built = getattr(holder, BUILT_ATTR, None)
-    if built is not None:
-        return built
-    mmdit = getattr(holder, "diffusion_model", None)
-    if mmdit is None:
-        return None
-    try:
-        family = detect({k: tuple(v.shape) for k, v in mmdit.state_dict().items()})
-    except CheckpointError:
-        return None
-    return family.config if family is not None else None
+    """The config our MMDiT in a loaded BaseModel was built for; None if A1111 built it (before our patch)."""
+    return getattr(holder, BUILT_ATTR, None)
 
 
-def _rebuild(holder: Any, family: Family, state_dict: dict) -> None:
-    """Give ``holder`` a fresh MMDiT for ``family`` (uninitialised: the load fills every parameter).
-
-    SD3 Medium gets A1111's own class (``sd3_impls.BaseModel``, whose name we never patch), SD3.5 ours.
-    """
+def _rebuild(holder: Any, family: Family) -> None:
+    """Give ``holder`` a fresh MMDiT for ``family`` (uninitialised: the load fills every parameter)."""
     old = holder.diffusion_model
     sample = next(old.parameters())
     with torch.device("meta"):
-        if family.needs_our_mmdit:
-            fresh = MMDiT(family.config, qkv_linear=_a1111_qkv_linear(), dtype=sample.dtype)
-        else:
-            fresh = a1111_module(SD3_IMPLS).BaseModel(shift=1.0, device=None, dtype=sample.dtype,
-                                                      state_dict=state_dict, prefix=family.prefix).diffusion_model
+        fresh = MMDiT(family.config, qkv_linear=_a1111_qkv_linear(), dtype=sample.dtype)
     mmdit = fresh.to_empty(device=sample.device)
     mmdit.dtype = getattr(old, "dtype", sample.dtype)
     holder.diffusion_model = mmdit
@@ -156,7 +138,7 @@ def _checked_load(original: Any) -> Any:
         checkpoint = shapes_of(state_dict)
         check_complete(family, expected_shapes(family.config), checkpoint, where)  # before anything changes
         if _built_config(holder) != family.config:
-            _rebuild(holder, family, state_dict)
+            _rebuild(holder, family)
         # the module itself, too: whoever built it, every key must land in it
         check_complete(family, shapes_of(holder.diffusion_model.state_dict()), checkpoint, where)
         result = original(model, checkpoint_info, state_dict, timer)
@@ -261,7 +243,7 @@ def current() -> dict[str, Any]:
         return {"family": None, "label": None}
     mmdit = getattr(getattr(model, "model", None), "diffusion_model", None)
     return {"family": family.name, "label": family.label, "turbo_from": family.turbo_from or None,
-            "mmdit": "sd-webui-sd3" if isinstance(mmdit, MMDiT) else "A1111",
+            "mmdit": "sd-webui-sd3" if type(mmdit) is MMDiT else "A1111",
             "depth": family.config.depth, "qk_norm": family.config.qk_norm,
             "mmdit_x_layers": list(family.config.x_block_self_attn_layers)}
 

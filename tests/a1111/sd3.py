@@ -191,13 +191,17 @@ class ModelSamplingDiscreteFlow(torch.nn.Module):
         self.shift = shift
 
 
+class A1111MMDiT(MMDiT):
+    """Stands in for A1111's own MMDiT class (its arithmetic is ours; the class tells who built it)."""
+
+
 class A1111BaseModel(torch.nn.Module):
     """What A1111 builds: every family as SD3 Medium."""
 
     def __init__(self, shift=1.0, device=None, dtype=torch.float32, state_dict=None, prefix=""):
         super().__init__()
         config = dataclasses.replace(detect(shapes_of(state_dict)).config, qk_norm=None, x_block_self_attn_layers=())
-        self.diffusion_model = MMDiT(config, qkv_linear=A1111QkvLinear, dtype=dtype, device=device)
+        self.diffusion_model = A1111MMDiT(config, qkv_linear=A1111QkvLinear, dtype=dtype, device=device)
         self.model_sampling = ModelSamplingDiscreteFlow(shift=shift)
 
 
