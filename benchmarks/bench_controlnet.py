@@ -33,9 +33,9 @@ from lib_sd3.controlnet.control import ControlStack, ControlUnit, controlling  #
 from lib_sd3.controlnet.detect import ControlNetConfig  # noqa: E402
 from lib_sd3.controlnet.load import load_controlnet  # noqa: E402
 from lib_sd3.controlnet.model import ControlNet  # noqa: E402
-from lib_sd3.families import MMDiTConfig  # noqa: E402
-from lib_sd3.mmdit import MMDiT  # noqa: E402
-from lib_sd3.slg import skip_blocks  # noqa: E402
+from lib_sd3.models.families import MMDiTConfig  # noqa: E402
+from lib_sd3.models.mmdit import MMDiT  # noqa: E402
+from lib_sd3.sampling.slg import skip_blocks  # noqa: E402
 from tests import tiny_controlnet, tiny_sd35  # noqa: E402
 
 SIGMAS = (0.999, 0.75, 0.4, 0.05)

@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib_sd3 import LOGGER_NAME, get_logger  # noqa: E402
-from lib_sd3.mixdq import config, kernels, layers, model, presets, quantizers, selection  # noqa: E402
+from lib_sd3.mixdq import config, kernels, layers, model, quantizers, selection, shipped  # noqa: E402
 from lib_sd3.mixdq.qlinear import QuantLinear  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     m = transformer(blocks, args.heads, latent, args.device, dtype)
     print(f"# model built at {time.perf_counter() - start:.0f}s", flush=True)
     names = [n for n, _ in layers.linear_layers(m)]
-    configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
+    configs = {kind: shipped.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "blocks": blocks,
                               "width": 64 * args.heads}
     if args.heads == 24:  # the headlines: SD3 Medium itself, all 24 blocks, and SD3.5 Large, 38 blocks

@@ -1,4 +1,4 @@
-"""One MMDiT forward, ours (``lib_sd3.mmdit``) against diffusers' ``SD3Transformer2DModel`` on the same weights.
+"""One MMDiT forward, ours (``lib_sd3.models.mmdit``) against diffusers' ``SD3Transformer2DModel`` on the same weights.
 
     python benchmarks/bench_mmdit.py              # CPU, 2 threads, ~1-3 minutes
 
@@ -6,7 +6,7 @@ A sampling step is one such forward on a CFG pair, so this is the time an A1111 
 step. The shapes are a step's (batch 2 = one CFG pair, a 64x64 latent = 1024 image tokens, 154
 text tokens of width 4096, a 2048-wide pooled vector) on an MMDiT of depth 8 / hidden 512, with
 random weights (norm scales far from 1) written under Stability's key names and loaded through
-``lib_sd3.mmdit_load``, as the WebUI loads a checkpoint.
+``lib_sd3.models.mmdit_load``, as the WebUI loads a checkpoint.
 
 - ``vs_diffusers_fp32`` / ``vs_diffusers_bf16``: our median forward time / diffusers', SD3.5 Large
   layout (qk-norm). ``vs_diffusers_medium_fp32``: SD3.5 Medium layout (qk-norm, MMDiT-X blocks 0 and 1).
@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from lib_sd3.mmdit_load import load_mmdit  # noqa: E402
+from lib_sd3.models.mmdit_load import load_mmdit  # noqa: E402
 from tests import tiny_sd35  # noqa: E402
 
 DEPTH = 8  # hidden 64 * 8 = 512, 8 heads

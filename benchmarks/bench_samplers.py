@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import k_diffusion.sampling as ks  # noqa: E402
 from oracle import data_scale, fitted_order, make_oracle, rms  # noqa: E402
 
-from lib_sd3 import flow  # noqa: E402
 from lib_sd3 import sampling as S  # noqa: E402
+from lib_sd3.sampling import flow  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore")  # torchsde's Brownian-tree boundary notes, diffusers' deprecations

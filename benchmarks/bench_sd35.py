@@ -2,9 +2,9 @@
 
 - ``large_max_abs_err`` / ``medium_max_abs_err``: largest |ours - diffusers| over several timesteps for
   a random SD3.5-Large-shaped (qk-norm) and SD3.5-Medium-shaped (qk-norm + MMDiT-X) transformer,
-  written under Stability's key names with ``lib_sd3.mmdit_keys``' table and loaded into our MMDiT
+  written under Stability's key names with ``lib_sd3.models.mmdit_keys``' table and loaded into our MMDiT
   (fp32, ``tests/tiny_sd35.load_mmdit``). ``slg_max_abs_err``: the same with joint blocks skipped
-  (diffusers' ``skip_layers`` against ``lib_sd3.slg.skip_blocks``), both shapes.
+  (diffusers' ``skip_layers`` against ``lib_sd3.sampling.slg.skip_blocks``), both shapes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from lib_sd3.slg import skip_blocks  # noqa: E402
+from lib_sd3.sampling.slg import skip_blocks  # noqa: E402
 from tests import tiny_sd35  # noqa: E402
 
 TIMESTEPS = (999.0, 750.0, 500.0, 250.0, 30.0)

@@ -69,7 +69,7 @@ def write_fp16_file(path: Path, config: dict) -> tuple[int, int]:
     import torch
     from safetensors.torch import save_file
 
-    from lib_sd3.t5_file import encoder_layout
+    from lib_sd3.t5.file_check import encoder_layout
 
     torch.manual_seed(0)
     tensors = {key: (torch.randn(shape) * 0.05).to(torch.float16) for key, shape in encoder_layout(config).items()}

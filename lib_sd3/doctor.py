@@ -18,12 +18,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib_sd3 import families, iclight, sd3_state, targets
+from lib_sd3 import iclight, sd3_state, targets
 from lib_sd3.fetch import known_files
 from lib_sd3.fetch.cache import cached_snapshot, hub_cache_dir
 from lib_sd3.hashing import sha256_file
+from lib_sd3.models import families
 from lib_sd3.safetensors_file import read_header
-from lib_sd3.t5_file import FOLDERS, XXL_CONFIG, check_t5_file, encoder_layout, known_row, safetensors_files
+from lib_sd3.t5.file_check import FOLDERS, XXL_CONFIG, check_t5_file, encoder_layout, known_row, safetensors_files
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -114,7 +115,7 @@ def _gb(size: int) -> str:
 
 def check_text_encoder(clip_dir: Path, known: known_files.KnownFile, verify_hash: bool,
                        t5_layout: Mapping[str, tuple[int, ...]] | None = None) -> Check:
-    """One file in models/CLIP. T5 files are judged by :func:`lib_sd3.t5_file.check_t5_file`, the
+    """One file in models/CLIP. T5 files are judged by :func:`lib_sd3.t5.file_check.check_t5_file`, the
     rule the WebUI uses (``t5_layout``: the encoder A1111 builds; T5-XXL's by default)."""
     path = clip_dir / known.filename
     if known.filename in T5_FILES and path.is_file():

@@ -7,11 +7,11 @@ API: ``"alwayson_scripts": {"SD3": {"args": [{"mixdq": "w8a8", "nan_guard": "on"
 import gradio as gr
 from modules import scripts
 
-from lib_sd3.slg import joint_blocks_of
+from lib_sd3.sampling.slg import joint_blocks_of
 from lib_sd3.webui import hooks, options, script_args, settings, startup
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS
-from lib_sd3.webui.presets import PresetButton
+from lib_sd3.webui.preset_button import PresetButton
 
 startup.install()
 

@@ -35,10 +35,10 @@ def test_bench_runs_and_prints_the_keys(capsys):
 
 def test_cuda_padding_plan_for_sd3_small_m_layers():
     """The CUDA path's shape decisions for SD3 Medium's Linears, checked without a GPU."""
-    from lib_sd3.mixdq import kernels, presets
+    from lib_sd3.mixdq import kernels, shipped
 
     plans = {name: kernels.plan_int_mm(2 if "adaLN" in name or "embedder" in name else 4250, k, n, "cuda")
-             for name, (n, k) in presets.sd3_medium_linears().items()}
+             for name, (n, k) in shipped.sd3_medium_linears().items()}
     assert plans["joint_blocks.0.x_block.adaLN_modulation.1"] == "pad_rows"
     assert plans["joint_blocks.0.x_block.mlp.fc2"] == "int_mm"
     assert "fallback" not in plans.values()  # every SD3 Medium Linear has K, N multiples of 8
@@ -50,13 +50,13 @@ def test_large_memory_is_the_sum_of_the_layer_sizes():
     import bench_mixdq
     import torch
 
-    from lib_sd3.mixdq import config, presets
+    from lib_sd3.mixdq import config, shipped
     from lib_sd3.mixdq.qlinear import layer_bytes
 
-    shapes = presets.sd35_large_linears()
+    shapes = shipped.sd35_large_linears()
     for kind in ("w8a8", "w4a8"):
         before, after = bench_mixdq.meta_bytes(kind, bench_mixdq.SD35_LARGE)
-        plan = presets.preset(kind, shapes).weight
+        plan = shipped.preset(kind, shapes).weight
         saved = sum(layer_bytes(n, k, 16, True, torch.float16) - layer_bytes(n, k, plan[name], True, torch.float16)
                     for name, (n, k) in shapes.items() if name in plan)
         assert after == before - saved
@@ -70,11 +70,11 @@ def test_gpu_step_and_memory_figures_on_cpu():
     import bench_mixdq
     import torch
 
-    from lib_sd3.mixdq import layers, presets
+    from lib_sd3.mixdq import layers, shipped
 
     m = bench_mixdq.transformer(1, 1, 8, "cpu", torch.float32)
     names = [n for n, _ in layers.linear_layers(m)]
-    configs = {kind: presets.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
+    configs = {kind: shipped.preset(kind, names) for kind in ("w8a8", "w4a8", "fp8")}
     out = bench_mixdq.step_and_memory(m, bench_mixdq.inputs(m, 8, 1, "cpu", torch.float32), configs, 1)
     assert set(out) >= {"gpu_w8a8_step_ratio", "gpu_fp8_step_ratio", "gpu_w8a8_mem_ratio", "gpu_w4a8_mem_ratio",
                         "cpu_step_ms_float", "cpu_step_ms_fp8"}

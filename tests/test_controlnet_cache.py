@@ -9,7 +9,7 @@ import torch
 
 from lib_sd3.controlnet.cache import ControlNetCache, key_of
 from lib_sd3.controlnet.detect import ControlNetError
-from lib_sd3.families import MMDiTConfig
+from lib_sd3.models.families import MMDiTConfig
 from tests import tiny_controlnet
 
 BASE = MMDiTConfig(depth=4, patch_size=2, in_channels=16, out_channels=16, pos_embed_max_size=12, context_dim=48,

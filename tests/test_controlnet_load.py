@@ -19,7 +19,7 @@ from lib_sd3.controlnet.detect import (
 )
 from lib_sd3.controlnet.load import load_controlnet
 from lib_sd3.controlnet.model import ControlNet
-from lib_sd3.families import MMDiTConfig
+from lib_sd3.models.families import MMDiTConfig
 from tests import tiny_controlnet
 
 # the real families' shapes (Stability's files): SD3.5 Large 38 blocks, SD3.5 Medium 24 with MMDiT-X 0..12

@@ -15,7 +15,7 @@ import torch
 
 from lib_sd3.controlnet.control import ControlStack, ControlUnit, controlling
 from lib_sd3.controlnet.load import load_controlnet
-from lib_sd3.slg import skip_blocks
+from lib_sd3.sampling.slg import skip_blocks
 from tests import tiny_controlnet, tiny_sd35
 
 TOLERANCE = 1e-4  # max abs, fp32, CPU

@@ -256,7 +256,7 @@ def test_text_encoder_verdicts_agree_with_the_safetensors_loader(tmp_path, hub, 
 
 def test_t5_files_under_other_names_are_listed_like_the_webui_sees_them(tmp_path):
     """ComfyUI / google names in models/CLIP or models/text_encoder: the same header rule as the WebUI's."""
-    from lib_sd3.t5_file import encoder_layout
+    from lib_sd3.t5.file_check import encoder_layout
 
     config = {"d_ff": 8, "d_model": 4, "num_heads": 2, "num_layers": 2, "vocab_size": 10}
     layout = encoder_layout(config)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_sd3.families import CheckpointError, detect, detect_file, read_header
-from lib_sd3.mmdit_load import KeyMismatchError, expected_shapes
+from lib_sd3.models.families import CheckpointError, detect, detect_file, read_checkpoint_header
+from lib_sd3.models.mmdit_load import KeyMismatchError, expected_shapes
 from tests import tiny_sd35
 
 
@@ -84,7 +84,7 @@ def _write(path, tensors, metadata=None):
 def test_header_is_read_without_tensors_and_truncation_is_named(tmp_path):
     path = tmp_path / "sd35m.safetensors"
     tiny_sd35.write_checkpoint(path, "sd3.5-medium", metadata={"modelspec.title": "x"})
-    header = read_header(path)
+    header = read_checkpoint_header(path)
     assert header.metadata == {"modelspec.title": "x"} and header.extent == path.stat().st_size
     assert detect_file(path).name == "sd3.5-medium"
     cut = tmp_path / "cut.safetensors"
@@ -96,10 +96,10 @@ def test_header_is_read_without_tensors_and_truncation_is_named(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(struct.pack("<Q", 20) + b"{not json at all....")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
-        read_header(garbage)
+        read_checkpoint_header(garbage)
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="shorter than a safetensors header"):
-        read_header(tmp_path / "empty.safetensors")
+        read_checkpoint_header(tmp_path / "empty.safetensors")
 
 
 def test_missing_or_extra_keys_name_the_family_and_keys(tmp_path):

@@ -27,7 +27,7 @@ def test_preload_adds_every_declared_flag_with_its_default():
     assert given == {"sd3_t5": "fp8", "sd3_no_fetch": True, "sd3_mirror": "a,b", "sd3_mixdq": "x.yaml"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--sd3-t5", "fp4"])
-    assert flags.BY_NAME["sd3_t5"].choices == T5_MODES  # the T5 words are typed once, in lib_sd3/t5.py
+    assert flags.BY_NAME["sd3_t5"].choices == T5_MODES  # the T5 words are typed once, in lib_sd3/t5/__init__.py
 
 
 def test_flag_defaults_outside_the_webui(fake_webui):

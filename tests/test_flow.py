@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lib_sd3 import flow
+from lib_sd3.sampling import flow
 
 
 def test_shift_and_edm_conversions_invert():

@@ -6,7 +6,7 @@ import yaml
 from a1111.mmdit import TinyMMDiT
 from torch import nn
 
-from lib_sd3.mixdq import config, layers, presets
+from lib_sd3.mixdq import config, layers, shipped
 from lib_sd3.mixdq.config import ConfigError
 
 
@@ -33,13 +33,13 @@ def named_linears(names) -> nn.Module:
     return root
 
 
-FAMILIES = {"sd3-medium": presets.sd3_medium_linears(), "sd3.5-large": presets.sd35_large_linears(),
-            "sd3.5-medium": presets.sd35_medium_linears()}
+FAMILIES = {"sd3-medium": shipped.sd3_medium_linears(), "sd3.5-large": shipped.sd35_large_linears(),
+            "sd3.5-medium": shipped.sd35_medium_linears()}
 
 
 def test_shipped_files_are_the_pattern_rules():
     for kind in config.SHIPPED:
-        assert config.load(kind) == presets.patterns(kind)
+        assert config.load(kind) == shipped.patterns(kind)
     assert config.load("fp8").weight_format == "fp8"
 
 
@@ -49,7 +49,7 @@ def test_one_pattern_config_fits_every_family(family):
     names = FAMILIES[family]
     model = named_linears(names)
     for kind in config.SHIPPED:
-        assert config.resolve(config.load(kind), model) == config.resolve(presets.preset(kind, names), model)
+        assert config.resolve(config.load(kind), model) == config.resolve(shipped.preset(kind, names), model)
     plan = config.resolve(config.load("w4a8"), model)
     assert "context_embedder" not in plan and "final_layer.linear" not in plan
     assert plan["joint_blocks.0.x_block.attn.qkv"].w_bits == 8 and plan["joint_blocks.0.x_block.mlp.fc1"].w_bits == 4
@@ -63,13 +63,13 @@ def test_one_pattern_config_fits_every_family(family):
 def test_shipped_configs_fit_a_depth_24_model_in_both_namings():
     a1111 = TinyMMDiT(depth=24, dim=64)
     diffusers = tiny_diffusers(depth=24)
-    medium = presets.sd3_medium_linears()
+    medium = shipped.sd3_medium_linears()
     assert {n for n, _ in layers.linear_layers(a1111)} == set(medium)
     for kind in config.SHIPPED:
         cfg = config.load(kind)
         plan_a = config.resolve(cfg, a1111)
         plan_d = config.resolve(cfg, diffusers)
-        assert set(plan_a) == set(presets.preset(kind, medium).weight)
+        assert set(plan_a) == set(shipped.preset(kind, medium).weight)
         # diffusers splits each fused qkv into three Linears
         qkv = sum(1 for n in plan_a if n.endswith("attn.qkv"))
         assert len(plan_d) == len(plan_a) + 2 * qkv
@@ -110,7 +110,7 @@ def test_text_stream_layers_are_bos_aware():
 
 def test_names_the_model_lacks_are_listed():
     model = TinyMMDiT(depth=2)
-    cfg = presets.preset("w8a8", presets.sd3_medium_linears())  # an explicit list made for depth 24
+    cfg = shipped.preset("w8a8", shipped.sd3_medium_linears())  # an explicit list made for depth 24
     with pytest.raises(ConfigError) as error:
         config.resolve(cfg, model)
     message = str(error.value)

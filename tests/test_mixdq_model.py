@@ -4,7 +4,7 @@ import pytest
 import torch
 from a1111.mmdit import TinyMMDiT
 
-from lib_sd3.mixdq import config, layers, model, presets
+from lib_sd3.mixdq import config, layers, model, shipped
 from lib_sd3.mixdq.qlinear import QuantLinear
 
 
@@ -36,7 +36,7 @@ def test_ten_toggles_leave_weights_bit_identical_and_memory_at_baseline(tmp_path
     reference = m(*x)
     for i in range(10):
         kind = ("w8a8", "w4a8")[i % 2]
-        st = model.quantize(m, presets.preset(kind, names), cache_dir=tmp_path / "cache", spill_dir=tmp_path)
+        st = model.quantize(m, shipped.preset(kind, names), cache_dir=tmp_path / "cache", spill_dir=tmp_path)
         assert isinstance(m.joint_blocks[0].x_block.attn.qkv, QuantLinear)
         assert model.module_bytes(m) == st.bytes_after < 0.45 * baseline
         assert cosine(m(*x), reference) > (0.9999 if kind == "w8a8" else 0.999)
@@ -58,7 +58,7 @@ def test_originals_leave_ram_while_quantized_on_cpu(tmp_path):
     m = TinyMMDiT(depth=2)
     names = [n for n, _ in layers.linear_layers(m)]
     original = m.joint_blocks[0].x_block.mlp.fc1
-    model.quantize(m, presets.preset("w8a8", names), spill_dir=tmp_path)
+    model.quantize(m, shipped.preset("w8a8", names), spill_dir=tmp_path)
     assert original.weight.numel() == 0  # spilled to disk, not held twice
     assert len(list(tmp_path.glob("mixdq-originals-*.safetensors"))) == 1
     model.restore(m)
@@ -67,7 +67,7 @@ def test_originals_leave_ram_while_quantized_on_cpu(tmp_path):
 
 def test_cache_gives_the_same_quantized_model(tmp_path):
     m = TinyMMDiT(depth=2)
-    cfg = presets.preset("w4a8", [n for n, _ in layers.linear_layers(m)])
+    cfg = shipped.preset("w4a8", [n for n, _ in layers.linear_layers(m)])
     x = inputs()
     first = model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
     out_first = m(*x)
@@ -87,7 +87,7 @@ def test_cache_gives_the_same_quantized_model(tmp_path):
 def test_cache_of_another_layout_format_is_not_read(tmp_path, monkeypatch):
     """Files written under an older buffer layout (square layers would pass a shape check) are never read."""
     m = TinyMMDiT(depth=1)
-    cfg = presets.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
+    cfg = shipped.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
     monkeypatch.setattr(model, "CACHE_FORMAT", "old")
     model.quantize(m, cfg, cache_dir=tmp_path, model_hash="abc")
     model.restore(m)
@@ -110,13 +110,13 @@ def test_bad_config_leaves_the_model_untouched():
     m = TinyMMDiT(depth=2)
     before = snapshot(m)
     with pytest.raises(config.ConfigError):  # an explicit list made for SD3 Medium's 24 blocks
-        model.quantize(m, presets.preset("w8a8", presets.sd3_medium_linears()))
+        model.quantize(m, shipped.preset("w8a8", shipped.sd3_medium_linears()))
     assert model.state(m) is None and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
 def test_double_quantize_is_refused_and_restore_of_plain_model_is_noop():
     m = TinyMMDiT(depth=2)
-    cfg = presets.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
+    cfg = shipped.preset("w8a8", [n for n, _ in layers.linear_layers(m)])
     assert model.restore(m) is None
     model.quantize(m, cfg)
     with pytest.raises(RuntimeError, match="already"):
@@ -129,7 +129,7 @@ def test_diffusers_transformer_quantizes_with_sd3_names():
 
     m = tiny_diffusers(depth=2)
     sd3_names = sorted({layers.canonical_name(n) for n, _ in layers.linear_layers(m)})
-    cfg = presets.preset("w8a8", sd3_names)
+    cfg = shipped.preset("w8a8", sd3_names)
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(1, 12, 64, generator=g)
     ctx[:, 0] *= 30

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_sd3.families import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
-from lib_sd3.slg import skip_blocks
+from lib_sd3.models.families import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
+from lib_sd3.sampling.slg import skip_blocks
 from tests import tiny_sd35
 
 TIMESTEPS = (999.0, 750.0, 400.0, 30.0)

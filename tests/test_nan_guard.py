@@ -1,4 +1,4 @@
-"""lib_sd3.nan_guard: the one guard for the SD3 denoiser and T5 (recompute wider, else a named error).
+"""lib_sd3.sampling.nan_guard: the one guard for the SD3 denoiser and T5 (recompute wider, else a named error).
 
 Its use around the denoiser (sampler, step and sigma in the error) is tested in test_samplers.py and
 test_webui_samplers.py; around A1111's T5 (infotext, status) in test_webui_t5.py.
@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from lib_sd3 import nan_guard as G
+from lib_sd3.sampling import nan_guard as G
 
 HINT = "Try the T5 setting off."
 

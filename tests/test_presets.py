@@ -7,8 +7,8 @@ import types
 import pytest
 from a1111.models import Model
 
-from lib_sd3 import presets
-from lib_sd3.webui import presets as webui_presets
+from lib_sd3.models import family_presets as presets
+from lib_sd3.webui import preset_button as webui_presets
 from lib_sd3.webui import script_args
 
 REFERENCE = {  # Stability-AI/sd3.5 sd3_infer.py CONFIGS (SD3.5 Medium: the skip_layer_config's cfg, SLG on)

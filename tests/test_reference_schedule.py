@@ -1,4 +1,4 @@
-"""A1111's "Uniform" on SD3 (``lib_sd3.flow.shifted``) against the schedule of Stability's reference script.
+"""A1111's "Uniform" on SD3 (``lib_sd3.sampling.flow.shifted``) against the schedule of Stability's reference script.
 
 Stability's ``sd3_infer.py`` ``get_sigmas`` spaces timesteps uniformly from ``timestep(sigma_max)`` to
 ``timestep(sigma_min)``, but its ``ModelSamplingDiscreteFlow.sigma_min`` is already shifted (``sigma(1)``),
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_sd3 import flow
+from lib_sd3.sampling import flow
 
 SHIFT = 3.0
 

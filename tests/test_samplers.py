@@ -11,9 +11,9 @@ import pytest
 import torch
 from oracle import GaussianFlowDenoiser, data_scale, fitted_order, make_oracle, rms
 
-from lib_sd3 import flow
 from lib_sd3 import sampling as S
-from lib_sd3.nan_guard import NanGuard, NonFiniteError
+from lib_sd3.sampling import flow
+from lib_sd3.sampling.nan_guard import NanGuard, NonFiniteError
 
 STEPS = [8, 16, 32, 64]
 FIRST_ORDER = {

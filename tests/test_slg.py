@@ -8,7 +8,7 @@ import pytest
 import torch
 from a1111.mmdit import TinyMMDiT
 
-from lib_sd3.slg import checked_layers, in_window, skip_blocks
+from lib_sd3.sampling.slg import checked_layers, in_window, skip_blocks
 
 
 def slg_combine(uncond: torch.Tensor, cond: torch.Tensor, cond_skipped: torch.Tensor,

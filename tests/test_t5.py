@@ -15,7 +15,7 @@ import torch
 from lib_sd3 import t5
 from lib_sd3.fetch import FetchOptions, cache, fetch_tokenizer
 from lib_sd3.fetch.known_files import T5_FP8, T5_FP16, sources
-from lib_sd3.t5_plan import Candidate, plan_t5
+from lib_sd3.t5.plan import Candidate, plan_t5
 
 GIB = 1 << 30
 FP16, FP8 = t5.RESIDENT_BYTES["fp16"], t5.RESIDENT_BYTES["fp8"]

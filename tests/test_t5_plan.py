@@ -1,4 +1,4 @@
-"""lib_sd3.t5_plan: which T5 file to attach, at which precision, whether to download, and the reason given.
+"""lib_sd3.t5.plan: which T5 file to attach, at which precision, whether to download, and the reason given.
 
 The files are named as users have them (ComfyUI, Stability, the google_ conversions); what matters is
 what the header check reported (precision, published or not), never the name.
@@ -12,7 +12,7 @@ import pytest
 
 from lib_sd3 import t5
 from lib_sd3.fetch.known_files import T5_FP8, T5_FP16
-from lib_sd3.t5_plan import Candidate, plan_t5
+from lib_sd3.t5.plan import Candidate, plan_t5
 
 GIB = 1 << 30
 PLENTY = 64 * GIB  # fp16 fits

@@ -14,10 +14,10 @@ from a1111.sd3 import DevInferencer, DevSD3Cond, EarlyInferencer, EarlySD3Cond, 
 from feature_registration import registered
 
 from lib_sd3.patching import PatchState
-from lib_sd3.webui import early, infotext, long_prompts, tokens
+from lib_sd3.webui import early, early_long_prompts, infotext, tokens
 from lib_sd3.webui.registry import REGISTRY
 
-registered(early, long_prompts, tokens)
+registered(early, early_long_prompts, tokens)
 
 
 def process_images_inner(p):
@@ -181,27 +181,27 @@ def test_sizes_left_alone_on_the_dev_shape(fake_webui):
 def test_long_prompts_applied_on_the_early_shape(fake_webui):
     early_shape(fake_webui)
     original = EarlySD3Cond.forward
-    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.APPLIED
-    assert EarlySD3Cond.forward is not original and long_prompts.chunks_like_dev()
+    assert REGISTRY.apply(early_long_prompts.PATCH_NAME) is PatchState.APPLIED
+    assert EarlySD3Cond.forward is not original and early_long_prompts.chunks_like_dev()
     tokens.on_model_loaded(None)  # the counter decides its rules per model load
     assert tokens.encoder_state() == tokens.lib.STATE_DEV
-    REGISTRY.undo(long_prompts.PATCH_NAME)
-    assert EarlySD3Cond.forward is original and not long_prompts.chunks_like_dev()
+    REGISTRY.undo(early_long_prompts.PATCH_NAME)
+    assert EarlySD3Cond.forward is original and not early_long_prompts.chunks_like_dev()
     tokens.on_model_loaded(None)
     assert tokens.encoder_state() == tokens.lib.STATE_EARLY
 
 
 def test_long_prompts_left_alone_on_the_dev_shape(fake_webui):
     dev_shape(fake_webui)
-    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
-    assert "not needed" in REGISTRY.get(long_prompts.PATCH_NAME).reason
+    assert REGISTRY.apply(early_long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
+    assert "not needed" in REGISTRY.get(early_long_prompts.PATCH_NAME).reason
     assert DevSD3Cond.forward is EarlySD3Cond.forward
 
 
 def test_long_prompts_need_a1111s_chunking_model(sd3_modules):
     sd3_modules("early")
-    assert REGISTRY.apply(long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
-    assert "sd_hijack_clip" in REGISTRY.get(long_prompts.PATCH_NAME).reason
+    assert REGISTRY.apply(early_long_prompts.PATCH_NAME) is PatchState.UNAVAILABLE
+    assert "sd_hijack_clip" in REGISTRY.get(early_long_prompts.PATCH_NAME).reason
 
 
 @pytest.mark.parametrize(("text", "target"), [("a cat", 77), ("a cat BREAK a dog", 77), ("cat " * 100, 77),
@@ -212,7 +212,7 @@ def test_t5_tokens_as_dev(t5_tokenizer, text, target):
         runs = [[part.strip(), 1.0] for part in line.split("BREAK")]
         return [piece for run in runs for piece in (run, ["BREAK", -1])][:-1]
 
-    ids = long_prompts.t5_tokens(t5_tokenizer, text, target, parse)
+    ids = early_long_prompts.t5_tokens(t5_tokenizer, text, target, parse)
     words = text.replace("BREAK", " ").split()
     expected = [i for word in [" ".join(words)] for i in t5_tokenizer(word, add_special_tokens=False)["input_ids"]]
     end = t5_tokenizer("", padding="max_length", max_length=2)["input_ids"][0]
@@ -243,14 +243,14 @@ def test_early_encoder_output_as_dev(fake_webui, t5_tokenizer, t5_on):
     hijack = encoder_env(fake_webui, t5_on)
     t5 = FakeT5()
     cond = FakeCond(t5_tokenizer, t5)  # the encoder holds it weakly, as A1111's model holds it
-    encoder = long_prompts.EarlyEncoder(cond, FakeClipLG)
+    encoder = early_long_prompts.EarlyEncoder(cond, FakeClipLG)
     out = encoder(["a cat", "a dog"])
     assert [sorted(o) for o in out] == [["crossattn", "vector"]] * 2
     assert out[0]["crossattn"].shape == (308, 4096) and out[1]["vector"].shape == (2048,)
     assert torch.equal(out[0]["crossattn"][:154], torch.ones(154, 4096))
     assert torch.equal(out[0]["crossattn"][154:], torch.full((154, 4096), 3.0 if t5_on else 0.0))
     if t5_on:
-        assert t5.calls == [[long_prompts.t5_tokens(t5_tokenizer, text, 154, None) for text in ("a cat", "a dog")]]
+        assert t5.calls == [[early_long_prompts.t5_tokens(t5_tokenizer, text, 154, None) for text in ("a cat", "a dog")]]
     else:
         assert t5.calls == []
     assert infotext.T5_CUT not in hijack.extra_generation_params
@@ -259,9 +259,9 @@ def test_early_encoder_output_as_dev(fake_webui, t5_tokenizer, t5_on):
 def test_early_encoder_says_when_t5_is_cut(fake_webui, t5_tokenizer, caplog):
     hijack = encoder_env(fake_webui, True)
     cond = FakeCond(t5_tokenizer, FakeT5())
-    encoder = long_prompts.EarlyEncoder(cond, FakeClipLG)
+    encoder = early_long_prompts.EarlyEncoder(cond, FakeClipLG)
     text = "cat " * 400
-    whole = len(long_prompts.t5_ids(t5_tokenizer, text, None))
+    whole = len(early_long_prompts.t5_ids(t5_tokenizer, text, None))
     with caplog.at_level(logging.WARNING):
         encoder([text])
         encoder([text])

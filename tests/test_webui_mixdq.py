@@ -112,18 +112,18 @@ def test_status_keeps_its_last_change_when_an_image_changes_nothing(webui, monke
     readings = iter(range(1, 1000))  # a different memory reading each time one is taken
     monkeypatch.setattr(mixdq, "_cuda_allocated", lambda: next(readings) << 20)
     run_hooks(processing(), ({"mixdq": "off"},))
-    assert "last_change" not in mixdq.current()  # nothing was ever changed
+    assert "last_change" not in mixdq.mixdq_status()  # nothing was ever changed
     run_hooks(processing(), ({"mixdq": "w8a8"},))
     run_hooks(processing(), ({"mixdq": "off"},))
-    change = mixdq.current()["last_change"]
+    change = mixdq.mixdq_status()["last_change"]
     assert change["to"] == "off"
     for args in (({"mixdq": "off"},), ()):  # off again, by the arg and by the setting
         run_hooks(processing(), args)
-        assert mixdq.current()["last_change"] == change
+        assert mixdq.mixdq_status()["last_change"] == change
     run_hooks(processing(), ({"mixdq": "w8a8"},))
-    change = mixdq.current()["last_change"]
+    change = mixdq.mixdq_status()["last_change"]
     run_hooks(processing(), ({"mixdq": "w8a8"},))
-    assert mixdq.current()["last_change"] == change and change["to"] == "w8a8"
+    assert mixdq.mixdq_status()["last_change"] == change and change["to"] == "w8a8"
 
 
 def test_user_config_that_does_not_fit_is_a_clear_400(webui):

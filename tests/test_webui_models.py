@@ -18,9 +18,9 @@ from a1111.sd3 import A1111BaseModel, A1111MMDiT, A1111QkvLinear, Inferencer
 from feature_registration import registered
 from safetensors.torch import load_file
 
-from lib_sd3.families import CheckpointError, detect, shapes_of
-from lib_sd3.mmdit import MMDiT
-from lib_sd3.mmdit_load import KeyMismatchError
+from lib_sd3.models.families import CheckpointError, detect, shapes_of
+from lib_sd3.models.mmdit import MMDiT
+from lib_sd3.models.mmdit_load import KeyMismatchError
 from lib_sd3.webui import hooks
 from lib_sd3.webui.registry import REGISTRY
 from tests import tiny_sd35

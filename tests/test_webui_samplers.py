@@ -7,8 +7,8 @@ from a1111.sampling import install
 from feature_registration import registered
 from oracle import data_scale, make_oracle, rms
 
-from lib_sd3 import flow
-from lib_sd3.nan_guard import NonFiniteError
+from lib_sd3.sampling import flow
+from lib_sd3.sampling.nan_guard import NonFiniteError
 from lib_sd3.webui import infotext
 from lib_sd3.webui import samplers as feature
 from lib_sd3.webui.generation import GENERATIONS

@@ -93,7 +93,7 @@ def test_inside_the_window_the_formula_outside_plain_cfg(wired):
 
 def test_reference_window_for_sd35_medium():
     """Stability's SD3.5 Medium config (50 steps, 0.01-0.20) guides steps 1..9."""
-    from lib_sd3.slg import in_window
+    from lib_sd3.sampling.slg import in_window
 
     assert [i for i in range(50) if in_window(i, 50, 0.01, 0.20)] == list(range(1, 10))
 

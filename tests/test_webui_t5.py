@@ -387,7 +387,7 @@ def test_nonfinite_t5_output_recomputed_and_in_infotext(webui, mirror, wide_enou
 
 
 def test_t5_output_non_finite_even_in_fp32_is_a_named_error(webui, mirror):
-    from lib_sd3.nan_guard import NonFiniteError
+    from lib_sd3.sampling.nan_guard import NonFiniteError
 
     webui.clip.mkdir(parents=True)
     (webui.clip / T5_FP16).write_bytes(FILES[T5_FP16])
@@ -456,7 +456,7 @@ def test_build_t5_with_a1111s_real_t5_code(env, fake_webui, tmp_path):
     save_file(state, str(tmp_path / T5_FP16))
     reference.transformer.load_state_dict({k: v.float() for k, v in state.items()})
 
-    from lib_sd3.t5_file import encoder_layout
+    from lib_sd3.t5.file_check import encoder_layout
     from lib_sd3.webui import t5_model as t5_webui
 
     assert t5_webui.expected_layout() == encoder_layout(config), "the doctor's T5 layout is A1111's own"
@@ -503,7 +503,7 @@ OWN_FILES = {  # name on disk, file tensors, the values T5 must compute with, pr
 
 
 def test_stand_in_has_t5xxls_real_key_layout():
-    from lib_sd3.t5_file import XXL_CONFIG, encoder_layout
+    from lib_sd3.t5.file_check import XXL_CONFIG, encoder_layout
 
     shapes = {k: tuple(v.shape) for k, v in T5XXLModel(T5_CONFIG, device="meta").transformer.state_dict().items()}
     assert shapes == encoder_layout(T5_CONFIG)
@@ -580,7 +580,7 @@ def test_doctor_route_and_webui_agree_on_every_file(webui, mirror, make, state):
 
 
 def encoder_layout_of_stand_in():
-    from lib_sd3.t5_file import encoder_layout
+    from lib_sd3.t5.file_check import encoder_layout
 
     return encoder_layout(T5_CONFIG)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from lib_sd3.families import CheckpointError, Family, detect, read_header
 from lib_sd3.lora.deltas import swap_halves
-from lib_sd3.mmdit import MMDiT
-from lib_sd3.mmdit_keys import stability_module
-from lib_sd3.mmdit_load import build_mmdit, check_complete
+from lib_sd3.models.families import CheckpointError, Family, detect, read_checkpoint_header
+from lib_sd3.models.mmdit import MMDiT
+from lib_sd3.models.mmdit_keys import stability_module
+from lib_sd3.models.mmdit_load import build_mmdit, check_complete
 from lib_sd3.safetensors_file import load_tensors
 
 DEPTH = 3
@@ -122,7 +122,7 @@ def load_mmdit(path: str | Path) -> tuple[Family, MMDiT]:
 
     Built on the meta device, its parameters are the loaded tensors themselves (``assign=True``).
     """
-    header = read_header(path)
+    header = read_checkpoint_header(path)
     family = detect(header.shapes, header.metadata, str(path))
     if family is None:
         raise CheckpointError(f"{Path(path).name}: not an SD3-family checkpoint (no MMDiT keys)")

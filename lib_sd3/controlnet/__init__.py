@@ -4,7 +4,7 @@
 - :mod:`.model`: the ControlNet module; :mod:`.load`: filled from a file, streamed to the model's dtype;
   :mod:`.cache`: loaded ControlNets kept across generations, released on purpose.
 - :mod:`.control`: units, their step window and strength, and the residuals the base's forward adds
-  (:data:`lib_sd3.mmdit.BlockResiduals`).
+  (:data:`lib_sd3.models.mmdit.BlockResiduals`).
 - :mod:`.preprocess`: control image -> control latent (resize modes, canny / blur, the reference's scaling).
 
 Pure library: nothing here imports A1111; the WebUI wiring lives in ``lib_sd3/webui/``.

@@ -18,7 +18,7 @@ from lib_sd3 import get_logger
 from lib_sd3.controlnet.detect import ControlNetError, ControlNetFile, check_base, inspect
 from lib_sd3.controlnet.load import load_controlnet
 from lib_sd3.controlnet.model import ControlNet
-from lib_sd3.families import MMDiTConfig
+from lib_sd3.models.families import MMDiTConfig
 
 log = get_logger("controlnet")
 

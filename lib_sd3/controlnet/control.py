@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lib_sd3.controlnet.model import ControlNet
-from lib_sd3.slg import joint_blocks_of, skipped_layers
+from lib_sd3.sampling.slg import joint_blocks_of, skipped_layers
 
 
 @dataclasses.dataclass
@@ -80,10 +80,10 @@ class ControlStack:
 
 @contextlib.contextmanager
 def controlling(mmdit: nn.Module, stack: ControlStack | None, step: int, steps: int) -> Iterator[bool]:
-    """Within the block, calls of ``mmdit`` (a :class:`lib_sd3.mmdit.MMDiT`) add the stack's residuals for
+    """Within the block, calls of ``mmdit`` (a :class:`lib_sd3.models.mmdit.MMDiT`) add the stack's residuals for
     ``step`` of ``steps``; yields whether any unit is active. With none active, nothing is touched.
 
-    Like :func:`lib_sd3.slg.skip_blocks`, the instance's ``forward`` is shadowed and restored on exit, so any
+    Like :func:`lib_sd3.sampling.slg.skip_blocks`, the instance's ``forward`` is shadowed and restored on exit, so any
     caller (A1111's ``BaseModel.apply_model`` included) runs it unchanged. Blocks that ``skip_blocks`` skips
     inside this block get no residual.
     """

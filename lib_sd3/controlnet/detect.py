@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from lib_sd3.families import FIRST_ERRORS, HEAD_DIM, MMDiTConfig
+from lib_sd3.models.families import FIRST_ERRORS, HEAD_DIM, MMDiTConfig
 from lib_sd3.safetensors_file import Header, SafetensorsReader, read_header
 
 CONTROL_TYPE_KEY = "control_type"

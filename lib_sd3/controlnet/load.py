@@ -20,8 +20,8 @@ from torch import nn
 from lib_sd3 import get_logger
 from lib_sd3.controlnet.detect import CONTROL_TYPE_KEY, UNUSED_KEYS, ControlNetError, ControlNetFile, inspect
 from lib_sd3.controlnet.model import ControlNet
-from lib_sd3.families import FIRST_ERRORS
-from lib_sd3.mmdit import QkvLinear
+from lib_sd3.models.families import FIRST_ERRORS
+from lib_sd3.models.mmdit import QkvLinear
 from lib_sd3.safetensors_file import SafetensorsReader
 
 log = get_logger("controlnet")

@@ -1,10 +1,10 @@
 """The SD3.5 ControlNet (Stability's ``ControlNetEmbedder`` on its "8B" path), with the released file's names.
 
 Its input is the BASE model's patch embedding of the noisy latent plus the base's cropped position embedding
-(the base hands it over: :data:`lib_sd3.mmdit.BlockResiduals`), plus its own patch embedding of the control
+(the base hands it over: :data:`lib_sd3.models.mmdit.BlockResiduals`), plus its own patch embedding of the control
 latent. Its conditioning is its own timestep embedding of ``t = 1000 sigma`` plus its own embedding of the raw
 pooled text vector. Its blocks are single-stream DiT blocks (no text tokens, no qk-norm), chained; each block's
-output goes through one ``controlnet_blocks`` Linear. The blocks are :class:`lib_sd3.mmdit.DismantledBlock`, so
+output goes through one ``controlnet_blocks`` Linear. The blocks are :class:`lib_sd3.models.mmdit.DismantledBlock`, so
 parameter names (``adaLN_modulation.1``, ``attn.qkv``, ...) are the file's and MixDQ / LoRA names work alike.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lib_sd3.controlnet.detect import ControlNetConfig
-from lib_sd3.mmdit import (
+from lib_sd3.models.mmdit import (
     FREQUENCY_EMBEDDING_SIZE,
     DismantledBlock,
     PatchEmbed,

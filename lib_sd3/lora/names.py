@@ -1,4 +1,4 @@
-"""diffusers' SD3 / SD3.5 transformer module names resolved for one model (the table: :mod:`lib_sd3.mmdit_keys`).
+"""diffusers' SD3 / SD3.5 transformer module names resolved for one model (the table: :mod:`lib_sd3.models.mmdit_keys`).
 
 diffusers splits the fused ``qkv`` Linear of each attention into ``to_q/to_k/to_v`` (image stream) and
 ``add_q/k/v_proj`` (text stream); a LoRA trained on diffusers therefore adds to one third of the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lib_sd3.mmdit_keys import BLOCK_TABLE, ROW_SWAP_ALWAYS, ROW_SWAP_PRE_ONLY, TOP_TABLE, Target
+from lib_sd3.models.mmdit_keys import BLOCK_TABLE, ROW_SWAP_ALWAYS, ROW_SWAP_PRE_ONLY, TOP_TABLE, Target
 
 __all__ = ["BLOCK_TABLE", "ROW_SWAP_ALWAYS", "ROW_SWAP_PRE_ONLY", "TOP_TABLE", "Target", "block_indices",
            "diffusers_names"]

@@ -3,7 +3,7 @@
 Configs are written in the canonical names of Stability's sd3-ref code, which A1111 uses verbatim
 (``joint_blocks.3.x_block.attn.qkv``). diffusers' ``SD3Transformer2DModel`` names the same
 weights differently and splits each fused qkv into three Linears; :func:`canonical_name` maps a
-diffusers name to the canonical one (by :mod:`lib_sd3.mmdit_keys`' table), so one config serves
+diffusers name to the canonical one (by :mod:`lib_sd3.models.mmdit_keys`' table), so one config serves
 both (a canonical ``qkv`` entry applies to ``to_q``, ``to_k`` and ``to_v`` alike).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lib_sd3.mmdit_keys import stability_module
+from lib_sd3.models.mmdit_keys import stability_module
 
 TEXT_STREAM = re.compile(r"^(context_embedder|joint_blocks\.\d+\.context_block\.(attn\.(qkv|proj)|mlp\.fc[12]))$")
 """Linears whose input is the text token sequence, position 0 = CLIP's BOS token."""

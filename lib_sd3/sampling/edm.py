@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from lib_sd3.flow import edm_to_flow_sigma, flow_to_edm_sigma
 from lib_sd3.sampling.ddim import ddim_step
+from lib_sd3.sampling.flow import edm_to_flow_sigma, flow_to_edm_sigma
 from lib_sd3.sampling.loop import NoiseSampler, noise_or_seeded
 
 EDM_CAP = 1e-4

@@ -1,10 +1,10 @@
-"""The NaN guard (lib_sd3.nan_guard) for the SD3 denoiser: its hint, and where a failure happened."""
+"""The NaN guard (lib_sd3.sampling.nan_guard) for the SD3 denoiser: its hint, and where a failure happened."""
 
 from __future__ import annotations
 
 import torch
 
-from lib_sd3.nan_guard import NanGuard
+from lib_sd3.sampling.nan_guard import NanGuard
 
 DENOISER_HINT = ("Try: the --no-half command-line flag (or Settings > Stable Diffusion > upcast options), a lower "
                  "CFG scale, another sampler or schedule, or check the checkpoint file. Turning the SD3 NaN guard off "

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lib_sd3.flow import half_log_snr
+from lib_sd3.sampling.flow import half_log_snr
 from lib_sd3.sampling.loop import newest, progress
 
 

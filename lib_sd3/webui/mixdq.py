@@ -108,7 +108,7 @@ def _mb(n: int | None) -> float | None:
 _last_report: dict[str, Any] = {}
 
 
-def current(sd_model: Any = None) -> dict[str, Any]:
+def mixdq_status(sd_model: Any = None) -> dict[str, Any]:
     """What ``GET /sd3/mixdq`` answers: is it on, with which config, and the memory before/after."""
     sd_model = loaded_model() if sd_model is None else sd_model
     mmdit = diffusion_model(sd_model)
@@ -134,7 +134,7 @@ def apply_choice(choice: str, sd_model: Any = None) -> dict[str, Any]:
     wanted = config_for(choice)
     state = mixdq_model.state(mmdit)
     if _digest(state.config if state else None) == _digest(wanted):
-        return current(sd_model)  # already there: nothing changes, so the last change stays the one reported
+        return mixdq_status(sd_model)  # already there: nothing changes, so the last change stays the one reported
     if wanted is not None:
         mixdq_config.resolve(wanted, mmdit)  # a config that does not fit fails before anything changes
     cuda_before = _cuda_allocated()
@@ -151,7 +151,7 @@ def apply_choice(choice: str, sd_model: Any = None) -> dict[str, Any]:
     _last_report.clear()
     _last_report.update({"to": choice, "cuda_allocated_before_mb": _mb(cuda_before),
                          "cuda_allocated_after_mb": _mb(_cuda_allocated())})
-    return current(sd_model)
+    return mixdq_status(sd_model)
 
 
 def _digest(config: mixdq_config.BitConfig | None) -> str | None:
@@ -222,7 +222,7 @@ def add_routes(router: Any) -> None:
     from fastapi import HTTPException
 
     def get_mixdq() -> dict[str, Any]:
-        return current()
+        return mixdq_status()
 
     def post_mixdq(request: MixDQRequest) -> dict[str, Any]:
         if diffusion_model(loaded_model()) is None:
@@ -255,7 +255,7 @@ def _set_setting(value: str) -> None:
 # --- UI ----------------------------------------------------------------------------------------
 
 def state_html() -> str:
-    body = current()
+    body = mixdq_status()
     if not body.get("sd3_loaded"):
         return "<span>MixDQ: no SD3 model loaded</span>"
     if not body["active"]:
@@ -301,4 +301,4 @@ DECLARED = hooks.Feature(
     FEATURE, patches=(PATCH,),
     after=("SD3.5 models",),  # its load_model_weights wraps theirs: restore the float layers, then their checks
     start=(_apply_flag_to_setting,), model_loaded=(on_model_loaded,), routes=(add_routes,), ui=(build_ui,),
-    process=(process,), status=current)
+    process=(process,), status=mixdq_status)

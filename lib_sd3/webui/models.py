@@ -3,7 +3,7 @@
 Four patches, all global (they act before an SD3 model exists), all feature-detected:
 
 - ``sd3_model.BaseModel`` (the name ``SD3Inferencer`` builds its MMDiT wrapper with, both states):
-  a subclass that detects the family from the state dict and builds :class:`lib_sd3.mmdit.MMDiT`
+  a subclass that detects the family from the state dict and builds :class:`lib_sd3.models.mmdit.MMDiT`
   for every SD3 family: SD3.5 needs it (qk-norm, MMDiT-X); SD3 Medium gets it for speed (A1111's
   MMDiT keeps the image stream in a transposed layout), with A1111's numbers bit for bit.
 - ``sd_models.load_model_weights``: first ``hooks.BEFORE_LOAD_WEIGHTS`` on an SD3 model (the LoRA
@@ -33,9 +33,17 @@ from typing import Any
 import torch
 
 from lib_sd3 import get_logger
-from lib_sd3.families import SD35_LARGE, CheckpointError, Family, MMDiTConfig, detect, read_header, shapes_of
-from lib_sd3.mmdit import MMDiT
-from lib_sd3.mmdit_load import check_complete, expected_shapes
+from lib_sd3.models.families import (
+    SD35_LARGE,
+    CheckpointError,
+    Family,
+    MMDiTConfig,
+    detect,
+    read_checkpoint_header,
+    shapes_of,
+)
+from lib_sd3.models.mmdit import MMDiT
+from lib_sd3.models.mmdit_load import check_complete, expected_shapes
 from lib_sd3.patching import AttributeSwap, Patch
 from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model
@@ -67,7 +75,7 @@ def family_of_state_dict(state_dict: dict, checkpoint_file: str | None = None) -
     metadata: dict[str, str] = {}
     if checkpoint_file and str(checkpoint_file).endswith(".safetensors"):
         try:
-            metadata = read_header(checkpoint_file).metadata
+            metadata = read_checkpoint_header(checkpoint_file).metadata
         except (OSError, CheckpointError):
             metadata = {}
     return detect(shapes_of(state_dict), metadata, checkpoint_file)
@@ -160,7 +168,7 @@ def precheck_file(filename: str | None) -> Family | None:
     """
     if not filename or not str(filename).endswith(".safetensors"):
         return None
-    header = read_header(filename)
+    header = read_checkpoint_header(filename)
     family = detect(header.shapes, header.metadata, str(filename))
     if family is not None:
         check_complete(family, expected_shapes(family.config), header.shapes, Path(filename).name)
@@ -235,7 +243,7 @@ def _detect_option() -> str | None:
     return None
 
 
-def current() -> dict[str, Any]:
+def family_status() -> dict[str, Any]:
     """What ``GET /sd3/status`` reports: the loaded model's family and which MMDiT runs it."""
     model = loaded_model()
     family = getattr(model, FAMILY_ATTR, None)
@@ -282,4 +290,4 @@ CHECKPOINT_OPTION_CHECK = Patch.from_swaps(
     lambda: [AttributeSwap(a1111_module(OPTIONS).Options, "set", _checked_option)])
 
 DECLARED = hooks.Feature(FEATURE, patches=(CONSTRUCTION, LOADING, CHECKPOINT_OPTION_CHECK), model_loaded=(adopt,),
-                         process=(process,), status=current)
+                         process=(process,), status=family_status)

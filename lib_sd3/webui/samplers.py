@@ -21,9 +21,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lib_sd3 import flow, get_logger, sampling
-from lib_sd3.nan_guard import NanGuard
+from lib_sd3 import get_logger, sampling
 from lib_sd3.patching import AttributeSwap, Patch
+from lib_sd3.sampling import flow
+from lib_sd3.sampling.nan_guard import NanGuard
 from lib_sd3.webui import hooks, infotext, settings
 from lib_sd3.webui.capabilities import a1111_option, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS
@@ -167,7 +168,7 @@ class Generation:
         return f"sigma {float(sigma.flatten()[0]):.4g}"
 
 
-def current() -> Generation:
+def sampling_state() -> Generation:
     """The running generation's sampling state (``p.sd3.sampling``); outside a generation, the settings'."""
     running = GENERATIONS.running()
     if running is None or running.sampling is None:
@@ -237,7 +238,7 @@ def in_generation(sampler: Any, func: Callable[..., Any], label: str,
 
     @functools.wraps(func)
     def run(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        generation = current()
+        generation = sampling_state()
         flow_run = generation.flow and ("sigmas" in kwargs or "sigma_max" in kwargs)
         init = getattr(getattr(sampler, "model_wrap_cfg", None), "init_latent", None)
         p = getattr(sampler, "p", None)
@@ -281,7 +282,7 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
 
         config = sd_samplers.find_sampler_config(name)
         label = getattr(config, "name", name)
-        route = ROUTES.get(label) if current().flow else None
+        route = ROUTES.get(label) if sampling_state().flow else None
         if route is not None and route.own_sampler:
             sampler = sd_samplers_kdiffusion.KDiffusionSampler(route.make(None, False, shared.opts), model)
             sampler.config = config
@@ -298,7 +299,7 @@ def make_create_sampler(original: Callable[..., Any]) -> Callable[..., Any]:
             if func is None:
                 return sampler
             note = label
-            if current().flow:
+            if sampling_state().flow:
                 route = route or fallback_route(func)
                 own, func = func, route.make(func, bool(getattr(config, "options", {}).get("second_order")), shared.opts)
                 note = route.note.format(label=label)
@@ -326,7 +327,7 @@ def _shift(inner_model: Any) -> float:
 def make_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def function(*args: Any, **kwargs: Any) -> Any:
-            generation = current()
+            generation = sampling_state()
             if not generation.flow:
                 return original(*args, **kwargs)
             bound = dict(zip(("n", "sigma_min", "sigma_max"), args, strict=False)) | kwargs
@@ -344,7 +345,7 @@ def make_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 def make_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self: Any, input: Any, sigma: Any, **kwargs: Any) -> Any:
-        generation = current()
+        generation = sampling_state()
         if not generation.guard_on:
             return original(self, input, sigma, **kwargs)
         return generation.guard(original, self, input, sigma, what="SD3 denoiser",

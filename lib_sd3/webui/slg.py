@@ -6,14 +6,14 @@ k-diffusion on SD3, see :mod:`lib_sd3.webui.samplers`), CFG++ included, combines
 uncond outputs but not the inputs, so ``script_callbacks.on_cfg_denoiser`` (called by
 ``CFGDenoiser.forward`` just before the model call, with the batch it will run) keeps the params of
 the call in progress; the patched ``combine_denoised`` adds, inside the step window, one more pass of
-the cond rows with the listed joint blocks skipped (:func:`lib_sd3.slg.skip_blocks`):
+the cond rows with the listed joint blocks skipped (:func:`lib_sd3.sampling.slg.skip_blocks`):
 
     denoised += slg * (cond - cond_skipped)        (per AND-prompt, times its weight)
 
 which with A1111's own ``uncond + cfg (cond - uncond)`` is Stability's ``SkipLayerCFGDenoiser``. The
 extra pass goes through ``self.inner_model`` -- the same SD3 denoiser (and so the same NaN guard)
 as the regular passes. The window is counted as the reference counts it: ``step`` is the number of
-denoiser calls so far and ``steps`` the sampling steps (:func:`lib_sd3.slg.in_window`).
+denoiser calls so far and ``steps`` the sampling steps (:func:`lib_sd3.sampling.slg.in_window`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from lib_sd3 import get_logger
 from lib_sd3.patching import AttributeSwap, Patch
-from lib_sd3.slg import checked_layers, in_window, joint_blocks_of, skip_blocks
+from lib_sd3.sampling.slg import checked_layers, in_window, joint_blocks_of, skip_blocks
 from lib_sd3.webui import hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
 from lib_sd3.webui.generation import GENERATIONS

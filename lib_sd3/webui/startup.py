@@ -24,9 +24,9 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.models",  # SD3.5 construction and checked loading: before anything that wraps loading
     "lib_sd3.webui.mixdq",  # after models: its load_model_weights wraps theirs (restore float layers, then check)
     "lib_sd3.webui.slg",
-    "lib_sd3.webui.presets",
+    "lib_sd3.webui.preset_button",
     "lib_sd3.webui.early",
-    "lib_sd3.webui.long_prompts",
+    "lib_sd3.webui.early_long_prompts",
     "lib_sd3.webui.lora",  # after mixdq: its side paths attach to the layers MixDQ just quantized
 )
 """Modules under lib_sd3.webui, one per feature, each ending with ``DECLARED = Feature(...)``: registered in

@@ -10,7 +10,7 @@ What we do instead:
   first makes sure the two tokenizers are in the Hub cache, fetched through our mirrors).
 - After every model load (``on_model_loaded``, which also covers start-up), when the settings change,
   on ``POST /sd3/t5/fetch`` and after a download, :meth:`T5Feature.refresh` asks the one pure decision
-  (:func:`lib_sd3.t5_plan.plan_t5`) what to attach and why, and acts on it: the attachment
+  (:func:`lib_sd3.t5.plan.plan_t5`) what to attach and why, and acts on it: the attachment
   (:mod:`lib_sd3.webui.t5_model`) loads the file, the download (:mod:`lib_sd3.webui.t5_download`)
   fetches what is missing in the background. Any T5-XXL file in models/CLIP or models/text_encoder
   is a candidate, whatever its name (:mod:`lib_sd3.webui.t5_files`); the user's own file wins.
@@ -29,7 +29,7 @@ from lib_sd3 import fetch as fetcher
 from lib_sd3 import get_logger
 from lib_sd3 import t5 as t5_lib
 from lib_sd3.patching import AttributeSwap, Patch
-from lib_sd3.t5_plan import T5Plan, plan_t5
+from lib_sd3.t5.plan import T5Plan, plan_t5
 from lib_sd3.webui import hooks, settings
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3, sd3_cond_class
 from lib_sd3.webui.flags import flag

@@ -1,7 +1,7 @@
 """The T5-XXL files on this WebUI's disk, as the doctor sees them: published, the user's own, unusable, missing.
 
 Every ``*.safetensors`` in ``models/CLIP`` and ``models/text_encoder`` (and one level of subfolders) whose
-header :mod:`lib_sd3.t5_file` recognises as a T5-XXL encoder is a candidate, whatever its name: ComfyUI's
+header :mod:`lib_sd3.t5.file_check` recognises as a T5-XXL encoder is a candidate, whatever its name: ComfyUI's
 ``t5xxl_fp8_e4m3fn_scaled.safetensors``, Stability's ``t5xxl.safetensors``, ``google_t5-v1_1-xxl_encoderonly-
 fp16.safetensors``. Only headers are read, once per file version (size, mtime, inode). A file that looks
 like T5 but cannot be used is said once in the console and skipped; CLIP-L/G and other models beside it
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lib_sd3 import get_logger
 from lib_sd3.fetch.known_files import T5_FP8, T5_FP16
-from lib_sd3.t5_file import FOLDERS, T5FileCheck, check_t5_file, known_row, safetensors_files
-from lib_sd3.t5_plan import Candidate
+from lib_sd3.t5.file_check import FOLDERS, T5FileCheck, check_t5_file, known_row, safetensors_files
+from lib_sd3.t5.plan import Candidate
 from lib_sd3.webui.t5_model import expected_layout, file_identity
 from lib_sd3.webui.text_encoder_fetch import FetchSetup, clip_dir, models_dir
 

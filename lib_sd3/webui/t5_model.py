@@ -16,8 +16,8 @@ from typing import Any
 
 from lib_sd3 import get_logger
 from lib_sd3 import t5 as t5_lib
-from lib_sd3.nan_guard import NanGuard, first_finite
-from lib_sd3.t5_plan import T5Plan
+from lib_sd3.sampling.nan_guard import NanGuard, first_finite
+from lib_sd3.t5.plan import T5Plan
 from lib_sd3.webui import settings
 from lib_sd3.webui.capabilities import a1111_module, queue_lock
 from lib_sd3.webui.generation import GENERATIONS

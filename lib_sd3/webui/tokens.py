@@ -87,7 +87,7 @@ _STATE: dict[str, str] = {}
 def encoder_state() -> str:
     """Early branch or dev, decided once per model load (a failed import is not cached by Python)."""
     if "state" not in _STATE:
-        from lib_sd3.webui import long_prompts  # on the early branch it may encode as dev does
+        from lib_sd3.webui import early_long_prompts as long_prompts  # on the early branch it may encode as dev does
 
         early = a1111_state() == STATE_EARLY and not long_prompts.chunks_like_dev()
         _STATE["state"] = STATE_EARLY if early else STATE_DEV

@@ -25,7 +25,7 @@ import k_diffusion.sampling
 import torch
 
 from a1111.models import Model
-from lib_sd3 import flow
+from lib_sd3.sampling import flow
 
 K_SAMPLERS = [  # (label, k-diffusion function name or callable, options), as in sd_samplers_kdiffusion
     ("DPM++ 2M", "sample_dpmpp_2m", {"scheduler": "karras"}),

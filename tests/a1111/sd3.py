@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from a1111.other_impls import T5_CONFIG, TOKENS, T5XXLModel, tokenize
-from lib_sd3.families import detect, shapes_of
-from lib_sd3.mmdit import MMDiT
+from lib_sd3.models.families import detect, shapes_of
+from lib_sd3.models.mmdit import MMDiT
 
 STATES = ("early", "dev")
 SD3_MODEL = "modules.models.sd3.sd3_model"

@@ -10,7 +10,7 @@ test session runs this as a subprocess. Written under DIR:
   ``SDVAE``, all random.
 - ``Stable-diffusion/sd35-large-tiny.safetensors`` (qk-norm, depth 3) and ``sd35-medium-tiny.safetensors``
   (qk-norm + MMDiT-X on block 0, depth 2: same width as sd3-tiny, so SD3 <-> SD3.5 Medium differ only in
-  the layout A1111 cannot build), built with the extension's own ``lib_sd3.mmdit.MMDiT`` (A1111 has no
+  the layout A1111 cannot build), built with the extension's own ``lib_sd3.models.mmdit.MMDiT`` (A1111 has no
   SD3.5 class), qk-norm scales random around 1 so dropping them shows; sd3-tiny's VAE.
   ``sd3-broken-truncated.safetensors``: an SD3-shaped file cut short, for the bad-input case.
 - ``ControlNet/sd3.5_large_controlnet_{blur,canny,depth}-tiny.safetensors``: SD3.5 Large ControlNets in
@@ -177,8 +177,8 @@ def build_sd35_checkpoints(out: Path, sd3_checkpoint: Path) -> list[Path]:
     from safetensors.torch import load_file, save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from lib_sd3.families import MMDiTConfig
-    from lib_sd3.mmdit import MMDiT
+    from lib_sd3.models.families import MMDiTConfig
+    from lib_sd3.models.mmdit import MMDiT
 
     generator = torch.Generator().manual_seed(SD35_SEED)
     vae = {k: v for k, v in load_file(str(sd3_checkpoint)).items() if k.startswith("first_stage_model.")}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lib_sd3 import get_logger, presets
+from lib_sd3 import get_logger
+from lib_sd3.models import family_presets as presets
 from lib_sd3.webui import hooks, options
 from lib_sd3.webui.capabilities import loaded_model, model_is_sd3
 

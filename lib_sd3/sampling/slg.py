@@ -8,7 +8,7 @@ with the listed ``joint_blocks`` left out (its block loop ``continue``s over the
 
 Pure torch: works on any module with a ``joint_blocks`` ``ModuleList`` whose blocks are called as
 ``block(context, x, c=...)`` and return ``(context, x)`` -- A1111's ``mmdit.MMDiT`` and
-:class:`lib_sd3.mmdit.MMDiT` alike.
+:class:`lib_sd3.models.mmdit.MMDiT` alike.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ only (``attn2``), fed by the same ``norm1`` output with its own shift/scale and 
 gate: a 9-way adaLN modulation (shift/scale/gate for msa, mlp, msa2) instead of 6-way.
 
 Blocks are called ``block(context, x, c=...)`` and return ``(context, x)``, like A1111's, so
-:func:`lib_sd3.slg.skip_blocks` and anything else written for A1111's MMDiT works on both.
+:func:`lib_sd3.sampling.slg.skip_blocks` and anything else written for A1111's MMDiT works on both.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_sd3.families import MMDiTConfig
+from lib_sd3.models.families import MMDiTConfig
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features, as sd3-ref
 NORM_EPS = 1e-6

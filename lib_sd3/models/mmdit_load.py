@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lib_sd3.families import FIRST_ERRORS, CheckpointError, Family, MMDiTConfig
-from lib_sd3.mmdit import MMDiT, QkvLinear
+from lib_sd3.models.families import FIRST_ERRORS, CheckpointError, Family, MMDiTConfig
+from lib_sd3.models.mmdit import MMDiT, QkvLinear
 
 
 class KeyMismatchError(CheckpointError):

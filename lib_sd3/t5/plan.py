@@ -25,7 +25,7 @@ PICK_SETTING = "T5-XXL file"
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A usable T5-XXL encoder file on disk (:mod:`lib_sd3.t5_file` said so from its header)."""
+    """A usable T5-XXL encoder file on disk (:mod:`lib_sd3.t5.file_check` said so from its header)."""
 
     key: str  # how status and the setting name it: its path under models/CLIP, or text_encoder/...
     path: Path

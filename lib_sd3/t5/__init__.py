@@ -1,7 +1,7 @@
 """T5-XXL for SD3: which precision fits, and fp8 weights that stay fp8 (tokenizers: lib_sd3.fetch.tokenizers).
 
 Pure: no A1111 imports. :mod:`lib_sd3.webui.t5` wires these into A1111's ``SD3Cond``, behind the
-NaN guard of :mod:`lib_sd3.nan_guard` (fp16 T5 overflows on some prompts).
+NaN guard of :mod:`lib_sd3.sampling.nan_guard` (fp16 T5 overflows on some prompts).
 
 Memory facts this rests on (T5-XXL encoder: d_model 4096, d_ff 10240, 24 blocks, vocab 32128):
 the Linear weights are 24 x (4 x 4096^2 + 3 x 4096 x 10240) = 4.63 G parameters, the token
@@ -108,7 +108,7 @@ def read_t5_state(path: Path) -> Iterable[tuple[str, Any]]:
     :mod:`lib_sd3.safetensors_file`); the embedding also under A1111's name when the file holds
     only ``shared.weight``."""
     from lib_sd3.safetensors_file import SafetensorsReader
-    from lib_sd3.t5_file import EMBEDDING_KEYS
+    from lib_sd3.t5.file_check import EMBEDDING_KEYS
 
     with SafetensorsReader(path) as reader:
         keys = reader.keys()
@@ -135,7 +135,7 @@ def load_keeping_dtypes(model, state_dict: Mapping[str, Any] | Iterable[tuple[st
     """
     import torch
 
-    from lib_sd3.t5_file import IGNORED_SUFFIXES, SCALE_SUFFIXES, SCALED_MARKER
+    from lib_sd3.t5.file_check import IGNORED_SUFFIXES, SCALE_SUFFIXES, SCALED_MARKER
 
     # transformers' T5 names layers that must stay in full precision (its FF casts activations to
     # wo's dtype, which for an fp8 wo would quantize the activations too); A1111's T5 names none.

@@ -7,7 +7,7 @@ to build; everything here is read from the keys and shapes, never from the file 
 the Turbo flag, which changes settings and not weights, so it can only come from the safetensors
 metadata (``modelspec.*``) or the file name.
 
-Detection never loads a tensor: :func:`read_header` reads the 8-byte length and the JSON header,
+Detection never loads a tensor: :func:`read_checkpoint_header` reads the 8-byte length and the JSON header,
 and checks the file is as long as the header promises (a truncated download is named as such).
 """
 
@@ -85,7 +85,7 @@ LABELS = {SD3_MEDIUM: "SD3 Medium", SD35_LARGE: "SD3.5 Large", SD35_LARGE_TURBO:
 
 # --- the safetensors header ---------------------------------------------------------------------
 
-def read_header(path: str | Path) -> Header:
+def read_checkpoint_header(path: str | Path) -> Header:
     """Tensor shapes and metadata of a safetensors file, read without touching tensor data
     (:func:`lib_sd3.safetensors_file.read_header`).
 
@@ -203,7 +203,7 @@ def detect(shapes: Shapes, metadata: Mapping[str, str] | None = None, filename: 
 
 def detect_file(path: str | Path) -> Family | None:
     """:func:`detect` on a safetensors file's header alone (no tensor is read)."""
-    header = read_header(path)
+    header = read_checkpoint_header(path)
     return detect(header.shapes, header.metadata, str(path))
 
 
