@@ -38,7 +38,7 @@ def step_timing(tmp: Path, repeats: int) -> dict:
 
     from lib_sd3.models.families import MMDiTConfig
     from lib_sd3.models.mmdit import MMDiT
-    from lib_sd3.models.mmdit_load import load_mmdit
+    from tests.tiny_sd35 import load_mmdit
 
     config = MMDiTConfig(depth=STEP_DEPTH, patch_size=2, in_channels=16, out_channels=16, pos_embed_max_size=48,
                          context_dim=build_assets.CONTEXT_WIDTH, adm_dim=build_assets.ADM_IN_CHANNELS)
