@@ -1,4 +1,5 @@
-"""DPM fast and DPM adaptive (Lu et al. 2022, DPM-Solver) on flow levels, with ancestral noise in flow form."""
+"""DPM fast and DPM adaptive (Lu et al. 2022, DPM-Solver) on flow levels, with ancestral noise in flow form
+(DPM fast's ancestral img2img: the steps in EDM coordinates, :class:`_EdmDPMSolver`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lib_sd3.sampling.edm import edm_denoiser, edm_dtype
 from lib_sd3.sampling.loop import NoiseSampler, noise_or_seeded
 
 
@@ -44,8 +46,16 @@ class _FlowDPMSolver:
         self.eta, self.s_noise, self.floor = eta, s_noise, floor
         self.noise = noise_or_seeded(x, noise_sampler)
 
+    def t_value(self, s: float) -> float:
+        return -math.log(s)
+
     def t(self, s: float) -> torch.Tensor:
-        return torch.tensor(-math.log(s), dtype=self.dtype, device=self.device)
+        return torch.tensor(self.t_value(s), dtype=self.dtype, device=self.device)
+
+    def plan(self, s_from: float, s_to: float, steps: int) -> list[float]:
+        """Levels uniform in the solver's t: DPM-Solver's fixed step."""
+        ts = torch.linspace(self.t_value(s_from), self.t_value(s_to), steps + 1, dtype=torch.float64)
+        return ts.neg().exp().tolist()
 
     def denoised(self, x: torch.Tensor, s: float) -> tuple[torch.Tensor, dict]:
         """D(x, s) through the solver's eps cache, so the step that follows reuses this model call."""
@@ -73,6 +83,36 @@ class _FlowDPMSolver:
         return (1 - s_next) / (1 - s_down) * x + std * self.s_noise * z
 
 
+class _EdmDPMSolver(_FlowDPMSolver):
+    """The same steps in EDM coordinates (x / (1 - s), t = -log sigma_edm): DPM-Solver's own form, whose
+    polynomial in t approximates the predicted noise, over levels uniform in log sigma_edm. The ancestral
+    noise stays :func:`ancestral_split`'s (the same marginal in either coordinates). Used for ancestral img2img
+    (a start below pure noise), where the flow form's steps lose variance at few calls: 20 steps, strength 0.6
+    (13 calls), eta 1, on the Gaussian oracle: -15 % here +3 % (k-diffusion's own DPM fast in EDM space: +9 %).
+    From s = 1 there is no EDM sigma; there the flow form stays."""
+
+    def __init__(self, model, x: torch.Tensor, *args) -> None:
+        super().__init__(edm_denoiser(model, x.dtype), x, *args)
+        self.flow_dtype, self.dtype = x.dtype, edm_dtype(x)
+
+    def t_value(self, s: float) -> float:
+        return -math.log(s / (1 - s))
+
+    def plan(self, s_from: float, s_to: float, steps: int) -> list[float]:
+        sigmas = torch.linspace(self.t_value(s_from), self.t_value(s_to), steps + 1, dtype=torch.float64).neg().exp()
+        return (sigmas / (1 + sigmas)).tolist()
+
+    def denoised(self, x: torch.Tensor, s: float) -> tuple[torch.Tensor, dict]:
+        x_edm = x.to(self.dtype) / (1 - s)
+        eps, cache = self.solver.eps({}, "eps", x_edm, self.t(s))
+        return (x_edm - s / (1 - s) * eps).to(self.flow_dtype), cache
+
+    def step(self, x: torch.Tensor, s: float, s_to: float, order: int, cache: dict,
+             r1: float = 1 / 2) -> tuple[torch.Tensor, dict]:
+        x_edm, cache = super().step(x.to(self.dtype) / (1 - s), s, s_to, order, cache, r1)
+        return (x_edm * (1 - s_to)).to(self.flow_dtype), cache
+
+
 def dpm_fast_orders(n: int) -> list[int]:
     """DPM-Solver-fast's plan for n model calls (Lu et al. 2022, section 3.4): third-order steps, the
     remainder in one last step of order n mod 3 (a second- and a first-order step when 3 divides n)."""
@@ -86,7 +126,8 @@ def sample_flow_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, cal
     """A1111's DPM fast on flow levels: n model calls in steps uniform in log s from sigma_max to sigma_min.
 
     With eta = 0 this is k-diffusion's sample_dpm_fast on flow levels, already right for the ODE; with eta > 0
-    the ancestral noise is :func:`ancestral_split`'s instead of VE noise. Like k-diffusion's, it stops at
+    the ancestral noise is :func:`ancestral_split`'s instead of VE noise, and from below pure noise (img2img)
+    the steps are taken in EDM coordinates (:class:`_EdmDPMSolver`). Like k-diffusion's, it stops at
     sigma_min (A1111 passes the model's lowest level, 0.003 on SD3), not at 0.
     """
     sigma_min, sigma_max = float(sigma_min), float(sigma_max)
@@ -94,10 +135,10 @@ def sample_flow_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, cal
         raise ValueError(f"DPM fast needs flow levels in (0, 1], got sigma_min {sigma_min}, sigma_max {sigma_max}")
     if sigma_min >= sigma_max:  # img2img at (almost) zero strength: nothing to integrate
         return x
-    dpm = _FlowDPMSolver(model, x, extra_args, disable, eta, s_noise, noise_sampler, sigma_min)
+    solver = _EdmDPMSolver if eta > 0 and sigma_max < 1 else _FlowDPMSolver
+    dpm = solver(model, x, extra_args, disable, eta, s_noise, noise_sampler, sigma_min)
     orders = dpm_fast_orders(int(n))
-    levels = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), len(orders) + 1, dtype=torch.float64)
-    levels = levels.neg().exp().tolist()
+    levels = dpm.plan(sigma_max, sigma_min, len(orders))
     with dpm.progress:
         for i, order in enumerate(orders):
             denoised, cache = dpm.denoised(x, levels[i])

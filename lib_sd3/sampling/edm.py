@@ -27,6 +27,18 @@ def edm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
+def edm_denoiser(model, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The flow model seen in EDM coordinates: D_edm(x_edm, sigma) = D_flow(x_edm / (1 + sigma), sigma / (1 + sigma)),
+    the flow model called in its own ``dtype``, the answer in the EDM state's."""
+
+    def edm_model(x_edm, sigma, **model_kwargs):
+        sigma_b = sigma.reshape(-1, *([1] * (x_edm.ndim - 1)))
+        flow_x = (x_edm / (1 + sigma_b)).to(dtype)
+        return model(flow_x, edm_to_flow_sigma(sigma).to(dtype), **model_kwargs).to(x_edm.dtype)
+
+    return edm_model
+
+
 def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Wrap a VE/EDM k-diffusion sampler so that it samples a flow model exactly: only the change of variables.
 
@@ -54,11 +66,6 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
             start, end = min(float(kwargs["sigma_max"]), top), float(kwargs["sigma_min"])
             kwargs["sigma_max"], kwargs["sigma_min"] = flow_to_edm_sigma(start), flow_to_edm_sigma(end)
 
-        def edm_model(x_edm, sigma, **model_kwargs):
-            sigma_b = sigma.reshape(-1, *([1] * (x_edm.ndim - 1)))
-            flow_x = (x_edm / (1 + sigma_b)).to(dtype)
-            return model(flow_x, edm_to_flow_sigma(sigma).to(dtype), **model_kwargs).to(x_edm.dtype)
-
         def edm_callback(info: dict) -> None:
             level = info.get("sigma_hat", info.get("sigma"))
             out = dict(info)
@@ -69,7 +76,7 @@ def in_edm_space(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
             callback(out)
 
         x_edm = x.to(work) / (1 - start)
-        out = sampler(edm_model, x_edm, extra_args=extra_args, callback=edm_callback if callback else None,
+        out = sampler(edm_denoiser(model, dtype), x_edm, extra_args=extra_args, callback=edm_callback if callback else None,
                       disable=disable, **kwargs)
         return (out / (1 + flow_to_edm_sigma(end))).to(dtype)
 
