@@ -33,7 +33,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from lib_sd3.models.mmdit_load import load_mmdit  # noqa: E402
 from tests import tiny_sd35  # noqa: E402
 
 DEPTH = 8  # hidden 64 * 8 = 512, 8 heads
@@ -57,7 +56,7 @@ def _models(family: str, dtype: torch.dtype, folder: Path):
     from safetensors.torch import save_file
 
     save_file(tiny_sd35.stability_checkpoint(reference), str(path))
-    _, ours = load_mmdit(path, dtype=dtype)
+    _, ours = tiny_sd35.load_mmdit(path, dtype=dtype)
     return reference.to(dtype), ours
 
 

@@ -117,8 +117,9 @@ def inputs(seed: int = 0, batch: int = 2):
             torch.randn(batch, ADM_DIM, generator=g))
 
 
-def load_mmdit(path: str | Path) -> tuple[Family, MMDiT]:
-    """The family and a filled fp32 MMDiT of a safetensors checkpoint, checked key by key as A1111 loads are.
+def load_mmdit(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Family, MMDiT]:
+    """The family and a filled MMDiT (fp32 unless ``dtype``) of a safetensors checkpoint, checked key by key as
+    A1111 loads are.
 
     Built on the meta device, its parameters are the loaded tensors themselves (``assign=True``).
     """
@@ -126,11 +127,11 @@ def load_mmdit(path: str | Path) -> tuple[Family, MMDiT]:
     family = detect(header.shapes, header.metadata, str(path))
     if family is None:
         raise CheckpointError(f"{Path(path).name}: not an SD3-family checkpoint (no MMDiT keys)")
-    model = build_mmdit(family.config, dtype=torch.float32, device="meta")
+    model = build_mmdit(family.config, dtype=dtype, device="meta")
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     check_complete(family, expected, header.shapes, Path(path).name)
     tensors = load_tensors(path, (family.prefix + key for key in expected))
-    model.load_state_dict({key: tensors.pop(family.prefix + key).float() for key in expected}, strict=True,
+    model.load_state_dict({key: tensors.pop(family.prefix + key).to(dtype) for key in expected}, strict=True,
                           assign=True)
-    model.dtype = torch.float32
+    model.dtype = dtype
     return family, model.eval()
