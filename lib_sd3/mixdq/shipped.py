@@ -28,12 +28,12 @@ import re
 from collections.abc import Iterable
 
 from lib_sd3.mixdq import layers
-from lib_sd3.mixdq.config import BitConfig
+from lib_sd3.mixdq.config import SHIPPED, BitConfig
 
 SD3_MEDIUM_DEPTH = 24
 SD3_MEDIUM_HIDDEN = 1536
 IMAGE_ATTENTION = re.compile(r"^joint_blocks\.\d+\.x_block\.attn2?\.(qkv|proj)$")
-KINDS = ("w8a8", "w4a8", "fp8")
+KINDS = SHIPPED  # the config module's one list of shipped names
 
 _TOKENWISE_PATTERNS = ("joint_blocks.*.*_block.attn.qkv", "joint_blocks.*.*_block.attn.proj",
                        "joint_blocks.*.x_block.attn2.qkv", "joint_blocks.*.x_block.attn2.proj",
@@ -43,10 +43,14 @@ _IMAGE_ATTENTION_PATTERNS = ("joint_blocks.*.x_block.attn.qkv", "joint_blocks.*.
 _ADALN_PATTERN = "joint_blocks.*.*_block.adaLN_modulation.1"
 
 
-def patterns(kind: str) -> BitConfig:
-    """The shipped config ``kind`` as patterns (what ``configs/<kind>.yaml`` holds)."""
+def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown preset {kind!r}; known: {', '.join(KINDS)}")
+
+
+def patterns(kind: str) -> BitConfig:
+    """The shipped config ``kind`` as patterns (what ``configs/<kind>.yaml`` holds)."""
+    _check_kind(kind)
     int4 = kind == "w4a8"
     weight = dict.fromkeys(_IMAGE_ATTENTION_PATTERNS, 8) if int4 else {}  # listed first: the first match wins
     for key in (*_TOKENWISE_PATTERNS, _ADALN_PATTERN):
@@ -97,8 +101,7 @@ def sd3_medium_linears(depth: int = SD3_MEDIUM_DEPTH, hidden: int = SD3_MEDIUM_H
 
 def preset(kind: str, names: Iterable[str]) -> BitConfig:
     """The shipped ``kind`` rule applied to these layer names (either naming): an explicit list."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown preset {kind!r}; known: {', '.join(KINDS)}")
+    _check_kind(kind)
     weight: dict[str, int] = {}
     act: dict[str, int] = {}
     for name in names:
