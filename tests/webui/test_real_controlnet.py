@@ -170,3 +170,73 @@ def test_a_large_controlnet_on_another_base_is_one_line(webui, listing):
     assert response.status_code == 422, response.text
     assert "does not fit the loaded SD3 Medium" in response.json()["detail"]
     assert not tracebacks_in(webui.log_since(mark))
+
+
+UNIT_TEXT = (f"model {CANNY} [0123456789]; type canny; preprocessor canny; canny low 50; canny high 150; "
+             "strength 0.6; steps 0.25-0.75; resize Crop and resize")
+
+
+def test_a_pasted_infotext_restores_the_unit_through_the_api(webui, listing):
+    """The API's ``infotext`` field (A1111 reads it with the script's paste fields): the unit comes back, and in
+    img2img it runs on the init image."""
+    with loaded(webui, LARGE):
+        payload = dict(TINY, sampler_name="Euler", init_images=[control_png()], denoising_strength=0.6,
+                       infotext=f"a cat\nSteps: 4, Sampler: Euler, SD3 flow samplers: True, SD3 ControlNet 1: "
+                                f"\"{UNIT_TEXT}\"")
+        response = webui.post("/sdapi/v1/img2img", payload)
+        assert response.status_code == 200, response.text[:2000]
+        entry = json.loads(response.json()["info"])["extra_generation_params"]["SD3 ControlNet 1"]
+        assert entry.split(" [")[0] == f"model {CANNY}" and entry.split("]; ", 1)[1] == UNIT_TEXT.split("]; ", 1)[1]
+
+
+def test_ui_unit_fields_paste_back_and_preview(webui, listing):
+    """In the browser: the paste button fills unit 1's fields from an infotext; an uploaded image with the canny
+    preprocessor shows its map in the preview."""
+    from webui_support import browser_page
+
+    text = f"a cat\nSteps: 4, Sampler: Euler, SD3 flow samplers: True, SD3 ControlNet 1: \"{UNIT_TEXT}\""
+    png = base64.b64decode(control_png(128))
+    field = "() => document.querySelector('#sd3_controlnet_1_{}_txt2img input').value"
+    with browser_page(webui) as page:
+        page.locator("#txt2img_prompt textarea").fill(text)
+        page.locator("#tab_txt2img #paste").click()
+        page.wait_for_function(f"() => ({field.format('model')})() === '{CANNY}'")
+        seen = {name: page.evaluate(field.format(name)) for name in ("model", "type", "preprocessor")}
+        strength = float(page.evaluate("() => document.querySelector("
+                                       "'#sd3_controlnet_1_strength_txt2img input[type=number]').value"))
+        page.locator("#sd3_accordion_txt2img .label-wrap").first.click()
+        page.locator("#sd3_controlnet_txt2img .label-wrap").first.click()
+        page.locator("#sd3_controlnet_1_image_txt2img input[type=file]").set_input_files(
+            files=[{"name": "square.png", "mimeType": "image/png", "buffer": png}])
+        page.locator("#sd3_controlnet_1_make_preview_txt2img").click()
+        page.wait_for_function("() => !!document.querySelector('#sd3_controlnet_1_preview_txt2img img')", timeout=30_000)
+        src = page.evaluate("() => document.querySelector('#sd3_controlnet_1_preview_txt2img img').src")
+    print(f"\n[{webui.state}] pasted unit 1 -> {seen}, strength {strength}; preview {src[:40]}...")
+    assert seen == {"model": CANNY, "type": "canny", "preprocessor": "canny"} and strength == 0.6
+    assert src.startswith(("data:image/png;base64,", "http"))
+
+
+def test_batches_and_inpainting(webui, listing):
+    """Batch size 2 (a CFG batch of 4 rows): every image gets the control; inpainting keeps the unmasked part."""
+    with loaded(webui, LARGE):
+        def batch(**args) -> list[np.ndarray]:
+            response = webui.post("/sdapi/v1/txt2img", dict(TINY, sampler_name="Euler", batch_size=2,
+                                                             **(sd3_args(**args) if args else {})))
+            assert response.status_code == 200, response.text[:2000]
+            return [decode_image(b64) for b64 in response.json()["images"][:2]]
+
+        plain, steered = batch(), batch(**unit(preprocessor="canny"))
+        assert all(not np.array_equal(a, b) for a, b in zip(plain, steered, strict=True))  # each image steered
+        assert all(np.array_equal(a, b) for a, b in zip(plain, batch(**unit(strength=0)), strict=True))
+        mask = np.zeros((64, 64, 3), np.uint8)
+        mask[:, 32:] = 255
+        buffer = io.BytesIO()
+        Image.fromarray(mask).save(buffer, format="PNG")
+        payload = dict(TINY, sampler_name="Euler", init_images=[control_png()], denoising_strength=0.8,
+                       mask=base64.b64encode(buffer.getvalue()).decode(), inpainting_fill=1,
+                       **sd3_args(**unit(BLUR, preprocessor="blur")))
+        mark = webui.mark()
+        response = webui.post("/sdapi/v1/img2img", payload)
+        assert response.status_code == 200, response.text[:2000]
+        assert "SD3 ControlNet 1" in json.loads(response.json()["info"])["extra_generation_params"]
+        assert not tracebacks_in(webui.log_since(mark))
