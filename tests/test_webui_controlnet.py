@@ -180,3 +180,23 @@ def test_files_by_name_and_why_others_are_not_offered(bed):
     assert files.find("canny-tiny [0123456789]").name == "canny-tiny"  # the infotext's form; hash not checked here
     with pytest.raises(ControlNetError):
         files.find("missing")
+
+
+def test_released_when_a_model_loads(bed):
+    controlnets = ControlNets()
+    p = p_for(bed)
+    args = values(controlnet_1_model="canny-tiny", controlnet_1_image=picture())
+    GENERATIONS.start(p, args)
+    controlnets.process(p, args)
+    assert len(controlnets.cache) == 1
+    controlnets.model_loaded(bed.sd_model)
+    assert len(controlnets.cache) == 0
+
+
+def test_the_extension_folder_setting_is_scanned(bed, fake_webui, tmp_path):
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    tiny_controlnet.write_controlnet(extra / "depth-elsewhere.safetensors", control_type=2)
+    fake_webui.shared.opts.data["control_net_models_path"] = str(extra)  # the ControlNet extension's setting
+    found = {f.name: f.file.control_type for f in ControlNets().files.scan()[0]}
+    assert found == {"canny-tiny": ControlType.CANNY, "depth-elsewhere": ControlType.DEPTH}
