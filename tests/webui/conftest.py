@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 from webui_support import (
+    CONTROLNET_VAR,
     MODEL_PATCHER_VAR,
     REAL_ICLIGHT,
     STATES,
@@ -79,6 +80,19 @@ def _real_iclight_links(variant: str) -> dict[str, Path]:
         if not (path / expected[folder]).is_file():
             pytest.fail(f"{wanted[folder]}={path} is not a {folder} checkout (no {expected[folder]})")
     return links
+
+
+CONTROLNET_FOLDER = "sd-webui-controlnet"
+
+
+def _real_controlnet_checkout() -> Path:
+    """The contributor's ControlNet extension checkout; skips when ``SD3_TEST_CONTROLNET`` is unset."""
+    if not os.environ.get(CONTROLNET_VAR):
+        pytest.skip(f"the real ControlNet extension is opt-in: set {CONTROLNET_VAR} to a checkout you made")
+    path = Path(os.environ[CONTROLNET_VAR]).resolve()
+    if not (path / "scripts" / "controlnet.py").is_file():
+        pytest.fail(f"{CONTROLNET_VAR}={path} is not a sd-webui-controlnet checkout (no scripts/controlnet.py)")
+    return path
 
 
 RUN_LAST = ("test_real_t5_fetch.py",)
@@ -324,7 +338,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(STOP_TIMEOUT_S)
 
 
-def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) -> None:
+def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path], controlnet: Path | None = None) -> None:
     models = data_dir / "models"
     models.mkdir(parents=True)
     for name in ("Stable-diffusion", "VAE-approx", "ControlNet"):
@@ -341,6 +355,8 @@ def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) 
             (extensions / folder).symlink_to(checkout, target_is_directory=True)
     else:
         install_fake_iclight(extensions)  # tests/a1111/iclight, the unit suite's pair
+    if controlnet is not None:  # copied: it writes its annotator downloads and caches into its own folder
+        shutil.copytree(controlnet, extensions / CONTROLNET_FOLDER, symlinks=True)
     # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
     # before it sees a download start by itself.
     (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),
@@ -401,12 +417,13 @@ def webui(request, tmp_path_factory):
     state, _, variant = request.param.partition(":")
     if state == "unset":
         pytest.skip("real-WebUI suite is opt-in: set WEBUI_ROOT (A1111 dev) and/or WEBUI_ROOT_EARLY (34b4443c)")
-    real_iclight = _real_iclight_links(variant) if variant else {}
+    real_iclight = _real_iclight_links(variant) if variant.startswith("iclight") else {}
+    controlnet = _real_controlnet_checkout() if variant == "controlnet" else None
     root = Path(os.environ[STATES[state]]).resolve()
     if not (root / "launch.py").exists() or not (root / "modules" / "models" / "sd3").is_dir():
         pytest.fail(f"{state}: {root} is not an SD3-capable A1111 checkout")
     python = _webui_python(state, root)
-    checkouts = [root, *real_iclight.values()]
+    checkouts = [root, *real_iclight.values(), *([controlnet] if controlnet else [])]
     before = {path: _git_status(path) for path in checkouts}
     started = time.monotonic()
     assets = build_assets(state, root, python)
@@ -414,7 +431,7 @@ def webui(request, tmp_path_factory):
     t5_config = json.loads((assets / "t5-reduced" / "config.json").read_text())
     label = f"{state}-{variant}" if variant else state
     data_dir = tmp_path_factory.mktemp(f"webui-data-{label}")
-    _make_data_dir(data_dir, assets, real_iclight)
+    _make_data_dir(data_dir, assets, real_iclight, controlnet)
     log_path = tmp_path_factory.mktemp(f"webui-log-{label}") / "server.log"
     port = _free_port()
     with t5_mirror(assets, manifest) as mirror:
