@@ -213,7 +213,7 @@ def model_path(extension: ControlNetExtension, model: str) -> Path:
     try:
         inspect(path)
     except ControlNetError as error:
-        raise Skipped(f"{error}; only SD3 ControlNets work while an SD3 model is loaded") from None
+        raise Skipped(str(error)) from None
     return path
 
 

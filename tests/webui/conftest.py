@@ -17,7 +17,8 @@ is skipped. Per state, one session fixture:
 Cases that ask for ``webui`` with a ``"<state>:<variant>"`` param (:func:`real_iclight_params`) get their
 own server of that state whose ``extensions/`` holds, instead of the fakes, the contributor's own
 checkouts of the real IC-Light and sd-webui-model-patcher (``SD3_TEST_ICLIGHT_OLD`` /
-``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; unset, those cases are skipped.
+``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; ``"<state>:controlnet"`` (:func:`real_controlnet_params`)
+gets a copy of the ControlNet extension checkout ``SD3_TEST_CONTROLNET`` beside the fakes. Unset, those cases are skipped.
 ``webui`` is one session fixture, so pytest stops one server before it starts the next.
 """
 
@@ -270,7 +271,8 @@ class WebUI:
     process: subprocess.Popen
     t5_config: dict
     variant: str = ""
-    """Empty with the fake IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout."""
+    """Empty with the fake IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout; ``controlnet``
+    with the real ControlNet extension."""
 
     def mark(self) -> int:
         """Where the server log ends now; pass to :meth:`log_since` to read what a case caused."""

@@ -38,14 +38,16 @@ from pathlib import Path
 out = Path(sys.argv[1])
 shared = types.SimpleNamespace(opts=types.SimpleNamespace(data={"control_net_modules_path": str(out.parent)}),
                                cmd_opts=types.SimpleNamespace(), data_path=str(out.parent))
+devices = types.SimpleNamespace(get_device_for=lambda name: torch.device("cpu"))
 modules = types.ModuleType("modules")
-modules.shared = shared
-sys.modules.update({"modules": modules, "modules.shared": shared})
+modules.shared, modules.devices = shared, devices
+sys.modules.update({"modules": modules, "modules.shared": shared, "modules.devices": devices})
 sys.path.insert(0, ".")
 from annotator.midas.midas.dpt_depth import DPTDepthModel
 torch.manual_seed(0)
 model = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True)
-torch.save(model.state_dict(), str(out) + ".partial")
+torch.save(model.state_dict(), str(out) + ".partial", _use_new_zipfile_serialization=False)  # A1111's safe
+# unpickler refuses the zip format's ".format_version" entry
 Path(str(out) + ".partial").rename(out)
 """
 
@@ -86,8 +88,24 @@ def with_units(*units: dict) -> dict:
     return {"alwayson_scripts": {"controlnet": {"args": list(units)}}}
 
 
-def core_present(webui) -> None:
+SD3, LARGE = "sd3-tiny.safetensors", "sd35-large-tiny.safetensors"
+"""The tiny ControlNets are SD3.5 Large ControlNets: the cases that run them switch to the Large-shaped base."""
+
+
+def select(webui, checkpoint: str) -> None:
+    response = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
+    assert response.status_code == 200, response.text[:1000]
+
+
+@pytest.fixture
+def large(webui):
+    """Our ControlNet core present (else skip), the SD3.5-Large-shaped base loaded; SD3 Medium again after."""
     webui.sd3_route("GET", "/sd3/controlnet")  # skips while our ControlNet core is not in this build
+    select(webui, LARGE)
+    try:
+        yield
+    finally:
+        select(webui, SD3)
 
 
 def assert_clean(log: str) -> None:
@@ -119,8 +137,7 @@ def test_real_controlnet_unit_on_sd3_steps_aside(webui):
     assert "ControlNet 0" in params_of(info), params_of(info)
 
 
-def test_real_controlnet_unit_drives_our_controlnet(webui):
-    core_present(webui)
+def test_real_controlnet_unit_drives_our_controlnet(webui, large):
     plain, _, _ = txt2img(webui, sampler_name="Euler")
     steered, info, log = txt2img(webui, sampler_name="Euler", **with_units(unit(webui)))
     assert_clean(log)
@@ -129,8 +146,7 @@ def test_real_controlnet_unit_drives_our_controlnet(webui):
     assert not np.array_equal(plain, steered), "the extension's unit did not change the image"
 
 
-def test_real_controlnet_unit_weight_zero_is_none(webui):
-    core_present(webui)
+def test_real_controlnet_unit_weight_zero_is_none(webui, large):
     plain, _, _ = txt2img(webui, sampler_name="Euler")
     zero, _, log = txt2img(webui, sampler_name="Euler", **with_units(unit(webui, weight=0.0)))
     assert_clean(log)
@@ -155,8 +171,7 @@ def midas_weights(webui) -> None:
         target.symlink_to(built)
 
 
-def test_real_controlnet_depth_preprocessor_runs(webui):
-    core_present(webui)
+def test_real_controlnet_depth_preprocessor_runs(webui, large):
     midas_weights(webui)
     plain, _, _ = txt2img(webui, sampler_name="Euler")
     steered, info, log = txt2img(webui, sampler_name="Euler", **with_units(unit(webui, "depth", module="depth_midas")))
@@ -166,8 +181,7 @@ def test_real_controlnet_depth_preprocessor_runs(webui):
     assert not np.array_equal(plain, steered)
 
 
-def test_real_controlnet_truncated_file_is_one_line(webui):
-    core_present(webui)
+def test_real_controlnet_truncated_file_is_one_line(webui, large):
     plain, _, _ = txt2img(webui, sampler_name="Euler")
     image, info, log = txt2img(webui, sampler_name="Euler", **with_units(unit(webui, "broken", module="none")))
     assert_clean(log)
