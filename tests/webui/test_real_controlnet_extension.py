@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from webui_support import find_feature, real_controlnet_params, tracebacks_in, txt2img
+from webui_support import TINY, decode_image, find_feature, real_controlnet_params, tracebacks_in, txt2img
 
 pytestmark = pytest.mark.parametrize("webui", real_controlnet_params(), indirect=True)
 
@@ -189,3 +190,23 @@ def test_real_controlnet_truncated_file_is_one_line(webui, large):
     assert len(lines) == 1, log[-3000:]
     assert OUR_ENTRY not in params_of(info)
     assert np.array_equal(plain, image)
+
+
+def img2img(webui, **overrides) -> tuple[np.ndarray, dict, str]:
+    payload = dict(TINY, sampler_name="Euler", init_images=[control_image()], denoising_strength=0.6, **overrides)
+    mark = webui.mark()
+    response = webui.post("/sdapi/v1/img2img", payload)
+    log = webui.log_since(mark)
+    assert response.status_code == 200, f"HTTP {response.status_code}: {response.text[:2000]}\n{log[-3000:]}"
+    body = response.json()
+    return decode_image(body["images"][0]), json.loads(body["info"]), log
+
+
+def test_real_controlnet_img2img_unit_without_image_takes_the_init_image(webui, large):
+    """The blur ControlNet's upscaling recipe from the extension's panel: no unit image, img2img's init image."""
+    plain, _, _ = img2img(webui)
+    steered, info, log = img2img(webui, **with_units(unit(webui, "blur", module="none", image=None)))
+    assert_clean(log)
+    entry = params_of(info).get(OUR_ENTRY)
+    assert entry is not None and "blur" in entry, params_of(info)
+    assert not np.array_equal(plain, steered)
