@@ -143,7 +143,7 @@ def test_sd3_the_extension_hooks_nothing_and_asserts_nothing(webui, files):
     assert errors() == []
     unet = p.sd_model.model.diffusion_model
     assert getattr(unet, "cn_hooked", []) == [] and ext.script.latest_network is None
-    assert ext.script.enabled_units == [] and ext.script.noise_modifier is None
+    assert ext.script.noise_modifier is None
     assert sorted(p.extra_generation_params) == ["ControlNet 0", "ControlNet 1"]  # its own entries, kept
     assert "Module: canny" in p.extra_generation_params["ControlNet 0"]
 
@@ -282,13 +282,23 @@ def test_pixel_perfect_runs_at_the_extensions_estimate(webui, files):
     ext = Extension(webui, files)
     bridge.units(ext.p("SD3", ext.unit(pixel_perfect=True, processor_res=512)))
     (call,) = ext.preprocessors.get_preprocessor("canny").calls
-    assert call["resolution"] == 64  # the fake's estimate: min(height, width) of the generation
+    assert call["resolution"] == 64  # the fake's estimate from its get_target_dimensions: min(height, width)
 
 
 def test_disabled_units_and_other_families_give_nothing(webui, files):
     ext = Extension(webui, files)
     assert bridge.units(ext.p("SD3")) == []
     assert bridge.units(ext.p("SDXL", ext.unit())) == []
+
+
+def test_the_img2img_batch_tab_keeps_its_units(webui, files):
+    """Its batch tab reads the units once (``enabled_units``) and feeds each the next image: left alone on SD3."""
+    ext = Extension(webui, files)
+    app_started(sd3_loaded=True)
+    batch_units = ["unit fed by the batch tab"]
+    ext.script.enabled_units = batch_units
+    ext.script.controlnet_main_entry(ext.p("SD3", ext.unit()))
+    assert ext.script.enabled_units is batch_units
 
 
 def test_the_panel_numbering_names_the_unit(webui, files):
@@ -311,6 +321,7 @@ def test_remote_call_overrides_apply(webui, files):
     ({"model": "gone [deadbeef]"}, "not found"),
     ({"image": None}, "no input image"),
     ({"module": "clip_vision"}, "makes no control image"),
+    ({"module": "no_such_preprocessor"}, "unknown to the ControlNet extension"),
 ])
 def test_a_unit_that_cannot_run_is_one_line_and_skipped(webui, files, caplog, unit, says):
     ext = Extension(webui, files)

@@ -120,13 +120,13 @@ def runners() -> list[Any]:
 
 def step_aside(script: Any, p: Any) -> None:
     """The extension's main entry on SD3: hook nothing, undo what an earlier SD1.5 / SDXL generation hooked,
-    keep the infotext entries the extension writes (its ``get_enabled_units`` writes them)."""
+    keep the infotext entries the extension writes (its ``get_enabled_units`` writes them). Its list of enabled
+    units is left as it is: its img2img batch tab feeds each unit's next image through that list."""
     latest = getattr(script, "latest_network", None)
     if latest is not None:
         latest.restore()
     script.latest_network = None
     script.noise_modifier = None
-    script.enabled_units = []
     p.controlnet_control_loras = []
     try:
         type(script).get_enabled_units(p)
@@ -232,9 +232,11 @@ def input_image(extension: ControlNetExtension, p: Any, unit: Any, index: int) -
 
 
 def processor_resolution(extension: ControlNetExtension, p: Any, unit: Any, image: np.ndarray, mode: Any) -> int:
+    """The unit's resolution, or with pixel-perfect on the extension's estimate for the generation's size."""
     if not getattr(unit, "pixel_perfect", False):
         return unit.processor_res
-    height, width = getattr(p, "height", image.shape[0]), getattr(p, "width", image.shape[1])
+    target = getattr(extension.script_class, "get_target_dimensions", None)
+    height, width = target(p)[:2] if callable(target) else (p.height, p.width)
     return extension.external_code.pixel_perfect_resolution(image, target_H=height, target_W=width,
                                                              resize_mode=mode)
 
@@ -245,16 +247,16 @@ def request_of(extension: ControlNetExtension, p: Any, unit: Any, index: int) ->
     preprocessor = extension.preprocessors.get_preprocessor(unit.module)
     if preprocessor is None:
         raise Skipped(f"preprocessor {unit.module!r} unknown to the ControlNet extension")
-    image, mode = input_image(extension, p, unit, index)
     label = str(getattr(preprocessor, "label", unit.module))
+    if not getattr(preprocessor, "returns_image", True):
+        raise Skipped(f"preprocessor {label} makes no control image (an embedding), nothing an SD3 ControlNet reads")
+    image, mode = input_image(extension, p, unit, index)
     try:
         result = preprocessor.cached_call(image, resolution=processor_resolution(extension, p, unit, image, mode),
                                           slider_1=unit.threshold_a, slider_2=unit.threshold_b, low_vram=False,
                                           model=unit.model)
     except Exception as error:
         raise Skipped(f"preprocessor {label} failed: {error!r}") from None
-    if not getattr(preprocessor, "returns_image", True):
-        raise Skipped(f"preprocessor {label} makes no control image (an embedding), nothing an SD3 ControlNet reads")
     return UnitRequest(source=source, model=str(unit.model), image=to_image(getattr(result, "value", result)),
                        preprocessor="invert" if is_depth(preprocessor) else "none", strength=float(unit.weight),
                        start=float(unit.guidance_start), end=float(unit.guidance_end), resize_mode=resize_mode(mode),

@@ -75,6 +75,10 @@ class Script(scripts.Script):
         raise ValueError("controlnet is enabled but no input image is given")
 
     @staticmethod
+    def get_target_dimensions(p):
+        return p.height, p.width, p.height, p.width
+
+    @staticmethod
     def check_sd_version_compatible(unit):
         sd_version = global_state.get_sd_version()
         assert sd_version != StableDiffusionVersion.UNKNOWN
