@@ -76,7 +76,10 @@ class SD3Script(scripts.Script):
                         fields[name] = arg_component(options.BY_NAME[name], tab)
             self._preset_button(tab).build(fields)
             for build in hooks.UI:
-                build(is_img2img)
+                fields.update(build(is_img2img) or {})
+        for name in options.NAMES:  # a feature that builds its own fields is disabled: its options keep their default
+            if name not in fields:
+                fields[name] = gr.State(value=options.USE_SETTING)
         self.infotext_fields = options.paste_fields(fields)
         self.paste_field_names = list(options.PASTED)
         return [fields[name] for name in options.NAMES]

@@ -14,10 +14,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_labels_are_unique_and_every_restored_arg_has_a_reader():
     assert len(set(infotext.LABELS)) == len(infotext.LABELS)
+    images = {f"controlnet_{n}_image" for n in range(1, infotext.CONTROLNET_UNITS + 1)}  # never pasted back
     restored = [o.name for o in options.OPTIONS if o.infotext in infotext.LABELS]
-    assert sorted(restored) == sorted(script_args.NAMES)  # every accordion field comes back from an infotext
-    assert {o.name for o in options.OPTIONS if o.paste is not None} == set(script_args.NAMES)
-    assert set(options.PASTED) == {infotext.FLOW_SAMPLERS, infotext.NAN_GUARD, infotext.MIXDQ, infotext.SLG}
+    assert sorted(restored) == sorted(set(script_args.NAMES) - images)  # every other field comes back
+    assert {o.name for o in options.OPTIONS if o.paste is not None} == set(script_args.NAMES) - images
+    units = {infotext.controlnet(f"ControlNet {n}") for n in range(1, infotext.CONTROLNET_UNITS + 1)}
+    assert set(options.PASTED) == {infotext.FLOW_SAMPLERS, infotext.NAN_GUARD, infotext.MIXDQ, infotext.SLG, *units}
 
 
 def test_settings_name_their_infotext_from_the_table():
@@ -38,7 +40,8 @@ def test_no_feature_writes_an_sd3_label_of_its_own():
     assert own_names == []
     quoted = re.compile(r"""["'](SD3 [A-Za-z][A-Za-z0-9 ]*?)["']""")
     table = (ROOT / "lib_sd3" / "webui" / "infotext.py").read_text(encoding="utf-8")
-    assert set(quoted.findall(table)) >= set(infotext.LABELS)
+    units = {label for label in infotext.LABELS if label.startswith("SD3 ControlNet ")}  # infotext.controlnet()
+    assert set(quoted.findall(table)) >= set(infotext.LABELS) - units
 
 
 def test_slg_text_round_trip():
@@ -64,14 +67,19 @@ def test_slg_text_round_trip():
     ({"SD3 flow samplers": "True", "SD3 MixDQ": "mine"}, {"flow_samplers": "on", "slg": "off"}),
 ])
 def test_pasted_values(params, expected):
-    assert options.pasted_values(params) == expected
+    pasted = options.pasted_values(params)
+    units = {k: pasted.pop(k) for k in list(pasted) if k.startswith("controlnet_")}
+    assert pasted == expected
+    sd3 = any(key.startswith("SD3 ") for key in params)  # an SD3 infotext without unit entries: units off
+    assert units == ({f"controlnet_{n}_model": "None" for n in (1, 2, 3)} if sd3 else {})
 
 
 def test_pasted_values_are_accepted_by_the_script():
     params = {"SD3 flow samplers": "True", "SD3 NaN guard": "False", "SD3 MixDQ": "w4a8",
               "SD3 SLG": "layers 1; scale 3; steps 0-0.5"}
     ui = options.pasted_values(params)
-    values = script_args.parse(tuple(ui[name] for name in script_args.NAMES))
+    values = script_args.parse(tuple(ui.get(name) for name in script_args.NAMES))
+    values = {k: v for k, v in values.items() if not k.startswith("controlnet_")}
     assert values == {"flow_samplers": "on", "nan_guard": "off", "mixdq": "w4a8", "slg": "on", "slg_layers": (1,),
                       "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.5}
 
@@ -81,9 +89,10 @@ def test_paste_keys_work_as_a1111_uses_them():
     "Override settings" by dict lookup: the key must be all of these at once."""
     components = {name: object() for name in script_args.NAMES}
     fields = options.paste_fields(components)
-    assert [c for c, _ in fields] == [components[n] for n in script_args.NAMES]
+    pasted_back = [n for n in script_args.NAMES if options.BY_NAME[n].paste is not None]
+    assert [c for c, _ in fields] == [components[n] for n in pasted_back]
     params = {"SD3 flow samplers": "False", "SD3 MixDQ": "w8a8"}
-    by_arg = dict(zip(script_args.NAMES, (key for _, key in fields), strict=True))
+    by_arg = dict(zip(pasted_back, (key for _, key in fields), strict=True))
     assert callable(by_arg["flow_samplers"]) and by_arg["flow_samplers"](params) == "off"
     assert by_arg["mixdq"] == "SD3 MixDQ" and by_arg["mixdq"] in options.PASTED
     handled = {key: 1 for _, key in fields}  # infotext_utils.connect_paste's already_handled_fields

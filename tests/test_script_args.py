@@ -6,7 +6,10 @@ from lib_sd3.webui import script_args, settings
 from lib_sd3.webui.script_args import USE_SETTING, ScriptArgError, parse, resolve
 
 SLG_DEFAULTS = {"slg": USE_SETTING, "slg_layers": USE_SETTING, "slg_scale": USE_SETTING, "slg_start": USE_SETTING,
-                "slg_end": USE_SETTING}
+                "slg_end": USE_SETTING,
+                **{a.name: USE_SETTING for a in script_args.ARGS if a.name.startswith("controlnet_")}}
+UNIT_DEFAULTS = {a.name: a.setting_default for a in script_args.ARGS if a.setting_key is None}
+"""ControlNet units have no setting: "setting" resolves to the unit's own default (off)."""
 
 
 def test_api_dict_with_defaults_and_booleans():
@@ -48,7 +51,7 @@ def test_slg_values_are_typed():
     (({"flow_samplers": "banana"},), ["flow_samplers", "banana", "allowed", "on", "off"]),
     (("x", 5), ["flow_samplers", "'x'", "allowed"]),
     (("on", 5), ["nan_guard", "5", "allowed"]),
-    (("on", "on", "off", "off", "7", 1, 0.1, 0.2, "extra"), ["at most 8"]),
+    (("on",) * (len(script_args.ARGS) + 1), [f"at most {len(script_args.ARGS)}"]),
     (({"slg_layers": "seven"},), ["slg_layers", "seven", "joint-block indices"]),
     (({"slg_layers": [-1]},), ["slg_layers", ">= 0"]),
     (({"slg_layers": [True]},), ["slg_layers"]),
@@ -69,11 +72,17 @@ def test_resolve_uses_settings_for_setting():
               "sd3_slg_layers": "7,8,9", "sd3_slg_scale": 2.5, "sd3_slg_start": 0.01, "sd3_slg_end": 0.2}
     resolved = resolve(parse(({"nan_guard": "on", "slg_scale": 3},)), values.__getitem__)
     assert resolved == {"flow_samplers": True, "nan_guard": True, "mixdq": "w8a8", "slg": False,
-                        "slg_layers": (7, 8, 9), "slg_scale": 3.0, "slg_start": 0.01, "slg_end": 0.2}
+                        "slg_layers": (7, 8, 9), "slg_scale": 3.0, "slg_start": 0.01, "slg_end": 0.2, **UNIT_DEFAULTS}
+    assert resolved["controlnet_1_model"] == "None" and resolved["controlnet_1_image"] is None
 
 
 def test_every_arg_has_a_setting_with_a_valid_default():
+    no_setting = [arg.name for arg in script_args.ARGS if arg.setting_key is None]
+    assert no_setting and all(name.startswith("controlnet_") for name in no_setting)  # a unit is off until picked
     for arg in script_args.ARGS:
+        if arg.setting_key is None:
+            arg.from_setting(arg.setting_default)
+            continue
         setting = settings.BY_KEY[arg.setting_key]
         arg.from_setting(setting.default)  # raises if the shipped default is not an allowed value
         if arg.choices is not None and not arg.is_switch:

@@ -216,12 +216,18 @@ def test_script_is_always_visible_and_builds_its_accordion(webui, monkeypatch):
     script = module.SD3Script()
     assert script.title() == "SD3"
     assert script.show(False) is a1111("modules.scripts").AlwaysVisible
+    rows = [a for a in script_args.ARGS if a.row is not None]  # the others: built by their feature (none here)
     for is_img2img, tab in ((False, "txt2img"), (True, "img2img")):
         components = script.ui(is_img2img)
         assert accordions[-1].args == ("SD3",) and accordions[-1].kwargs["elem_id"] == f"sd3_accordion_{tab}"
-        assert [c.kwargs["label"] for c in components] == [a.label for a in script_args.ARGS]
-        assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in script_args.ARGS]
-        for component, arg in zip(components, script_args.ARGS, strict=True):
+        assert len(components) == len(script_args.ARGS)
+        by_name = dict(zip(script_args.NAMES, components, strict=True))
+        components = [by_name[a.name] for a in rows]
+        assert [c.kwargs["label"] for c in components] == [a.label for a in rows]
+        assert [c.kwargs["elem_id"] for c in components] == [f"sd3_{a.name}_{tab}" for a in rows]
+        others = [by_name[a.name] for a in script_args.ARGS if a.row is None]  # their feature is not registered:
+        assert others and all(type(c).__name__ == "State" and c.value == "setting" for c in others)  # defaults
+        for component, arg in zip(components, rows, strict=True):
             if arg.choices:
                 assert script_args.is_default_word(component.value)  # "default (on)" etc.
             elif arg.slider:
@@ -240,7 +246,8 @@ def test_process_takes_ui_values_and_the_api_dict(webui):
     script.process_before_every_sampling(r, "setting", "setting", "off", batch_number=0, prompts=[], seeds=[])
     script.postprocess(t, "processed", {"mixdq": "w8a8"})
     slg_keys = {"slg", "slg_layers", "slg_scale", "slg_start", "slg_end"}  # SLG's own args, tested elsewhere
-    seen = [(*e[:-1], {k: v for k, v in e[-1].items() if k not in slg_keys}) for e in feature().SEEN if e[0] != "ui"]
+    seen = [(*e[:-1], {k: v for k, v in e[-1].items() if k not in slg_keys and not k.startswith("controlnet_")})
+            for e in feature().SEEN if e[0] != "ui"]  # ControlNet units: tests/test_webui_controlnet.py
     assert seen == [
         ("process", p, {"flow_samplers": True, "nan_guard": False, "mixdq": "w8a8"}),
         ("process", q, {"flow_samplers": False, "nan_guard": False, "mixdq": "w4a8"}),
@@ -321,12 +328,16 @@ def test_script_hands_a1111_its_paste_fields(webui):
 
     script = load_script().SD3Script()
     components = script.ui(False)
-    assert [component for component, _ in script.infotext_fields] == components
+    pasted_back = [name for name in options.NAMES if options.BY_NAME[name].paste is not None]  # not images
+    by_name = dict(zip(options.NAMES, components, strict=True))
+    assert [component for component, _ in script.infotext_fields] == [by_name[name] for name in pasted_back]
     keys = [key for _, key in script.infotext_fields]
     assert all(callable(key) and key in options.PASTED for key in keys)
     assert set(script.paste_field_names) == set(options.PASTED)
     pasted = [key({"SD3 flow samplers": "False", "SD3 SLG": "layers 0; scale 1; steps 0-1"}) for key in keys]
-    assert pasted == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]
+    assert pasted[:8] == ["off", None, "off", "on", ["0"], 1.0, 0.0, 1.0]
+    assert pasted[8:] == [options.NO_MODEL if key.startswith("SD3 ControlNet") and name.endswith("_model") else None
+                          for key, name in zip(keys[8:], pasted_back[8:], strict=True)]  # SD3 infotext, no unit: off
 
 
 IMPORT_ONLY = """

@@ -23,6 +23,7 @@ class Generation:
     sampling: Any = None  # lib_sd3.webui.samplers: the flow/guard choice and what sampling did
     slg: Any = None  # lib_sd3.webui.slg: the SLG run, None while SLG is off
     t5: Any = None  # lib_sd3.webui.t5: the generation's "SD3 T5" entry
+    controlnet: Any = None  # lib_sd3.webui.controlnet: the units loaded for it, None without ControlNet
 
 
 class Generations:

@@ -19,7 +19,8 @@ PROCESS: list[ScriptHook] = []
 BEFORE_EVERY_SAMPLING: list[ScriptHook] = []
 POSTPROCESS: list[Callable[[Any, Any, Any], None]] = []  # (p, processed, options)
 ROUTES: list[Callable[[Any], None]] = []  # (fastapi.APIRouter) -> None
-UI: list[Callable[[bool], None]] = []  # (is_img2img) -> None, builds gradio blocks in the accordion
+UI: list[Callable[[bool], Any]] = []  # (is_img2img) -> builds gradio blocks in the accordion; returns the fields
+# of options whose rows the table leaves to it (``Option.row`` None) by option name, or None
 STATUS: dict[str, Callable[[], dict[str, Any]]] = {}  # feature -> extra status for /sd3/status
 MODEL_LOADED: list[Callable[[Any], None]] = []  # (sd_model) -> None
 BEFORE_MMDIT_REWRITE: list[Callable[[Any], None]] = []  # (mmdit) -> None, before MixDQ re-reads its float weights
@@ -44,7 +45,7 @@ class Feature:
     app_started: tuple[Callable[[], None], ...] = ()
     retarget: tuple[str, ...] = ()  # names among ``patches`` that wrap objects A1111 rebuilds on a UI reload
     routes: tuple[Callable[[Any], None], ...] = ()
-    ui: tuple[Callable[[bool], None], ...] = ()
+    ui: tuple[Callable[[bool], Any], ...] = ()
     api_checks: tuple[Callable[[dict[str, Any]], str | None], ...] = ()
     process: tuple[ScriptHook, ...] = ()
     before_every_sampling: tuple[ScriptHook, ...] = ()

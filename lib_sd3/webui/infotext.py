@@ -27,6 +27,12 @@ FAMILY = "SD3 family"
 SGM_NOISE = "SD3 SGM noise multiplier"
 T5_CUT = "SD3 T5 cut"
 LORA_NOT_APPLIED = "SD3 LoRA not applied"
+CONTROLNET_UNITS = 3  # units in the SD3 accordion (and the API): "SD3 ControlNet 1" .. "SD3 ControlNet 3"
+
+
+def controlnet(source: str) -> str:
+    """A ControlNet unit's entry: ``SD3 ControlNet 1`` (the accordion's unit 1), ``SD3 ControlNet extension unit 1``."""
+    return f"SD3 {source}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,11 @@ FIELDS: tuple[Field, ...] = (
     Field(T5_CUT, "early SD3 branch: how many T5 tokens dev's 77-per-CLIP-chunk rule kept"),
     Field(FAMILY, "the SD3 family the checkpoint was loaded as (the checkpoint itself pastes back as Model)"),
     Field(LORA_NOT_APPLIED, "prompt LoRAs that changed nothing (unreadable file, or no key fits the model)"),
+    *(Field(controlnet(f"ControlNet {n}"), f"the accordion's ControlNet unit {n}: model [hash], type, preprocessor "
+                                           "and its parameters, strength, step window, resize mode; or why it was off")
+      for n in range(1, CONTROLNET_UNITS + 1)),
+    Field(controlnet("ControlNet extension unit N"), "a unit of the ControlNet extension's panel that our ControlNet "
+                                                     "ran (recorded only: the extension's own entry pastes it back)"),
 )
 LABELS = tuple(f.label for f in FIELDS)
 
@@ -68,6 +79,27 @@ def split_slg(text: Any) -> dict[str, str] | None:
         return None
     return {"slg_layers": match["layers"], "slg_scale": match["scale"], "slg_start": match["start"],
             "slg_end": match["end"]}
+
+
+CONTROLNET_WORDS = ("model", "type", "preprocessed by", "preprocessor", "canny low", "canny high", "blur radius",
+                    "strength", "steps", "resize")
+"""The parts of a ControlNet unit's entry, in the order written: ``model depth_v1 [0123456789]; type depth;
+preprocessor none; strength 0.8; steps 0-0.6; resize Crop and resize``."""
+
+
+def format_controlnet(words: dict[str, str]) -> str:
+    return "; ".join(f"{key} {words[key]}" for key in CONTROLNET_WORDS if key in words)
+
+
+def split_controlnet(text: Any) -> dict[str, str] | None:
+    """The parts of a ControlNet unit's entry by word (unchecked); None if it is not one of ours (or says "off")."""
+    words: dict[str, str] = {}
+    for part in str(text).strip().split("; "):
+        key = next((k for k in CONTROLNET_WORDS if part.startswith(k + " ")), None)
+        if key is None or key in words:
+            return None
+        words[key] = part[len(key) + 1:].strip()
+    return words if "model" in words else None
 
 
 class PasteKey(str):

@@ -13,12 +13,20 @@ No A1111 import here: the table is plain data.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import math
 import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lib_sd3.controlnet.detect import ControlType
+from lib_sd3.controlnet.preprocess import BLUR_RADIUS, CANNY_HIGH, CANNY_LOW, PREPROCESSORS, ResizeMode
 from lib_sd3.mixdq.config import SHIPPED as MIXDQ_SHIPPED
 from lib_sd3.webui import infotext
 
@@ -80,6 +88,42 @@ def read_number(low: float, high: float) -> Callable[[Any], float]:
 
     read.__doc__ = f"A number in [{low:g}, {high:g}]."
     return read
+
+
+NO_MODEL = "None"
+"""A ControlNet unit's model when the unit is off (the ControlNet extension's word for it)."""
+
+CONTROL_TYPES = ("auto", *(t.label for t in ControlType))
+"""auto: the file's own ``control_type``."""
+
+
+def read_model_name(value: Any) -> str:
+    """A ControlNet by file name, name without extension, ``name [hash]`` or short hash; "None": no unit."""
+    if not isinstance(value, str):
+        raise ValueError("a ControlNet name or hash (GET /sd3/controlnet lists them), or \"None\"")
+    name = value.strip()
+    return NO_MODEL if name.lower() in ("", "none") else name
+
+
+def read_image(value: Any) -> Image.Image | None:
+    """A control image: base64 (PNG / JPEG / WebP, with or without a ``data:`` prefix) from the API, a PIL
+    image or an array from the UI; None: no image (img2img then uses its init image)."""
+    if value is None or isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    if isinstance(value, dict) and "image" in value:  # gradio's image-with-mask dict
+        return read_image(value["image"])
+    allowed = "an image as base64 (PNG, JPEG or WebP)"
+    if not isinstance(value, str):
+        raise ValueError(allowed)
+    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        raise ValueError(allowed) from None
+    return image
 
 
 def show(value: Any) -> str:
@@ -164,19 +208,77 @@ def _preset_slg(field: str) -> Callable[[Any], Any]:
     return value
 
 
+def _paste_controlnet(n: int, field: str) -> Callable[[dict[str, Any]], Any]:
+    """One field of the accordion's unit ``n`` from its ``SD3 ControlNet n`` entry. With no entry in an SD3
+    infotext the unit was off: the model says so; the image is never pasted."""
+    label = infotext.controlnet(f"ControlNet {n}")
+
+    def read(params: dict[str, Any]) -> Any:
+        words = infotext.split_controlnet(params[label]) if label in params else None
+        if words is None:
+            return NO_MODEL if field == "model" and _is_sd3(params) else None
+        if field == "model":
+            return re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", words["model"])
+        if field in ("start", "end"):
+            window = words.get("steps", "").split("-")
+            value = window[0 if field == "start" else 1] if len(window) == 2 else None
+        else:
+            value = words.get(CONTROLNET_PASTE_WORDS[field])
+        if value is None:
+            return None
+        try:
+            return BY_NAME[f"controlnet_{n}_{field}"].check(value)
+        except ScriptArgError:
+            return None
+
+    return read
+
+
+CONTROLNET_PASTE_WORDS = {"type": "type", "preprocessor": "preprocessor", "strength": "strength",
+                          "resize_mode": "resize", "canny_low": "canny low", "canny_high": "canny high",
+                          "blur_radius": "blur radius"}
+"""Accordion field -> the word of its part in a unit's infotext entry."""
+
+
+def controlnet_unit(n: int) -> tuple[Option, ...]:
+    """The rows of the accordion's ControlNet unit ``n`` (API keys ``controlnet_<n>_model`` ...). No setting
+    decides them: a unit is off until a model is picked."""
+    def row(field: str, label: str, default: Any, **kwargs: Any) -> Option:
+        paste = None if field == "image" else _paste_controlnet(n, field)
+        return Option(f"controlnet_{n}_{field}", label, None, default, "", row=None,
+                      infotext=infotext.controlnet(f"ControlNet {n}") if paste else None, paste=paste, **kwargs)
+
+    def number(field: str, label: str, default: float, slider: tuple[float, float, float]) -> Option:
+        return row(field, label, default, read=read_number(slider[0], slider[1]), slider=slider)
+
+    return (
+        row("model", "Model", NO_MODEL, read=read_model_name),
+        row("image", "Control image", None, read=read_image),
+        row("type", "Type", "auto", choices=CONTROL_TYPES),
+        row("preprocessor", "Preprocessor", "none", choices=tuple(PREPROCESSORS)),
+        number("strength", "Strength", 1.0, (0.0, 2.0, 0.05)),
+        number("start", "Start (fraction of steps)", 0.0, (0.0, 1.0, 0.01)),
+        number("end", "End (fraction of steps)", 1.0, (0.0, 1.0, 0.01)),
+        row("resize_mode", "Resize mode", ResizeMode.JUST_RESIZE.value, choices=tuple(m.value for m in ResizeMode)),
+        number("canny_low", "Canny low threshold", float(CANNY_LOW), (0.0, 255.0, 1.0)),
+        number("canny_high", "Canny high threshold", float(CANNY_HIGH), (0.0, 255.0, 1.0)),
+        number("blur_radius", "Blur radius (px)", BLUR_RADIUS, (0.0, 64.0, 0.5)),
+    )
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the API's key, and the accordion field's elem_id (sd3_<name>_<tab>)
     label: str  # the accordion's label
-    setting_key: str  # what "default" / "setting" resolves to
+    setting_key: str | None  # what "default" / "setting" resolves to; None: no setting, always ``setting_default``
     setting_default: Any
     setting_label: str  # the settings page's label
     choices: tuple[str, ...] | None = None  # fixed words; None: a free value checked by ``read``
     read: Callable[[Any], Any] | None = None  # free value -> typed value; ValueError says what is allowed
     slider: tuple[float, float, float] | None = None  # (minimum, maximum, step) of a number
-    row: int = 0  # the accordion row it sits in
+    row: int | None = 0  # the accordion row it sits in; None: a feature builds its field (ControlNet units)
     infotext: str | None = None  # the infotext entry that records it (lib_sd3.webui.infotext)
     paste: Callable[[dict[str, Any]], Any] | None = None  # parsed infotext -> accordion value (None: leave)
     preset: Callable[[Any], Any] | None = None  # a preset -> the value it sets (None: clear); absent: untouched
@@ -238,8 +340,8 @@ class Option:
 
     def resolve(self, value: Any, setting: Callable[[str], Any]) -> Any:
         """A checked value (:meth:`check`) -> what the generation runs with."""
-        if value == USE_SETTING:
-            return self.from_setting(setting(self.setting_key))
+        if value is USE_SETTING or (isinstance(value, str) and value == USE_SETTING):
+            return self.from_setting(setting(self.setting_key) if self.setting_key else self.setting_default)
         return value == "on" if self.is_switch else value
 
 
@@ -274,11 +376,13 @@ OPTIONS: tuple[Option, ...] = (
     _number("slg_end", "SLG end (fraction of steps)", "sd3_slg_end", 0.20,
             "SLG: last step, as a fraction of the steps (exclusive)", (0.0, 1.0, 0.01), row=1,
             infotext=infotext.SLG, paste=_paste_slg_part("slg_end"), preset=_preset_slg("end")),
+    *(option for n in range(1, infotext.CONTROLNET_UNITS + 1) for option in controlnet_unit(n)),
 )
 NAMES = tuple(o.name for o in OPTIONS)
 BY_NAME = {o.name: o for o in OPTIONS}
-BY_SETTING = {o.setting_key: o for o in OPTIONS}
-ROWS = tuple(tuple(o.name for o in OPTIONS if o.row == row) for row in sorted({o.row for o in OPTIONS}))
+BY_SETTING = {o.setting_key: o for o in OPTIONS if o.setting_key}
+ROWS = tuple(tuple(o.name for o in OPTIONS if o.row == row)
+             for row in sorted({o.row for o in OPTIONS if o.row is not None}))
 """The accordion's rows of fields, in table order."""
 PASTED = tuple(dict.fromkeys(o.infotext for o in OPTIONS if o.paste is not None))
 """The infotext labels A1111 copies between tabs ("Send to img2img") as the script's ``paste_field_names``."""

@@ -37,6 +37,14 @@ ARGS = OPTIONS
 """The script's arguments, in the order the UI passes them: the options table's rows."""
 
 
+def known_names() -> str:
+    """The args' names in one short line: the ControlNet units' fields once, as ``controlnet_<1-3>_{model,...}``."""
+    units = [name for name in NAMES if name.startswith("controlnet_")]
+    fields = [name.split("_", 2)[2] for name in units if name.startswith("controlnet_1_")]
+    plain = ", ".join(name for name in NAMES if name not in units)
+    return f"{plain}, controlnet_<1-{len(units) // max(len(fields), 1)}>_{{{','.join(fields)}}}" if units else plain
+
+
 def parse(args: tuple | list) -> dict[str, Any]:
     """Turn positional UI values or one API dict into ``{name: value}`` with defaults filled in.
 
@@ -47,7 +55,7 @@ def parse(args: tuple | list) -> dict[str, Any]:
         given = dict(args[0])
         unknown = sorted(map(str, set(given) - set(NAMES)))
         if unknown:
-            raise ScriptArgError(f"unknown SD3 script args {quote(unknown)}; known: {list(NAMES)}")
+            raise ScriptArgError(f"unknown SD3 script args {quote(unknown)}; known: {known_names()}")
     else:
         if len(args) > len(ARGS):
             raise ScriptArgError(f"SD3 script takes at most {len(ARGS)} positional args {list(NAMES)}, got {len(args)}")

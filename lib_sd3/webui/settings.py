@@ -45,7 +45,7 @@ SETTINGS: tuple[Setting, ...] = (
             "the published file, else the first T5-XXL file found (GET /sd3/t5 lists them)"),
     Setting("sd3_fetch", True, "Download missing T5-XXL and tokenizers in the background"),
     Setting("sd3_mirrors", "", "Hugging Face endpoints to try, in order (comma-separated; empty: HF_ENDPOINT or huggingface.co)"),
-    *(option_setting(option) for option in options.OPTIONS),
+    *(option_setting(option) for option in options.OPTIONS if option.setting_key),
     Setting("sd3_iclight_shim", True, "Keep the IC-Light extension from breaking generations"),
 )
 

@@ -70,7 +70,7 @@ class Component:
 def fake_gradio() -> types.ModuleType:
     gradio = types.ModuleType("gradio")
     for name in ("Accordion", "Row", "Column", "Group", "HTML", "Markdown", "Button", "Checkbox", "Dropdown", "Radio",
-                 "Slider", "Textbox", "JSON"):
+                 "Slider", "Textbox", "JSON", "State", "Image", "Tabs", "Tab"):
         setattr(gradio, name, type(name, (Component,), {}))
     gradio.update = lambda **kwargs: kwargs
     return gradio
