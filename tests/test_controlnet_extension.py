@@ -359,3 +359,13 @@ def test_units_run_beside_the_stepped_aside_extension(webui, files):
     processing.process_images(p)
     (request,) = bridge.units(p)
     assert request.path == files["canny"] and errors() == []
+
+
+def test_the_core_takes_the_extensions_units_after_its_own(webui, files):
+    from lib_sd3.webui.controlnet import CONTROLNETS
+    from lib_sd3.webui.options import NO_MODEL
+
+    ext = Extension(webui, files)
+    accordion = {f"controlnet_{n}_model": NO_MODEL for n in (1, 2, 3)}
+    (request,) = CONTROLNETS.requests(ext.p("SD3", ext.unit()), accordion)
+    assert request.source == "ControlNet extension unit 0" and request.path == files["canny"]

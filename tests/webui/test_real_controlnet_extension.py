@@ -30,8 +30,8 @@ pytestmark = pytest.mark.parametrize("webui", real_controlnet_params(), indirect
 
 FOLDER = "sd-webui-controlnet"
 ASSERTION = "sd_version != StableDiffusionVersion.UNKNOWN"
-OUR_ENTRY = "SD3 ControlNet 1"
-"""The infotext entry of our ControlNet core for the first unit it ran."""
+OUR_ENTRY = "SD3 ControlNet extension unit 0"
+"""Our ControlNet core's infotext entry for the extension's first unit (its panel counts from 0)."""
 MIDAS_FILE = "dpt_hybrid-midas-501f0c75.pt"
 BUILD_MIDAS = r"""
 import sys, types, torch
