@@ -357,8 +357,9 @@ def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path], 
             (extensions / folder).symlink_to(checkout, target_is_directory=True)
     else:
         install_fake_iclight(extensions)  # tests/a1111/iclight, the unit suite's pair
-    if controlnet is not None:  # copied: it writes its annotator downloads and caches into its own folder
-        shutil.copytree(controlnet, extensions / CONTROLNET_FOLDER, symlinks=True)
+    if controlnet is not None:  # copied (it writes annotator downloads into its own folder), without .git: a
+        # checkout with no remote costs a startup traceback when A1111 reads its git metadata
+        shutil.copytree(controlnet, extensions / CONTROLNET_FOLDER, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
     # before it sees a download start by itself.
     (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),
