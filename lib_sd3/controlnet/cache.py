@@ -18,6 +18,8 @@ from lib_sd3 import get_logger
 from lib_sd3.controlnet.detect import ControlNetError, ControlNetFile, check_base, inspect
 from lib_sd3.controlnet.load import load_controlnet
 from lib_sd3.controlnet.model import ControlNet
+from lib_sd3.mixdq.model import module_bytes
+from lib_sd3.mixdq.model import state as mixdq_state
 from lib_sd3.models.families import MMDiTConfig
 
 log = get_logger("controlnet")
@@ -72,7 +74,8 @@ class ControlNetCache:
     def loaded(self) -> list[dict[str, object]]:
         """What is kept, for a status route: name, type, dtype, device and bytes."""
         return [{"name": Path(key.path).name, "type": file.control_type.label, "dtype": str(key.dtype),
-                 "device": key.device, "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+                 "device": key.device, "bytes": module_bytes(model),
+                 "mixdq": state.config.name if (state := mixdq_state(model)) is not None else None}
                 for key, (file, model) in self._models.items()]
 
     def __contains__(self, key: CacheKey) -> bool:

@@ -14,6 +14,9 @@ Per generation (``p.sd3.controlnet``, a :class:`ControlRun`):
   uncond rows, NaN-guard recomputes) gets the control, while skip-layer guidance's extra pass, which runs after
   ``on_cfg_denoised``, runs without it, as in Stability's reference. With no unit in its window, nothing is touched.
 - ``postprocess``: ControlNets the generation did not use are released; all of them when the base model changes.
+
+With MixDQ on, each ControlNet in use is quantized by the same config (:mod:`lib_sd3.controlnet.quantize`) and
+goes back to float with the base.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from lib_sd3.controlnet.control import ControlStack, ControlUnit, controlling
 from lib_sd3.controlnet.detect import ControlNetError, ControlType, check_base
 from lib_sd3.controlnet.model import ControlNet
 from lib_sd3.controlnet.preprocess import ResizeMode, control_latent, control_map
+from lib_sd3.controlnet.quantize import follow_base
+from lib_sd3.mixdq.config import ConfigError
 from lib_sd3.webui import controlnet_extension, controlnet_files, hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
 from lib_sd3.webui.controlnet_units import UnitRequest
@@ -173,7 +178,8 @@ class ControlNets:
             path = request.path if found is None else found.path
             dtype, device = placement(mmdit)
             file, model = self.cache.get(path, family.config, family.label, dtype=dtype, device=device)
-        except (ControlNetError, OSError) as error:
+            follow_base(model, mmdit)  # MixDQ: the base's config on the ControlNet's blocks, or float again
+        except (ControlNetError, ConfigError, OSError) as error:
             log.warning("%s off for this image: %s", label, error)
             p.extra_generation_params[label] = f"off ({error})"
             return None

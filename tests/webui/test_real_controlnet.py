@@ -143,8 +143,11 @@ def test_with_slg_and_mixdq(webui, listing):
         assert "SD3 SLG" in params and "SD3 ControlNet 1" in params and not np.array_equal(plain, slg)
         quantized, params, _ = generate(webui, mixdq="w8a8", **unit(preprocessor="canny"))
         assert params.get("SD3 MixDQ") and "SD3 ControlNet 1" in params
+        loaded_now = webui.get("/sd3/controlnet").json()["loaded"]
+        assert [m["mixdq"] for m in loaded_now] == [f"{params['SD3 MixDQ']} (ControlNet)"]  # its blocks too
         back, _, _ = generate(webui, mixdq="off", **unit(preprocessor="canny"))
-        assert np.array_equal(back, plain)  # MixDQ off restores the float model bit for bit
+        assert [m["mixdq"] for m in webui.get("/sd3/controlnet").json()["loaded"]] == [None]
+        assert np.array_equal(back, plain)  # MixDQ off restores the base and the ControlNet bit for bit
 
 
 @pytest.mark.parametrize("model, words", [
