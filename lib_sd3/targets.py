@@ -62,6 +62,8 @@ TARGETS: tuple[SourceTarget, ...] = (
                  r"^\s+def create_item\(", "SD3 LoRAs shown as SD3 on the Lora tab"),
     SourceTarget("lora.weightless_layers", ("extensions-builtin/Lora/networks.py",), r"^def network_apply_weights\(",
                  "LoRA on SD3 without a crash at weightless norms (early SD3 branch)"),
+    SourceTarget("controlnet_extension.main_entry", ("modules/scripts.py",), r"^class ScriptRunner\b",
+                 "the ControlNet extension's panel on SD3: its units drive our ControlNet instead of its assert"),
 )
 
 

@@ -35,7 +35,7 @@ from lib_sd3.controlnet.model import ControlNet
 from lib_sd3.controlnet.preprocess import ResizeMode, control_latent, control_map
 from lib_sd3.controlnet.quantize import follow_base
 from lib_sd3.mixdq.config import ConfigError
-from lib_sd3.webui import controlnet_files, hooks, infotext
+from lib_sd3.webui import controlnet_extension, controlnet_files, hooks, infotext
 from lib_sd3.webui.capabilities import a1111_module, loaded_model, model_is_sd3
 from lib_sd3.webui.controlnet_units import UnitRequest
 from lib_sd3.webui.generation import GENERATIONS
@@ -147,7 +147,9 @@ class ControlNets:
     # --- per generation ---------------------------------------------------------------------------
 
     def requests(self, p: Any, values: dict[str, Any]) -> list[UnitRequest]:
-        return accordion_requests(values)
+        """The accordion's / API's units, then the ControlNet extension's panel's (read from ``p`` here, whether its
+        ``process`` runs before or after ours)."""
+        return accordion_requests(values) + controlnet_extension.units(p)
 
     def process(self, p: Any, values: dict[str, Any]) -> None:
         self.detach()  # a generation interrupted inside a model call left it attached

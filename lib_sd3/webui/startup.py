@@ -29,6 +29,8 @@ FEATURE_MODULES: tuple[str, ...] = (
     "lib_sd3.webui.early_long_prompts",
     "lib_sd3.webui.lora",  # after mixdq: its side paths attach to the layers MixDQ just quantized
     "lib_sd3.webui.controlnet",  # after models and mixdq: loads against the family they name, for the MMDiT as run
+    # the ControlNet extension's panel: while SD3 is loaded it steps aside, and its units feed our ControlNet
+    "lib_sd3.webui.controlnet_extension",
 )
 """Modules under lib_sd3.webui, one per feature, each ending with ``DECLARED = Feature(...)``: registered in
 this order; a feature's ``after`` is honoured whatever the order here."""

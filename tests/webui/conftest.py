@@ -17,7 +17,8 @@ is skipped. Per state, one session fixture:
 Cases that ask for ``webui`` with a ``"<state>:<variant>"`` param (:func:`real_iclight_params`) get their
 own server of that state whose ``extensions/`` holds, instead of the fakes, the contributor's own
 checkouts of the real IC-Light and sd-webui-model-patcher (``SD3_TEST_ICLIGHT_OLD`` /
-``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; unset, those cases are skipped.
+``SD3_TEST_ICLIGHT_NEW``, ``SD3_TEST_MODEL_PATCHER``), symlinked; ``"<state>:controlnet"`` (:func:`real_controlnet_params`)
+gets a copy of the ControlNet extension checkout ``SD3_TEST_CONTROLNET`` beside the fakes. Unset, those cases are skipped.
 ``webui`` is one session fixture, so pytest stops one server before it starts the next.
 """
 
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import pytest
 from webui_support import (
+    CONTROLNET_VAR,
     MODEL_PATCHER_VAR,
     REAL_ICLIGHT,
     STATES,
@@ -79,6 +81,19 @@ def _real_iclight_links(variant: str) -> dict[str, Path]:
         if not (path / expected[folder]).is_file():
             pytest.fail(f"{wanted[folder]}={path} is not a {folder} checkout (no {expected[folder]})")
     return links
+
+
+CONTROLNET_FOLDER = "sd-webui-controlnet"
+
+
+def _real_controlnet_checkout() -> Path:
+    """The contributor's ControlNet extension checkout; skips when ``SD3_TEST_CONTROLNET`` is unset."""
+    if not os.environ.get(CONTROLNET_VAR):
+        pytest.skip(f"the real ControlNet extension is opt-in: set {CONTROLNET_VAR} to a checkout you made")
+    path = Path(os.environ[CONTROLNET_VAR]).resolve()
+    if not (path / "scripts" / "controlnet.py").is_file():
+        pytest.fail(f"{CONTROLNET_VAR}={path} is not a sd-webui-controlnet checkout (no scripts/controlnet.py)")
+    return path
 
 
 RUN_LAST = ("test_real_t5_fetch.py",)
@@ -256,7 +271,8 @@ class WebUI:
     process: subprocess.Popen
     t5_config: dict
     variant: str = ""
-    """Empty with the fake IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout."""
+    """Empty with the fake IC-Lights; ``iclight-old`` / ``iclight-new`` with a real IC-Light checkout; ``controlnet``
+    with the real ControlNet extension."""
 
     def mark(self) -> int:
         """Where the server log ends now; pass to :meth:`log_since` to read what a case caused."""
@@ -324,7 +340,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(STOP_TIMEOUT_S)
 
 
-def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) -> None:
+def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path], controlnet: Path | None = None) -> None:
     models = data_dir / "models"
     models.mkdir(parents=True)
     for name in ("Stable-diffusion", "VAE-approx", "ControlNet"):
@@ -341,6 +357,9 @@ def _make_data_dir(data_dir: Path, assets: Path, real_iclight: dict[str, Path]) 
             (extensions / folder).symlink_to(checkout, target_is_directory=True)
     else:
         install_fake_iclight(extensions)  # tests/a1111/iclight, the unit suite's pair
+    if controlnet is not None:  # copied (it writes annotator downloads into its own folder), without .git: a
+        # checkout with no remote costs a startup traceback when A1111 reads its git metadata
+        shutil.copytree(controlnet, extensions / CONTROLNET_FOLDER, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     # No live previews (keeps the CPU for the cases); T5 off until the fetch case asks for it, so no case
     # before it sees a download start by itself.
     (data_dir / "config.json").write_text(json.dumps({"live_previews_enable": False, "sd3_t5_mode": "off"}),
@@ -401,12 +420,13 @@ def webui(request, tmp_path_factory):
     state, _, variant = request.param.partition(":")
     if state == "unset":
         pytest.skip("real-WebUI suite is opt-in: set WEBUI_ROOT (A1111 dev) and/or WEBUI_ROOT_EARLY (34b4443c)")
-    real_iclight = _real_iclight_links(variant) if variant else {}
+    real_iclight = _real_iclight_links(variant) if variant.startswith("iclight") else {}
+    controlnet = _real_controlnet_checkout() if variant == "controlnet" else None
     root = Path(os.environ[STATES[state]]).resolve()
     if not (root / "launch.py").exists() or not (root / "modules" / "models" / "sd3").is_dir():
         pytest.fail(f"{state}: {root} is not an SD3-capable A1111 checkout")
     python = _webui_python(state, root)
-    checkouts = [root, *real_iclight.values()]
+    checkouts = [root, *real_iclight.values(), *([controlnet] if controlnet else [])]
     before = {path: _git_status(path) for path in checkouts}
     started = time.monotonic()
     assets = build_assets(state, root, python)
@@ -414,7 +434,7 @@ def webui(request, tmp_path_factory):
     t5_config = json.loads((assets / "t5-reduced" / "config.json").read_text())
     label = f"{state}-{variant}" if variant else state
     data_dir = tmp_path_factory.mktemp(f"webui-data-{label}")
-    _make_data_dir(data_dir, assets, real_iclight)
+    _make_data_dir(data_dir, assets, real_iclight, controlnet)
     log_path = tmp_path_factory.mktemp(f"webui-log-{label}") / "server.log"
     port = _free_port()
     with t5_mirror(assets, manifest) as mirror:

@@ -19,6 +19,8 @@ REAL_ICLIGHT = {"iclight-old": "SD3_TEST_ICLIGHT_OLD", "iclight-new": "SD3_TEST_
 """Variant -> variable naming a checkout of huchenlei/sd-forge-ic-light (old: 8c2963e, new: ff82902)."""
 MODEL_PATCHER_VAR = "SD3_TEST_MODEL_PATCHER"
 """Names a checkout of huchenlei/sd-webui-model-patcher, which IC-Light's A1111 backend imports."""
+CONTROLNET_VAR = "SD3_TEST_CONTROLNET"
+"""Names a checkout of Mikubill/sd-webui-controlnet (tested at 56cec5b) with its requirements in A1111's venv."""
 
 
 def configured_states() -> list[str]:
@@ -28,6 +30,11 @@ def configured_states() -> list[str]:
 def real_iclight_params() -> list[str]:
     """``webui`` params for the real-IC-Light cases: one ``"<state>:<variant>"`` per state and variant."""
     return [f"{state}:{variant}" for state in configured_states() or ["unset"] for variant in REAL_ICLIGHT]
+
+
+def real_controlnet_params() -> list[str]:
+    """``webui`` params for the real-ControlNet-extension cases: ``"<state>:controlnet"`` per state."""
+    return [f"{state}:controlnet" for state in configured_states() or ["unset"]]
 
 T5_REPO = "AUTOMATIC/stable-diffusion-3-medium-text-encoders"
 T5_FILE = "t5xxl_fp16.safetensors"
