@@ -169,9 +169,10 @@ class ControlNets:
 
     def load(self, p: Any, request: UnitRequest, family: Any, mmdit: Any) -> LoadedUnit | None:
         label = infotext.controlnet(request.source)
+        if request.strength == 0:  # a deliberate choice: recorded, not warned about
+            p.extra_generation_params[label] = "off (strength 0)"
+            return None
         try:
-            if request.strength == 0:
-                raise ControlNetError("strength 0")
             if control_image(request, p) is None:
                 raise ControlNetError("no control image (give one, or use img2img: its image is the control image)")
             found = None if request.path is not None else self.files.find(request.model)
