@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from lib_sd3.controlnet.detect import (
+    STABILITY_TYPES,
     ControlNetConfig,
     ControlNetError,
-    ControlType,
     check_base,
     config_from_shapes,
     inspect,
@@ -44,7 +44,7 @@ def one_line(error: Exception) -> str:
     return text
 
 
-@pytest.mark.parametrize("control_type", list(ControlType))
+@pytest.mark.parametrize("control_type", STABILITY_TYPES)
 def test_each_type_is_read_from_the_file(tmp_path, control_type):
     path = tmp_path / f"{control_type.label}.safetensors"
     tiny_controlnet.write_controlnet(path, control_type=int(control_type))
@@ -84,11 +84,14 @@ def test_other_files_are_named_not_an_sd3_controlnet(tmp_path):
         assert words in one_line(error.value) and path.name in str(error.value)
 
 
-def test_diffusers_layout_is_refused_as_not_supported_yet():
-    shapes = {"pos_embed_input.proj.weight": (1536, 16, 2, 2), "controlnet_blocks.0.weight": (1536, 1536),
-              "transformer_blocks.0.attn.to_q.weight": (1536, 1536), "context_embedder.weight": (1536, 4096)}
-    with pytest.raises(ControlNetError, match="diffusers' layout .* not supported yet"):
-        config_from_shapes(shapes, "instantx_canny.safetensors")
+def test_alimama_inpainting_layout_is_refused_in_one_line():
+    shapes = {"pos_embed_input.proj.weight": (1536, 17, 2, 2), "controlnet_blocks.0.weight": (1536, 1536),
+              "transformer_blocks.0.attn.to_q.weight": (1536, 1536), "context_embedder.weight": (1536, 4096),
+              "pos_embed.proj.weight": (1536, 16, 2, 2), "pos_embed.pos_embed": (1, 192 * 192, 1536),
+              "time_text_embed.text_embedder.linear_1.weight": (1536, 2048)}
+    with pytest.raises(ControlNetError) as error:
+        config_from_shapes(shapes, "sd3_inpainting.safetensors")
+    assert "inpainting ControlNet" in one_line(error.value) and "mask" in str(error.value)
 
 
 def test_truncated_file_is_refused_before_anything_is_read(tmp_path):

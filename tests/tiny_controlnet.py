@@ -119,3 +119,72 @@ def reference_velocity(ref_base, x, t, context, pooled, hidden, skip=()):
     b, _, h, w = x.shape
     out = out.reshape(b, h // 2, w // 2, 2, 2, 16)
     return torch.einsum("nhwpqc->nchpwq", out).reshape(b, 16, h, w)
+
+
+# SD3 Medium ControlNets in diffusers' layout (InstantX): joint blocks, their own patch / position / text embedding.
+MEDIUM_CONTROL_DEPTH = 2  # over the tiny base's 4 joint blocks: block i gets hidden state int(i / 2), none after 3
+MEDIUM_POS_EMBED_MAX_SIZE = 10  # its own grid (InstantX: 192), unlike the base's 12: the crop is its own
+
+
+def diffusers_medium_controlnet(seed: int = 20, depth: int = MEDIUM_CONTROL_DEPTH, base_depth: int = BASE_DEPTH,
+                                extra_channels: int = 0):
+    """A random diffusers SD3 Medium (InstantX-form) ControlNet fitting the tiny SD3 Medium base: every weight
+    random, the position grid too (so using the base's instead shows)."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    hidden = 64 * base_depth
+    model = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=16, num_layers=depth, attention_head_dim=64,
+                               num_attention_heads=base_depth, joint_attention_dim=tiny_sd35.CONTEXT_DIM,
+                               caption_projection_dim=hidden, pooled_projection_dim=tiny_sd35.ADM_DIM,
+                               pos_embed_max_size=MEDIUM_POS_EMBED_MAX_SIZE, extra_conditioning_channels=extra_channels)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
+        model.pos_embed.pos_embed.copy_(torch.randn(model.pos_embed.pos_embed.shape, generator=generator))
+    return model.eval()
+
+
+def write_medium_controlnet(path: Path, seed: int = 20, depth: int = MEDIUM_CONTROL_DEPTH,
+                            dtype: torch.dtype = torch.float32, extra_channels: int = 0):
+    """Write the diffusers ControlNet's own state dict (what InstantX publish); returns the model."""
+    from safetensors.torch import save_file
+
+    model = diffusers_medium_controlnet(seed, depth, extra_channels=extra_channels)
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def write_medium_base(path: Path, seed: int = 0, depth: int = BASE_DEPTH):
+    """The tiny SD3-Medium-shaped base (no qk-norm) in Stability's layout; returns its diffusers transformer."""
+    return tiny_sd35.write_checkpoint(path, "sd3-medium", seed=seed, depth=depth)
+
+
+def medium_reference_hidden(ref_cn, x, t, context, pooled, vae_latent, strength=1.0):
+    """diffusers' pipeline feeding an InstantX ControlNet: zero pooled vector, control latent ``vae * scale``
+    without the shift (``force_zeros_for_pooled_projection``)."""
+    control = (vae_latent * 1.5305).repeat(x.shape[0], 1, 1, 1)
+    return ref_cn(hidden_states=x, controlnet_cond=control, conditioning_scale=strength,
+                  encoder_hidden_states=context, pooled_projections=torch.zeros_like(pooled),
+                  timestep=t).controlnet_block_samples
+
+
+def medium_reference_velocity(ref_base, x, t, context, pooled, hidden, skip=()):
+    """diffusers' SD3Transformer2DModel loop (hidden state int(i / interval), none after the pre-only last block),
+    with a skipped block skipping its addition as Stability's reference does."""
+    tokens = ref_base.pos_embed(x)
+    temb = ref_base.time_text_embed(t, pooled)
+    ctx = ref_base.context_embedder(context)
+    blocks = ref_base.transformer_blocks
+    interval = len(blocks) / len(hidden)
+    for i, block in enumerate(blocks):
+        if i in skip:
+            continue
+        ctx, tokens = block(hidden_states=tokens, encoder_hidden_states=ctx, temb=temb)
+        if not block.context_pre_only:
+            tokens = tokens + hidden[int(i / interval)]
+    out = ref_base.proj_out(ref_base.norm_out(tokens, temb))
+    b, _, h, w = x.shape
+    out = out.reshape(b, h // 2, w // 2, 2, 2, 16)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(b, 16, h, w)

@@ -16,8 +16,7 @@ import torch
 
 from lib_sd3 import get_logger
 from lib_sd3.controlnet.detect import ControlNetError, ControlNetFile, check_base, inspect
-from lib_sd3.controlnet.load import load_controlnet
-from lib_sd3.controlnet.model import ControlNet
+from lib_sd3.controlnet.load import AnyControlNet, load_controlnet
 from lib_sd3.mixdq.model import module_bytes
 from lib_sd3.mixdq.model import state as mixdq_state
 from lib_sd3.models.families import MMDiTConfig
@@ -47,10 +46,10 @@ class ControlNetCache:
     """``get(path, base, base_label, dtype, device)`` -> (file, model), loading only what is not kept."""
 
     def __init__(self) -> None:
-        self._models: dict[CacheKey, tuple[ControlNetFile, ControlNet]] = {}
+        self._models: dict[CacheKey, tuple[ControlNetFile, AnyControlNet]] = {}
 
     def get(self, path: str | Path, base: MMDiTConfig, base_label: str, dtype: torch.dtype = torch.float16,
-            device: torch.device | str = "cpu") -> tuple[ControlNetFile, ControlNet]:
+            device: torch.device | str = "cpu") -> tuple[ControlNetFile, AnyControlNet]:
         key = key_of(path, dtype, device)
         if key in self._models:
             check_base(self._models[key][0].config, base, base_label, Path(path).name)

@@ -1,11 +1,17 @@
 """What a ControlNet file is, from its safetensors header: an SD3.5 ControlNet in Stability's released layout,
-an SD3 ControlNet in another layout, or no SD3 ControlNet at all -- and whether it fits the loaded base.
+an SD3 Medium ControlNet in diffusers' layout, or no SD3 ControlNet we build -- and whether it fits the loaded base.
 
 Stability's ``sd3.5_large_controlnet_{blur,canny,depth}.safetensors`` hold ``control_type`` (int32: 0 blur,
 1 canny, 2 depth), ``pos_embed.proj.*`` (never used: the base's patch embedding feeds the ControlNet),
 ``pos_embed_input.proj.*`` (the control latent's patch embedding), ``time_text_embed.{timestep,text}_embedder.
 linear_{1,2}.*``, ``transformer_blocks.N.{adaLN_modulation.1, attn.qkv, attn.proj, mlp.fc1, mlp.fc2}.*`` and
 ``controlnet_blocks.N.*``. Everything here reads shapes only, except the 4 bytes of ``control_type``.
+
+InstantX's SD3 Medium ControlNets (canny / pose / tile: diffusers' ``SD3ControlNetModel`` with joint blocks) hold
+diffusers' names: ``pos_embed.{proj.*, pos_embed}`` (their own patch and position embedding),
+``pos_embed_input.proj.*``, ``context_embedder.*``, ``time_text_embed.*``, ``transformer_blocks.N.{attn.to_q,
+attn.add_q_proj, norm1.linear, norm1_context.linear, ff.net.0.proj, ff_context.net.2, ...}.*`` and
+``controlnet_blocks.N.*``; no ``control_type``: the type is read from the file's name.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ PROBE_KEYS = ("pos_embed_input.proj.weight", "controlnet_blocks.0.weight")  # ev
 STABILITY_PROBE = "transformer_blocks.0.attn.qkv.weight"
 DIFFUSERS_PROBE = "transformer_blocks.0.attn.to_q.weight"
 BASE_NAMES = {HEAD_DIM * 38: "SD3.5 Large / Large Turbo", HEAD_DIM * 24: "SD3 Medium / SD3.5 Medium"}
+DIFFUSERS_POS_EMBED = "pos_embed.pos_embed"  # (1, max * max, width): the joint ControlNet's own position grid
 
 _BLOCK_KEY = re.compile(r"^(transformer_blocks|controlnet_blocks)\.(\d+)\.")
 
@@ -34,26 +41,56 @@ class ControlNetError(ValueError):
 
 
 class ControlType(enum.IntEnum):
-    """The file's ``control_type``: what its control image is (Stability's numbering)."""
+    """What a ControlNet's control image is, which decides its pixel scaling (:mod:`.preprocess`).
+
+    0..2 are Stability's ``control_type`` numbering for the SD3.5 files. The ``SD3M_*`` types are for the SD3
+    Medium ControlNets in diffusers' layout, whose files carry no type (it comes from the file's name,
+    :func:`type_from_name`): they are separate from ``CANNY`` because Stability's canny ControlNet was trained on
+    a differently scaled image than InstantX's.
+    """
 
     BLUR = 0
     CANNY = 1
     DEPTH = 2
+    SD3M = 10  # an SD3 Medium ControlNet whose name says no type: the image as it is
+    SD3M_CANNY = 11
+    SD3M_POSE = 12
+    SD3M_TILE = 13
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
+STABILITY_TYPES = (ControlType.BLUR, ControlType.CANNY, ControlType.DEPTH)  # the values a released file holds
+SD3M_NAME_WORDS = {"canny": ControlType.SD3M_CANNY, "pose": ControlType.SD3M_POSE, "tile": ControlType.SD3M_TILE}
+
+
+def type_from_name(name: str) -> ControlType:
+    """The type of a diffusers-layout SD3 Medium ControlNet from its file name (``SD3M`` when none is named)."""
+    lower = name.lower()
+    found = [kind for word, kind in SD3M_NAME_WORDS.items() if word in lower]
+    return found[0] if len(found) == 1 else ControlType.SD3M
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlNetConfig:
     """Everything needed to build a ControlNet for a file, read from its shapes."""
 
-    depth: int  # ControlNet blocks (19 for SD3.5 Large)
-    hidden_size: int  # = the base's (2432 for SD3.5 Large)
+    depth: int  # ControlNet blocks (19 for SD3.5 Large, 6 for InstantX's SD3 Medium ones)
+    hidden_size: int  # = the base's (2432 for SD3.5 Large, 1536 for SD3 Medium)
     patch_size: int
     in_channels: int  # latent channels of the control image (16)
-    pooled_dim: int  # the text embedder's input: the raw pooled CLIP-L+G vector (2048)
+    pooled_dim: int  # the text embedder's input: the pooled CLIP-L+G vector's width (2048)
+    # diffusers' joint form (SD3 Medium): the raw context's width (4096) and its own position grid; None for
+    # Stability's single-stream form
+    context_dim: int | None = None
+    pos_embed_max_size: int | None = None
+
+    @property
+    def joint(self) -> bool:
+        """Joint blocks with a text stream (diffusers' layout) rather than Stability's single-stream blocks."""
+        return self.context_dim is not None
 
     @property
     def num_heads(self) -> int:
@@ -85,13 +122,12 @@ def _indices(shapes: Mapping[str, tuple[int, ...]], group: str) -> set[int]:
 
 
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str = "ControlNet") -> ControlNetConfig:
-    """The :class:`ControlNetConfig` of a released-layout SD3.5 ControlNet; :class:`ControlNetError` otherwise."""
+    """The :class:`ControlNetConfig` of a released-layout SD3.5 ControlNet or a diffusers-layout SD3 Medium
+    ControlNet; :class:`ControlNetError` otherwise."""
     if not is_sd3_controlnet(shapes):
         raise _error(where, "not an SD3 ControlNet (no pos_embed_input / controlnet_blocks)")
-    if DIFFUSERS_PROBE in shapes or "context_embedder.weight" in shapes:
-        raise _error(where, "an SD3 ControlNet in diffusers' layout (InstantX / Alimama, for SD3 Medium): "
-                            "not supported yet, only Stability's SD3.5 Large ControlNets")
-    if STABILITY_PROBE not in shapes:
+    diffusers = DIFFUSERS_PROBE in shapes or "context_embedder.weight" in shapes
+    if not diffusers and STABILITY_PROBE not in shapes:
         raise _error(where, f"SD3 ControlNet of an unknown layout (no {STABILITY_PROBE})")
     blocks, outputs = _indices(shapes, "transformer_blocks"), _indices(shapes, "controlnet_blocks")
     depth = len(blocks)
@@ -105,8 +141,31 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str = "Cont
     pooled_dim = shapes[text_key][1]
     if hidden % HEAD_DIM:
         raise _error(where, f"width {hidden} is not a multiple of {HEAD_DIM}: not an SD3 ControlNet")
-    return ControlNetConfig(depth=depth, hidden_size=hidden, patch_size=patch, in_channels=in_channels,
-                            pooled_dim=pooled_dim)
+    config = ControlNetConfig(depth=depth, hidden_size=hidden, patch_size=patch, in_channels=in_channels,
+                              pooled_dim=pooled_dim)
+    return _joint_config(shapes, config, where) if diffusers else config
+
+
+def _joint_config(shapes: Mapping[str, tuple[int, ...]], config: ControlNetConfig, where: str) -> ControlNetConfig:
+    """The diffusers (InstantX) form: its own context embedder and position grid; refused where it needs an input
+    a ControlNet unit does not give (Alimama's inpainting ControlNet: the control latent plus the mask)."""
+    proj = shapes.get("pos_embed.proj.weight")
+    if proj is not None and config.in_channels > proj[1]:
+        raise _error(where, f"an SD3 inpainting ControlNet (Alimama: control input {config.in_channels} channels = "
+                            f"the masked image's latent + the mask): not supported, a ControlNet unit carries "
+                            f"no mask")
+    missing = [key for key in ("context_embedder.weight", "pos_embed.proj.weight", DIFFUSERS_POS_EMBED)
+               if key not in shapes]
+    if missing:
+        raise _error(where, f"SD3 ControlNet in diffusers' layout without {', '.join(missing)}")
+    if tuple(proj[:3]) != (config.hidden_size, config.in_channels, config.patch_size):
+        raise _error(where, f"pos_embed.proj {list(proj)} does not match pos_embed_input {config.hidden_size} / "
+                            f"{config.in_channels} / {config.patch_size}")
+    grid = shapes[DIFFUSERS_POS_EMBED][1]
+    size = round(grid ** 0.5)
+    if size * size != grid:
+        raise _error(where, f"{DIFFUSERS_POS_EMBED} has {grid} positions, not a square grid")
+    return dataclasses.replace(config, context_dim=shapes["context_embedder.weight"][1], pos_embed_max_size=size)
 
 
 def inspect(path: str | Path) -> ControlNetFile:
@@ -123,7 +182,8 @@ def inspect(path: str | Path) -> ControlNetFile:
         raise _error(path.name, f"truncated: {header.size} bytes, its header promises {header.extent} "
                                 f"({100 * header.size / header.extent:.1f} %); download it again")
     config = config_from_shapes(header.shapes, path.name)
-    return ControlNetFile(path, header, config, read_control_type(path, header))
+    control_type = type_from_name(path.name) if config.joint else read_control_type(path, header)
+    return ControlNetFile(path, header, config, control_type)
 
 
 def read_control_type(path: Path, header: Header) -> ControlType:
@@ -137,16 +197,17 @@ def read_control_type(path: Path, header: Header) -> ControlType:
             value = int(reader.get_tensor(CONTROL_TYPE_KEY).reshape(-1)[0])
     except ValueError as error:
         raise _error(path.name, str(error).removeprefix(f"{path.name}: ")) from None
-    try:
-        return ControlType(value)
-    except ValueError:
-        raise _error(path.name, f"unknown control_type {value} (known: 0 blur, 1 canny, 2 depth)") from None
+    if value not in STABILITY_TYPES:
+        raise _error(path.name, f"unknown control_type {value} (known: 0 blur, 1 canny, 2 depth)")
+    return ControlType(value)
 
 
 def check_base(config: ControlNetConfig, base: MMDiTConfig, base_label: str, where: str = "ControlNet") -> None:
     """:class:`ControlNetError` unless the ControlNet can steer this base: same width, patch and latent channels,
     the raw pooled vector as its text input (Stability's "8B" path), and a whole number of joint blocks per
-    ControlNet block (the base adds hidden state ``i // (joint blocks // ControlNet blocks)`` after block i)."""
+    ControlNet block (the base adds hidden state ``i // (joint blocks // ControlNet blocks)`` after block i).
+    A joint (diffusers-layout) ControlNet takes the raw context instead of the base's, so its width must match,
+    and it has at most as many blocks as the base (diffusers spreads them, :mod:`.control`)."""
     problems = []
     if config.hidden_size != base.hidden_size:
         problems.append(f"width {config.hidden_size} vs {base.hidden_size}")
@@ -155,7 +216,12 @@ def check_base(config: ControlNetConfig, base: MMDiTConfig, base_label: str, whe
                         f"{base.patch_size} / {base.in_channels}")
     if config.pooled_dim != base.adm_dim:
         problems.append(f"pooled input {config.pooled_dim} vs {base.adm_dim}")
-    if config.depth > base.depth or base.depth % config.depth:
+    if config.joint:
+        if config.context_dim != base.context_dim:
+            problems.append(f"context {config.context_dim} vs {base.context_dim}")
+        if config.depth > base.depth:
+            problems.append(f"{config.depth} ControlNet blocks for {base.depth} joint blocks")
+    elif config.depth > base.depth or base.depth % config.depth:
         problems.append(f"{config.depth} ControlNet blocks do not divide {base.depth} joint blocks")
     if problems:
         shape = f"{config.depth} block{'s' if config.depth != 1 else ''}"

@@ -8,6 +8,10 @@ scratch buffer, each copied out converted to the target dtype and device: the pe
 plus the largest fp32 tensor (94 MB of 4.3 GB for SD3.5 Large). Reading each into memory of its own and
 freeing it after the conversion left the freed buffers with the allocator: up to +50 % measured. A file that turns out short while reading raises :class:`ControlNetError` and the partly filled
 model is dropped: a caller keeps what it had.
+
+A diffusers-layout SD3 Medium ControlNet (:mod:`.joint`) is read the same way; where diffusers splits a fused
+projection (``attn.to_q`` / ``to_k`` / ``to_v``), each part is read into the scratch buffer and copied into its
+rows of the converted tensor, so the peak rule holds.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 from torch import nn
 
 from lib_sd3 import get_logger
-from lib_sd3.controlnet.detect import CONTROL_TYPE_KEY, UNUSED_KEYS, ControlNetError, ControlNetFile, inspect
+from lib_sd3.controlnet.detect import ControlNetConfig, ControlNetError, ControlNetFile, inspect
+from lib_sd3.controlnet.joint import JointControlNet
 from lib_sd3.controlnet.model import ControlNet
 from lib_sd3.models.families import FIRST_ERRORS
 from lib_sd3.models.mmdit import QkvLinear
@@ -27,10 +32,28 @@ from lib_sd3.safetensors_file import SafetensorsReader
 log = get_logger("controlnet")
 
 
-def check_keys(file: ControlNetFile, expected: dict[str, tuple[int, ...]]) -> None:
-    """:class:`ControlNetError` unless the file's tensors fill ``expected`` exactly (bar ``control_type`` and
-    the unused ``pos_embed.proj``)."""
-    found = {k: v for k, v in file.header.shapes.items() if k != CONTROL_TYPE_KEY and k not in UNUSED_KEYS}
+AnyControlNet = ControlNet | JointControlNet
+
+
+def model_class(config: ControlNetConfig) -> type[AnyControlNet]:
+    return JointControlNet if config.joint else ControlNet
+
+
+def file_shapes(model: AnyControlNet) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Each parameter of ``model`` -> the file's tensors that fill it, with the shape each must have (the
+    parameter's rows split evenly where several are concatenated)."""
+    plan = {}
+    for key, tensor in model.state_dict().items():
+        names = model.file_names(key)
+        shape = (tensor.shape[0] // len(names), *tensor.shape[1:])
+        plan[key] = [(name, shape) for name in names]
+    return plan
+
+
+def check_keys(file: ControlNetFile, expected: dict[str, tuple[int, ...]], ignored: tuple[str, ...] = ()) -> None:
+    """:class:`ControlNetError` unless the file's tensors fill ``expected`` exactly (bar ``ignored``: Stability's
+    ``control_type`` and unused ``pos_embed.proj``)."""
+    found = {k: v for k, v in file.header.shapes.items() if k not in ignored}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
@@ -38,24 +61,32 @@ def check_keys(file: ControlNetFile, expected: dict[str, tuple[int, ...]]) -> No
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
              if keys]
     if parts:
-        raise ControlNetError(f"{file.path.name}: does not fit an SD3.5 ControlNet: {'; '.join(parts)}")
+        kind = "an SD3 ControlNet in diffusers' layout" if file.config.joint else "an SD3.5 ControlNet"
+        raise ControlNetError(f"{file.path.name}: does not fit {kind}: {'; '.join(parts)}")
 
 
 def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    qkv_linear: type[nn.Linear] = QkvLinear) -> tuple[ControlNetFile, ControlNet]:
+                    qkv_linear: type[nn.Linear] = QkvLinear) -> tuple[ControlNetFile, AnyControlNet]:
     """The file's description and its filled, eval-mode ControlNet in ``dtype`` on ``device``."""
     file = inspect(path)
-    model = ControlNet(file.config, qkv_linear=qkv_linear, dtype=dtype, device="meta")
-    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    check_keys(file, expected)
+    model = model_class(file.config)(file.config, qkv_linear=qkv_linear, dtype=dtype, device="meta")
+    plan = file_shapes(model)
+    check_keys(file, {name: shape for parts in plan.values() for name, shape in parts}, model.IGNORED_FILE_KEYS)
+    targets = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    order = sorted(expected, key=lambda k: file.header.tensors[k].start)  # sequential reads
-    scratch = torch.empty(max(file.header.tensors[k].end - file.header.tensors[k].start for k in order),
+    tensors = file.header.tensors
+    order = sorted(plan, key=lambda k: tensors[plan[k][0][0]].start)  # sequential reads
+    scratch = torch.empty(max(tensors[name].end - tensors[name].start for parts in plan.values() for name, _ in parts),
                           dtype=torch.uint8)  # every tensor is read here, then copied out converted
     try:
         with SafetensorsReader(file.path) as reader:
             for key in order:
-                state[key] = reader.get_tensor(key, scratch).to(device=device, dtype=dtype, copy=True)
+                if len(plan[key]) == 1:
+                    state[key] = reader.get_tensor(plan[key][0][0], scratch).to(device=device, dtype=dtype, copy=True)
+                    continue
+                state[key] = torch.empty(targets[key], dtype=dtype, device=device)
+                for rows, (name, _) in zip(state[key].chunk(len(plan[key])), plan[key], strict=True):
+                    rows.copy_(reader.get_tensor(name, scratch))
     except ValueError as error:
         raise ControlNetError(str(error)) from None
     except OSError as error:

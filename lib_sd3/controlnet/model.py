@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib_sd3.controlnet.detect import ControlNetConfig
+from lib_sd3.controlnet.detect import CONTROL_TYPE_KEY, UNUSED_KEYS, ControlNetConfig
 from lib_sd3.models.mmdit import (
     FREQUENCY_EMBEDDING_SIZE,
     DismantledBlock,
@@ -56,6 +56,13 @@ def single_stream(block: DismantledBlock, x: torch.Tensor, c: torch.Tensor) -> t
 class ControlNet(nn.Module):
     """``forward(tokens, control_latent, t, pooled)`` -> one hidden state per ControlNet block (unscaled)."""
 
+    IGNORED_FILE_KEYS = (CONTROL_TYPE_KEY, *UNUSED_KEYS)
+
+    @staticmethod
+    def file_names(key: str) -> list[str]:
+        """The file's tensor that fills parameter ``key``: the released file has our names."""
+        return [key]
+
     def __init__(self, config: ControlNetConfig, qkv_linear: type[nn.Linear] = QkvLinear, dtype=None,
                  device=None) -> None:
         super().__init__()
@@ -71,6 +78,13 @@ class ControlNet(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.pos_embed_input.proj.weight.dtype
+
+    def hidden_states(self, latent: torch.Tensor, *, tokens: torch.Tensor, t: torch.Tensor,
+                      pooled: torch.Tensor | None, **_unused: object) -> list[torch.Tensor]:
+        """What :class:`~lib_sd3.controlnet.control.ControlStack` calls: the base's embedded ``tokens``, not ``x``."""
+        if pooled is None:
+            raise ValueError("an SD3.5 ControlNet needs the pooled text vector (y)")
+        return self(tokens, latent, t, pooled)
 
     def forward(self, tokens: torch.Tensor, control_latent: torch.Tensor, t: torch.Tensor,
                 pooled: torch.Tensor) -> list[torch.Tensor]:

@@ -4,7 +4,8 @@
 Order: resize to the generation size (LANCZOS), the preprocessor (none / canny / blur / invert) on the resized image,
 pixels in [0, 1], the per-type scaling of the reference, VAE encode, SD3 latent shift/scale. The scaling
 is the reference's, quirks included: canny maps ``img`` to ``img * 255 * 0.5 + 0.5`` (0.5 .. 128; the canny
-ControlNet was trained that way), depth and blur to ``2 img - 1``. The VAE is a callable, so A1111's
+ControlNet was trained that way), depth and blur to ``2 img - 1``, as diffusers' pipeline does for the SD3
+Medium ControlNets' types (``SD3M_*``; their latent convention is the model's: :mod:`.joint`). The VAE is a callable, so A1111's
 (which applies the shift/scale itself: pass ``shift_scale=False``) or a test's can be used.
 """
 
@@ -110,11 +111,25 @@ def pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
 
 
-def scale_for_type(x: torch.Tensor, control_type: ControlType) -> torch.Tensor:
-    """The reference's per-type scaling of [0, 1] pixels before the VAE."""
-    if ControlType(control_type) is ControlType.CANNY:
-        return x * 255 * 0.5 + 0.5
+def to_signed(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: what the VAE expects (Stability's depth / blur, and every SD3 Medium ControlNet in
+    diffusers' layout: its pipeline normalises every control image so)."""
     return 2.0 * x - 1.0
+
+
+def stability_canny(x: torch.Tensor) -> torch.Tensor:
+    """Stability's canny ControlNet was trained on ``img * 255 * 0.5 + 0.5`` (0.5 .. 128)."""
+    return x * 255 * 0.5 + 0.5
+
+
+SCALING: Mapping[ControlType, Callable[[torch.Tensor], torch.Tensor]] = {ControlType.CANNY: stability_canny}
+"""The types whose pixels are not scaled by :func:`to_signed`."""
+
+
+def scale_for_type(x: torch.Tensor, control_type: ControlType) -> torch.Tensor:
+    """The per-type scaling of [0, 1] pixels before the VAE (Stability's reference; diffusers' pipeline for the
+    ``SD3M_*`` types)."""
+    return SCALING.get(ControlType(control_type), to_signed)(x)
 
 
 def shift_scale(latent: torch.Tensor) -> torch.Tensor:

@@ -232,9 +232,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate_(self.norm_final(x), shift, scale))
 
 
-BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Sequence["torch.Tensor | None"]]
-"""``(tokens, t, y) -> [residual or None per joint block]``: what a ControlNet adds to the image stream
-after each joint block, given the patch-embedded input (see :mod:`lib_sd3.controlnet`)."""
+BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None"],
+                          Sequence["torch.Tensor | None"]]
+"""``(tokens, t, y, x, context) -> [residual or None per joint block]``: what a ControlNet adds to the image stream
+after each joint block, given the patch-embedded input and the raw latent and context (see :mod:`lib_sd3.controlnet`)."""
 
 
 class MMDiT(nn.Module):
@@ -285,8 +286,8 @@ class MMDiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE).to(x.dtype))
         if y is not None:
             c = c + self.y_embedder(y)
+        residuals = block_residuals(tokens, t, y, x, context) if block_residuals is not None else ()
         context = self.context_embedder(context)
-        residuals = block_residuals(tokens, t, y) if block_residuals is not None else ()
         for i, block in enumerate(self.joint_blocks):
             context, tokens = block(context, tokens, c=c)
             if i < len(residuals) and residuals[i] is not None:  # a ControlNet (lib_sd3.controlnet)
