@@ -15,6 +15,8 @@ test session runs this as a subprocess. Written under DIR:
   ``sd3-broken-truncated.safetensors``: an SD3-shaped file cut short, for the bad-input case.
 - ``ControlNet/sd3.5_large_controlnet_{blur,canny,depth}-tiny.safetensors``: SD3.5 Large ControlNets in
   Stability's released layout at sd35-large-tiny's width (one block), and a truncated one.
+  ``ControlNet/sd3_controlnet_pose-tiny.safetensors``: an SD3 Medium ControlNet in diffusers' layout (InstantX's
+  form: joint blocks, its own patch / position / text embedding) at sd3-tiny's width (one block).
 - ``CLIP/clip_g.safetensors``, ``CLIP/clip_l.safetensors``: random full-size CLIP-G / CLIP-L with the
   key layout of A1111's ``SDXLClipG`` / ``SDClipModel`` (their sizes are hard-coded in A1111, so they
   cannot be shrunk). Both A1111 states load them from ``models/CLIP/`` when the checkpoint lacks them.
@@ -244,6 +246,36 @@ def build_sd35_controlnets(out: Path) -> list[Path]:
     return [*paths, truncated]
 
 
+MEDIUM_CONTROLNET = "sd3_controlnet_pose-tiny.safetensors"
+
+
+def build_sd3_medium_controlnet(out: Path) -> Path:
+    """``ControlNet/sd3_controlnet_pose-tiny.safetensors``: diffusers' names (``transformer_blocks.0.attn.to_q``,
+    ``pos_embed.pos_embed``, ...), built with the extension's ``lib_sd3.controlnet.joint.JointControlNet`` and
+    written under the file's names its loader reads (q / k / v split back); sd3-tiny's width, one block."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lib_sd3.controlnet.detect import ControlNetConfig
+    from lib_sd3.controlnet.joint import JointControlNet, file_names
+
+    generator = torch.Generator().manual_seed(CONTROLNET_SEED + 1)
+    config = ControlNetConfig(depth=1, hidden_size=64 * MMDIT_DEPTH, patch_size=2, in_channels=16,
+                              pooled_dim=ADM_IN_CHANNELS, context_dim=CONTEXT_WIDTH,
+                              pos_embed_max_size=POS_EMBED_MAX_SIZE)
+    with torch.device("meta"):
+        model = JointControlNet(config, dtype=torch.float32)
+    state = {}
+    for key, tensor in _reinit(model, generator).items():
+        names = file_names(key)
+        state.update(zip(names, tensor.chunk(len(names)), strict=True))
+    path = out / "ControlNet" / MEDIUM_CONTROLNET
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def build_clip(out: Path, webui: Path, generator) -> list[Path]:
     from safetensors.torch import save_file
 
@@ -387,6 +419,7 @@ def main() -> int:
              build_vae_approx(out, generator), build_reduced_t5(out, generator)]
     files += build_sd35_checkpoints(out, files[0])
     files += build_sd35_controlnets(out)
+    files.append(build_sd3_medium_controlnet(out))
     hf_home = out / "hf"
     (hf_home / "hub").mkdir(parents=True, exist_ok=True)
     (hf_home / "hub" / "version.txt").write_text("1", encoding="utf-8")  # transformers 4.30: no cache migration

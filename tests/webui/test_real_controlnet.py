@@ -240,3 +240,28 @@ def test_batches_and_inpainting(webui, listing):
         assert response.status_code == 200, response.text[:2000]
         assert "SD3 ControlNet 1" in json.loads(response.json()["info"])["extra_generation_params"]
         assert not tracebacks_in(webui.log_since(mark))
+
+
+MEDIUM_POSE = "sd3_controlnet_pose-tiny"
+
+
+def test_an_sd3_medium_controlnet_in_diffusers_layout_steers_sd3_medium(webui, listing):
+    """InstantX's form on the SD3-Medium-shaped sd3-tiny: listed with its type from the name, steers, strength 0
+    is bit-identical, with SLG too; on SD3.5 Large it is one line."""
+    found = {c["name"]: c for c in listing["controlnets"]}
+    assert found[MEDIUM_POSE]["type"] == "sd3m_pose" and found[MEDIUM_POSE]["blocks"] == 1
+    none, _, _ = generate(webui)
+    steered, params, _ = generate(webui, **unit(MEDIUM_POSE))
+    assert "type sd3m_pose; preprocessor none" in params["SD3 ControlNet 1"], params
+    assert np.abs(steered.astype(int) - none.astype(int)).max() > 0
+    zero, _, _ = generate(webui, **unit(MEDIUM_POSE, strength=0))
+    assert np.array_equal(zero, none)
+    slg, params, _ = generate(webui, slg="on", slg_layers="0", slg_scale=2.0, slg_start=0.0, slg_end=1.0,
+                              **unit(MEDIUM_POSE))
+    assert "SD3 SLG" in params and "SD3 ControlNet 1" in params and not np.array_equal(slg, steered)
+    with loaded(webui, LARGE):
+        mark = webui.mark()
+        response = webui.post("/sdapi/v1/txt2img", dict(TINY, **sd3_args(**unit(MEDIUM_POSE))))
+        assert response.status_code == 422, response.text
+        assert "does not fit the loaded" in response.json()["detail"] and "\n" not in response.json()["detail"]
+        assert not tracebacks_in(webui.log_since(mark))
