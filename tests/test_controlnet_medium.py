@@ -246,3 +246,33 @@ def test_every_sd3_medium_type_scales_the_image_to_minus_one_one():
     for kind in (ControlType.SD3M, ControlType.SD3M_CANNY, ControlType.SD3M_POSE, ControlType.SD3M_TILE):
         assert scale_for_type(white, kind).max() == 1.0 and scale_for_type(black, kind).min() == -1.0
     assert scale_for_type(white, ControlType.CANNY).max() == 128.0  # Stability's canny keeps its own
+
+
+def test_mixdq_follows_the_base_on_both_streams_and_restores_bit_for_bit(tmp_path):
+    from lib_sd3.controlnet.quantize import controlnet_key, follow_base
+    from lib_sd3.mixdq import config as mixdq_config
+    from lib_sd3.mixdq import model as mixdq_model
+
+    assert controlnet_key("joint_blocks.*.context_block.attn.qkv", joint=True) == "joint_blocks.*.context_block.attn.qkv"
+    assert controlnet_key("joint_blocks.3.x_block.attn.qkv", joint=True) is None  # one block of the base
+    tiny_controlnet.write_medium_base(tmp_path / "base.safetensors")
+    tiny_controlnet.write_medium_controlnet(tmp_path / "sd3_canny.safetensors")
+    _, base = tiny_sd35.load_mmdit(tmp_path / "base.safetensors")
+    _, cn = load_controlnet(tmp_path / "sd3_canny.safetensors")
+    x, context, pooled = inputs(2)
+    t = torch.full((2,), 500.0)
+
+    def run():
+        with torch.no_grad():
+            return cn.hidden_states(sd3_latent(vae_latent()), x=x, t=t, context=context)
+
+    before = run()
+    mixdq_model.quantize(base, mixdq_config.load("w8a8"))
+    assert follow_base(cn, base) == "w8a8 (ControlNet)"
+    layers = sorted(mixdq_model.state(cn).originals)
+    assert "joint_blocks.1.context_block.attn.qkv" in layers and "joint_blocks.0.x_block.mlp.fc2" in layers
+    assert not any(name.startswith(("controlnet_blocks", "context_embedder", "pos_embed")) for name in layers)
+    assert any(not torch.equal(a, b) for a, b in zip(run(), before, strict=True))
+    mixdq_model.restore(base)
+    assert follow_base(cn, base) is None
+    assert all(torch.equal(a, b) for a, b in zip(run(), before, strict=True))
