@@ -247,7 +247,7 @@ MEDIUM_POSE = "sd3_controlnet_pose-tiny"
 
 def test_an_sd3_medium_controlnet_in_diffusers_layout_steers_sd3_medium(webui, listing):
     """InstantX's form on the SD3-Medium-shaped sd3-tiny: listed with its type from the name, steers, strength 0
-    is bit-identical, with SLG too; on SD3.5 Large it is one line."""
+    is bit-identical, with SLG and MixDQ too; on SD3.5 Large it is one line."""
     found = {c["name"]: c for c in listing["controlnets"]}
     assert found[MEDIUM_POSE]["type"] == "sd3m_pose" and found[MEDIUM_POSE]["blocks"] == 1
     none, _, _ = generate(webui)
@@ -259,6 +259,10 @@ def test_an_sd3_medium_controlnet_in_diffusers_layout_steers_sd3_medium(webui, l
     slg, params, _ = generate(webui, slg="on", slg_layers="0", slg_scale=2.0, slg_start=0.0, slg_end=1.0,
                               **unit(MEDIUM_POSE))
     assert "SD3 SLG" in params and "SD3 ControlNet 1" in params and not np.array_equal(slg, steered)
+    quantized, params, _ = generate(webui, mixdq="w8a8", **unit(MEDIUM_POSE))
+    assert params.get("SD3 MixDQ") and "SD3 ControlNet 1" in params
+    back, _, _ = generate(webui, mixdq="off", **unit(MEDIUM_POSE))
+    assert np.array_equal(back, steered)  # MixDQ off restores both models bit for bit
     with loaded(webui, LARGE):
         mark = webui.mark()
         response = webui.post("/sdapi/v1/txt2img", dict(TINY, **sd3_args(**unit(MEDIUM_POSE))))
