@@ -146,7 +146,8 @@ def _assets_key(root: Path) -> str:
     vocab = HERE.parent.parent / "lib_sd3" / "tokens" / "tokenizers.py"  # write_clip_vocab
     digest = hashlib.sha256((HERE / "build_assets.py").read_bytes() + vocab.read_bytes()
                             + (HERE.parent.parent / "lib_sd3" / "models" / "mmdit.py").read_bytes()
-                            + (HERE.parent.parent / "lib_sd3" / "controlnet" / "model.py").read_bytes())
+                            + (HERE.parent.parent / "lib_sd3" / "controlnet" / "model.py").read_bytes()
+                            + (HERE.parent.parent / "lib_sd3" / "controlnet" / "joint.py").read_bytes())
     for path in sorted((root / "modules" / "models" / "sd3").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
