@@ -114,7 +114,10 @@ class RMSNorm(nn.Module):
         """``out``: where the result goes (a view into the joint attention's input), else a new tensor."""
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight.to(device=x.device, dtype=x.dtype)
-        return x.mul_(weight) if out is None else torch.mul(x, weight, out=out)
+        if out is not None and not torch.is_grad_enabled():
+            return torch.mul(x, weight, out=out)
+        x.mul_(weight)  # out= records no autograd history: with grad on, the product is copied over
+        return x if out is None else out.copy_(x)
 
 
 class Mlp(nn.Module):
