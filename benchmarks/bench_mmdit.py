@@ -13,7 +13,8 @@ random weights (norm scales far from 1) written under Stability's key names and 
   ``vs_diffusers_sd3_fp32``: SD3 Medium layout (no qk-norm). Goal <= 0.95 each.
   Wall-clock medians over ``--repeats`` rounds, ours and diffusers interleaved (the order alternates
   each round), after one warm-up call each; ``cpu_*`` is the same ratio of process CPU time, which a
-  shared machine disturbs less.
+  shared machine disturbs less, and ``paired_*`` the median of each round's ours / diffusers ratio
+  (the two calls of a round run back to back, so a load that comes and goes shifts both).
 - ``max_abs_err``: largest |ours - diffusers| over the fp32 configurations (goal <= 1e-4).
 
 The last line is ``key=value`` pairs.
@@ -93,8 +94,9 @@ def measure(family: str, dtype: torch.dtype, repeats: int, folder: Path) -> dict
             for name, fn in order if round_ % 2 == 0 else order[::-1]:
                 times[name].append(_timed(fn))
     med = {name: [statistics.median(column) for column in zip(*rows, strict=True)] for name, rows in times.items()}
+    paired = statistics.median(o[0] / d[0] for o, d in zip(times["ours"], times["diffusers"], strict=True))
     return {"ratio": med["ours"][0] / med["diffusers"][0], "cpu_ratio": med["ours"][1] / med["diffusers"][1],
-            "ours_s": med["ours"][0], "diffusers_s": med["diffusers"][0], "err": err}
+            "paired_ratio": paired, "ours_s": med["ours"][0], "diffusers_s": med["diffusers"][0], "err": err}
 
 
 def main() -> None:
@@ -111,11 +113,13 @@ def main() -> None:
         for key, family, dtype in CONFIGS:
             r = results[key] = measure(family, dtype, args.repeats, Path(tmp))
             print(f"{key:12s} {family:13s} ours {r['ours_s']:.3f} s, diffusers {r['diffusers_s']:.3f} s "
-                  f"(medians of {args.repeats}): {r['ratio']:.3f} wall, {r['cpu_ratio']:.3f} cpu; "
+                  f"(medians of {args.repeats}): {r['ratio']:.3f} wall, {r['cpu_ratio']:.3f} cpu, "
+                  f"{r['paired_ratio']:.3f} paired; "
                   f"max |ours - diffusers| {r['err']:.2e}", flush=True)
     err = max(r["err"] for key, r in results.items() if key.endswith("fp32"))
     fields = [f"vs_diffusers_{key}={r['ratio']:.3f}" for key, r in results.items()]
     fields += [f"cpu_vs_diffusers_{key}={r['cpu_ratio']:.3f}" for key, r in results.items()]
+    fields += [f"paired_vs_diffusers_{key}={r['paired_ratio']:.3f}" for key, r in results.items()]
     print(" ".join(fields) + f" max_abs_err={err:.2e}")
 
 

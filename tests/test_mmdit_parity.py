@@ -53,3 +53,14 @@ def test_medium_mmdit_x_blocks_are_built_where_listed(pair):
     _, ours = pair
     dual = [i for i, block in enumerate(ours.joint_blocks) if hasattr(block.x_block, "attn2")]
     assert dual == list(ours.config.x_block_self_attn_layers)
+
+
+def test_forward_with_autograd_on_gives_the_same_output(pair):
+    """Nothing in the forward needs no_grad (the joint attention's out= writes step aside for autograd)."""
+    _, ours = pair
+    x, context, pooled = tiny_sd35.inputs()
+    timestep = torch.full((x.shape[0],), 500.0)
+    with torch.no_grad():
+        expected = ours(x, timestep, y=pooled, context=context)
+    got = ours(x, timestep, y=pooled, context=context)
+    assert got.requires_grad and torch.equal(got.detach(), expected)

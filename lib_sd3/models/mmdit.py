@@ -10,8 +10,9 @@ bit); only the memory work differs, because that is where a step loses time next
 the image stream is made contiguous once after the patch embedding (sd3-ref keeps the transposed
 view of ``flatten(2).transpose(1, 2)``, so every LayerNorm copied it and every residual add ran on
 strided memory), modulation, gating, GELU and the qk-norm scale run in place on tensors this block
-just made, and the joint attention gets head-major q/k/v. Blocks run without autograd history in
-the WebUI; the in-place steps only ever touch fresh intermediates, never a block's inputs.
+just made, and both streams write q/k/v straight into the joint attention's inputs. Blocks run
+without autograd history in the WebUI; the in-place steps only ever touch fresh intermediates,
+never a block's inputs.
 
 An MMDiT-X block (SD3.5 Medium) gives the image stream a second self-attention over image tokens
 only (``attn2``), fed by the same ``norm1`` output with its own shift/scale and added with its own
@@ -72,16 +73,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return tokens_first(F.scaled_dot_product_attention(q, k, v))
 
 
-def joint_attention(streams: tuple[tuple[torch.Tensor, ...], ...], heads: int) -> tuple[torch.Tensor, ...]:
+def joint_attention(streams: Sequence[tuple[SelfAttention, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """Attention over the streams' tokens together; each stream's ``(B, L_i, H*D)`` rows of the output.
 
-    The streams are joined along the token axis of the head-major views, so the attention reads
-    one contiguous ``(B, H, L, D)`` tensor each for q, k and v (joining ``(B, L, H*D)`` tensors
-    instead hands it a strided view).
+    ``streams``: each stream's attention module and its modulated input. Each writes its q, k and v
+    straight into its rows of one contiguous head-major ``(B, H, L, D)`` tensor per q, k and v (the
+    qk-norm's last product lands there instead of being copied over by a join). Head-major: the CPU
+    attention kernel runs measurably faster on it than on token-major views, more than the output's
+    copy back to ``(B, L, H*D)`` costs.
     """
-    q, k, v = (torch.cat([heads_first(stream[i], heads) for stream in streams], dim=2) for i in range(3))
-    out = tokens_first(F.scaled_dot_product_attention(q, k, v))
-    return out.split([stream[0].shape[1] for stream in streams], dim=1)
+    heads = streams[0][0].num_heads
+    lengths = [h.shape[1] for _, h in streams]
+    b, _, dim = streams[0][1].shape
+    joint = [streams[0][1].new_empty(b, heads, sum(lengths), dim // heads) for _ in range(3)]
+    start = 0
+    for (attn, h), n in zip(streams, lengths, strict=True):
+        attn.project_into(h, [t[:, :, start:start + n].transpose(1, 2) for t in joint])
+        start += n
+    return tokens_first(F.scaled_dot_product_attention(*joint)).split(lengths, dim=1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -101,9 +110,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: where the result goes (a view into the joint attention's input), else a new tensor."""
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.mul_(self.weight.to(device=x.device, dtype=x.dtype))
+        weight = self.weight.to(device=x.device, dtype=x.dtype)
+        if out is not None and not torch.is_grad_enabled():
+            return torch.mul(x, weight, out=out)
+        x.mul_(weight)  # out= records no autograd history: with grad on, the product is copied over
+        return x if out is None else out.copy_(x)
 
 
 class Mlp(nn.Module):
@@ -154,6 +168,16 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads).unbind(2)
         return self.ln_q(q).reshape(b, n, dim), self.ln_k(k).reshape(b, n, dim), v.reshape(b, n, dim)
 
+    def project_into(self, x: torch.Tensor, out: Sequence[torch.Tensor]) -> None:
+        """:meth:`pre_attention`'s q, k, v written into ``out``: three ``(B, L, H, D)`` views."""
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        for source, norm, target in ((q, self.ln_q, out[0]), (k, self.ln_k, out[1]), (v, None, out[2])):
+            if isinstance(norm, RMSNorm):
+                norm(source, out=target)
+            else:
+                target.copy_(source if norm is None else norm(source))
+
 
 class DismantledBlock(nn.Module):
     """One stream of a joint block: adaLN-modulated attention inputs, then gated attention + MLP."""
@@ -172,13 +196,17 @@ class DismantledBlock(nn.Module):
         self.n_mods = 2 if pre_only else 9 if dual_attention else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim, dtype=dtype, device=device))
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """(q, k, v) for the joint attention, (q, k, v) of ``attn2`` or None, and what post_attention needs."""
+    def attention_inputs(self, x: torch.Tensor, c: torch.Tensor):
+        """``attn``'s modulated input, ``attn2``'s or None, and the modulation chunks (post_attention needs them)."""
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         h = self.norm1(x)
-        qkv2 = self.attn2.pre_attention(modulate(h, mods[6], mods[7])) if self.dual_attention else None
-        qkv = self.attn.pre_attention(modulate_(h, mods[0], mods[1]))  # h's last use
-        return qkv, qkv2, mods
+        h2 = modulate(h, mods[6], mods[7]) if self.dual_attention else None
+        return modulate_(h, mods[0], mods[1]), h2, mods  # modulate_ last: h is its input
+
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """(q, k, v) for ``attn``, (q, k, v) of ``attn2`` or None, and what post_attention needs."""
+        h, h2, mods = self.attention_inputs(x, c)
+        return self.attn.pre_attention(h), self.attn2.pre_attention(h2) if h2 is not None else None, mods
 
     def post_attention(self, attn: torch.Tensor, attn2: torch.Tensor | None, x: torch.Tensor,
                        mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -199,11 +227,11 @@ class JointBlock(nn.Module):
         self.x_block = DismantledBlock(dim, heads, False, qk_norm, dual_attention, qkv_linear, dtype, device)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
-        heads = self.x_block.attn.num_heads
-        context_qkv, _, context_mods = self.context_block.pre_attention(context, c)
-        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
-        context_attn, x_attn = joint_attention((context_qkv, x_qkv), heads)
-        attn2 = attention(*x_qkv2, heads) if x_qkv2 is not None else None
+        context_h, _, context_mods = self.context_block.attention_inputs(context, c)
+        x_h, x_h2, x_mods = self.x_block.attention_inputs(x, c)
+        context_attn, x_attn = joint_attention(((self.context_block.attn, context_h), (self.x_block.attn, x_h)))
+        attn2 = attention(*self.x_block.attn2.pre_attention(x_h2), self.x_block.attn2.num_heads) \
+            if x_h2 is not None else None
         context = None if self.context_block.pre_only else \
             self.context_block.post_attention(context_attn, None, context, context_mods)
         return context, self.x_block.post_attention(x_attn, attn2, x, x_mods)
