@@ -58,7 +58,7 @@ def parse(args: tuple | list) -> dict[str, Any]:
             raise ScriptArgError(f"unknown SD3 script args {quote(unknown)}; known: {known_names()}")
     else:
         if len(args) > len(ARGS):
-            raise ScriptArgError(f"SD3 script takes at most {len(ARGS)} positional args {list(NAMES)}, got {len(args)}")
+            raise ScriptArgError(f"SD3 script takes at most {len(ARGS)} positional args ({known_names()}), got {len(args)}")
         given = dict(zip(NAMES, args, strict=False))
     return {arg.name: arg.check(given.get(arg.name)) for arg in ARGS}
 
@@ -102,7 +102,7 @@ def check_request(entry: Any) -> dict[str, Any]:
     args = entry.get("args", [])
     if not isinstance(args, (list, tuple)):  # A1111 indexes args by position: anything else fails inside it
         raise ScriptArgError(f"SD3 script args must be a list: [{{\"name\": value, ...}}] or values in the order "
-                             f"{list(NAMES)}; got {quote(args)}")
+                             f"{known_names()}; got {quote(args)}")
     if args and isinstance(args[0], dict) and len(args) > 1:
         raise ScriptArgError(f"SD3 script args: one dict and nothing after it; got {len(args)} elements, "
                              f"the second {quote(args[1])}")

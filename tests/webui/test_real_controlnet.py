@@ -269,3 +269,34 @@ def test_an_sd3_medium_controlnet_in_diffusers_layout_steers_sd3_medium(webui, l
         assert response.status_code == 422, response.text
         assert "does not fit the loaded" in response.json()["detail"] and "\n" not in response.json()["detail"]
         assert not tracebacks_in(webui.log_since(mark))
+
+
+def test_a_lora_on_the_base_works_beside_a_unit(webui, listing):
+    """``<lora:...>`` on the base (kohya keys on the MMDiT's image-stream Linears) still applies with a unit on, and
+    the unit still steers with the LoRA on; the LoRA never reaches the ControlNet."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "model.diffusion_model."
+    generator = torch.Generator().manual_seed(31)
+    lora = {}
+    with safe_open(str(webui.data_dir / "models" / "Stable-diffusion" / SD3), "pt") as checkpoint:
+        for key in checkpoint.keys():
+            if key.startswith(prefix) and key.endswith((".x_block.attn.qkv.weight", ".x_block.mlp.fc1.weight")):
+                weight = checkpoint.get_tensor(key).float()
+                name = "lora_unet_" + key[len(prefix):-len(".weight")].replace(".", "_")
+                lora[f"{name}.lora_down.weight"] = torch.randn(4, weight.shape[1], generator=generator) / weight.shape[1] ** 0.5
+                lora[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=generator) * float(weight.std())
+                lora[f"{name}.alpha"] = torch.tensor(4.0)
+    folder = webui.data_dir / "models" / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(folder / "sd3cn_lora.safetensors"))
+    assert webui.post("/sdapi/v1/refresh-loras").status_code == 200
+    with_lora = {"prompt": "a cat <lora:sd3cn_lora:1>"}
+    lora_only, params, _ = generate(webui, with_lora)
+    both, params_both, _ = generate(webui, with_lora, **unit(MEDIUM_POSE))
+    unit_only, _, _ = generate(webui, **unit(MEDIUM_POSE))
+    assert "SD3 LoRA not applied" not in params and "SD3 LoRA not applied" not in params_both
+    assert not np.array_equal(both, lora_only) and not np.array_equal(both, unit_only)
+    assert "SD3 ControlNet 1" in params_both

@@ -82,7 +82,7 @@ def test_mixdq_ui_toggle(webui):
         page.locator("#txt2img_prompt textarea").fill(TINY["prompt"])
         for name in ("width", "height", "steps"):
             page.locator(f"#txt2img_{name} input[type=number]").fill(str(TINY[name]))
-        page.locator("#sd3_accordion_txt2img .label-wrap").click()
+        page.locator("#sd3_accordion_txt2img .label-wrap").first.click()
         _ui_pick(page, "sd3_mixdq_txt2img", "w8a8")
         on_info = _ui_generate(page)
         on = webui.sd3_route("GET", "/sd3/mixdq").json()
