@@ -32,6 +32,7 @@ from lib_sd3.models.mmdit import (
     JointBlock,
     PatchEmbed,
     QkvLinear,
+    crop_pos_embed,
     timestep_embedding,
 )
 from lib_sd3.models.mmdit_keys import BLOCK_TABLE, ROW_SWAP_ALWAYS, TOP_TABLE
@@ -90,13 +91,8 @@ class JointControlNet(nn.Module):
 
     def cropped_pos_embed(self, hw: tuple[int, ...]) -> torch.Tensor:
         """The centre crop of its own position grid for an ``h x w`` latent (the base's rule)."""
-        p, size = self.config.patch_size, self.config.pos_embed_max_size
-        h, w = hw[0] // p, hw[1] // p
-        if h > size or w > size:
-            raise ValueError(f"latent {tuple(hw)} is larger than the ControlNet's {size * p} x {size * p} "
-                             f"position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        return self.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :].reshape(1, h * w, -1)
+        return crop_pos_embed(self.pos_embed, hw, self.config.patch_size, self.config.pos_embed_max_size,
+                              "the ControlNet's")
 
     def hidden_states(self, latent: torch.Tensor, *, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       **_unused: object) -> list[torch.Tensor]:

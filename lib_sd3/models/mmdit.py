@@ -266,6 +266,16 @@ BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", to
 after each joint block, given the patch-embedded input and the raw latent and context (see :mod:`lib_sd3.controlnet`)."""
 
 
+def crop_pos_embed(pos_embed: torch.Tensor, hw: tuple[int, ...], patch: int, size: int, owner: str) -> torch.Tensor:
+    """The centre crop of a ``size x size`` position grid for an ``h x w`` latent (sd3-ref's rule); ``owner`` names
+    the grid in the error ("this model's")."""
+    h, w = hw[0] // patch, hw[1] // patch
+    if h > size or w > size:
+        raise ValueError(f"latent {tuple(hw)} is larger than {owner} {size * patch} x {size * patch} position grid")
+    top, left = (size - h) // 2, (size - w) // 2
+    return pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :].reshape(1, h * w, -1)
+
+
 class MMDiT(nn.Module):
     """``forward(x, t, y, context)`` -> velocity shaped like ``x``; A1111's ``BaseModel`` calls it the same way.
 
@@ -292,14 +302,7 @@ class MMDiT(nn.Module):
         self.final_layer = FinalLayer(dim, config.patch_size ** 2 * config.out_channels, dtype, device)
 
     def cropped_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        """The centre crop of the ``max x max`` position grid for an ``h x w`` latent (sd3-ref's rule)."""
-        p, size = self.patch_size, self.pos_embed_max_size
-        h, w = hw[0] // p, hw[1] // p
-        if h > size or w > size:
-            raise ValueError(f"latent {hw} is larger than this model's {size * p} x {size * p} position grid")
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
-        return grid.reshape(1, h * w, -1)
+        return crop_pos_embed(self.pos_embed, hw, self.patch_size, self.pos_embed_max_size, "this model's")
 
     def unpatchify(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         p, c = self.patch_size, self.out_channels
