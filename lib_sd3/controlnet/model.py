@@ -19,7 +19,7 @@ from lib_sd3.models.mmdit import (
     DismantledBlock,
     PatchEmbed,
     QkvLinear,
-    attention,
+    joint_attention,
     timestep_embedding,
 )
 
@@ -49,8 +49,8 @@ class TimeTextEmbed(nn.Module):
 
 def single_stream(block: DismantledBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """One DiT block on the image tokens alone (the joint block's image half, attending only to itself)."""
-    qkv, _, mods = block.pre_attention(x, c)
-    return block.post_attention(attention(*qkv, block.attn.num_heads), None, x, mods)
+    h, _, mods = block.attention_inputs(x, c)
+    return block.post_attention(joint_attention(((block.attn, h),))[0], None, x, mods)
 
 
 class ControlNet(nn.Module):
