@@ -17,6 +17,14 @@ random weights (norm scales far from 1) written under Stability's key names and 
   (the two calls of a round run back to back, so a load that comes and goes shifts both).
 - ``max_abs_err``: largest |ours - diffusers| over the fp32 configurations (goal <= 1e-4).
 
+Both models hold their weights in their own (anonymous) memory, as in the WebUI. Under glibc's default
+allocator the big activations of a forward are fresh pages each time (mmap above a moving threshold), so
+page faults -- costly in a VM -- are part of every figure and move a ratio by several percent from one
+process to the next; ours allocates fewer fresh tensors. For the forward's compute alone (as on a GPU,
+whose caching allocator keeps its memory), hold the allocator still:
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/bench_mmdit.py
+
 The last line is ``key=value`` pairs.
 """
 
@@ -34,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
+from lib_sd3.models.mmdit import MMDiT  # noqa: E402
 from tests import tiny_sd35  # noqa: E402
 
 DEPTH = 8  # hidden 64 * 8 = 512, 8 heads
@@ -57,7 +66,11 @@ def _models(family: str, dtype: torch.dtype, folder: Path):
     from safetensors.torch import save_file
 
     save_file(tiny_sd35.stability_checkpoint(reference), str(path))
-    _, ours = tiny_sd35.load_mmdit(path, dtype=dtype)
+    family, mapped = tiny_sd35.load_mmdit(path, dtype=dtype)
+    # copied into the model's own memory, as A1111's load_state_dict does: the loaded tensors of an fp32 file
+    # are pages of the file's mapping, which (large page-cache folios) made ours read its weights faster
+    ours = MMDiT(family.config, dtype=dtype).eval()
+    ours.load_state_dict(mapped.state_dict())
     return reference.to(dtype), ours
 
 

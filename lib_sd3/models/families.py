@@ -49,9 +49,6 @@ class MMDiTConfig:
     adm_dim: int
     qk_norm: str | None = None  # "rms" (SD3.5) or None (SD3 Medium)
     x_block_self_attn_layers: tuple[int, ...] = ()  # MMDiT-X: blocks with a second image self-attention
-    # one addcmul per adaLN modulation and gated residual (the SD3.5 families); off: sd3-ref's separate products,
-    # which SD3 Medium keeps so that it gives A1111's numbers bit for bit (lib_sd3.models.mmdit)
-    fused_modulation: bool = False
 
     @property
     def hidden_size(self) -> int:
@@ -192,8 +189,7 @@ def detect(shapes: Shapes, metadata: Mapping[str, str] | None = None, filename: 
 
     config = MMDiTConfig(depth=depth, patch_size=patch, in_channels=in_channels, out_channels=out_channels,
                          pos_embed_max_size=pos_embed_max_size, context_dim=context_dim, adm_dim=adm_dim,
-                         qk_norm="rms" if with_qk_norm else None, x_block_self_attn_layers=tuple(sorted(dual)),
-                         fused_modulation=bool(with_qk_norm))  # an SD3.5 family: nothing of A1111's to equal
+                         qk_norm="rms" if with_qk_norm else None, x_block_self_attn_layers=tuple(sorted(dual)))
     turbo_from = ""
     if dual:
         name = SD35_MEDIUM

@@ -5,11 +5,10 @@ layout (``joint_blocks.N.{context_block,x_block}.attn.qkv``, ``attn.ln_q``, ``x_
 ``adaLN_modulation.1``), so checkpoints, MixDQ layer names and LoRA names are the ones A1111 and
 Stability use. A1111's own MMDiT has qk-norm but is never told to use it and has no MMDiT-X.
 
-For SD3 Medium the arithmetic is sd3-ref's, operation for operation, so it gives A1111's numbers bit
-for bit (:data:`SEPARATE_PRODUCTS`). The SD3.5 families, which A1111 cannot run, fuse each adaLN
-modulation and each gated residual add into one ``addcmul`` (:data:`FUSED_PRODUCTS`): one rounding
-instead of two and one pass over the tokens instead of two, which is what a bf16 step still lost
-next to diffusers. Otherwise only the memory work differs from sd3-ref:
+The arithmetic is sd3-ref's, operation for operation (so SD3 Medium gives A1111's numbers bit for
+bit), except the qk-norm of the SD3.5 families (which A1111 cannot run), whose mean square is taken in
+fp32 as diffusers does; otherwise only the memory work differs, because that is where a step loses time
+next to diffusers:
 the image stream is made contiguous once after the patch embedding (sd3-ref keeps the transposed
 view of ``flatten(2).transpose(1, 2)``, so every LayerNorm copied it and every residual add ran on
 strided memory), modulation, gating, GELU and the qk-norm scale run in place on tensors this block
@@ -44,53 +43,18 @@ class QkvLinear(nn.Linear):
     """The fused q/k/v projection. The WebUI passes A1111's class instead (its LoRA code type-checks it)."""
 
 
-def into(fresh: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``out=fresh`` (a tensor this block just made) where autograd allows it: ``out=`` records no history."""
-    return {} if torch.is_grad_enabled() else {"out": fresh}
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class SeparateProducts:
-    """sd3-ref's (and A1111's) adaLN arithmetic: each product is rounded to the tensor's dtype, then summed.
-
-    ``modulate``: ``x * (1 + scale) + shift``; ``modulate_``: the same in place on ``x`` (a fresh norm
-    output); ``gated``: ``x + gate * update``, scaling the fresh ``update`` in place.
-    """
-
-    @staticmethod
-    def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-    @staticmethod
-    def modulate_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
-
-    @staticmethod
-    def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        return x + update.mul_(gate.unsqueeze(1))
+def modulate_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`modulate` in place on ``x`` (a fresh norm output): the same products and sums, no new tensor."""
+    return x.mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
 
 
-class FusedProducts:
-    """The same three as one ``addcmul`` each: product and sum rounded once (in fp32 a fused multiply-add)."""
-
-    @staticmethod
-    def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-    @staticmethod
-    def modulate_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1), **into(x))
-
-    @staticmethod
-    def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x, update, gate.unsqueeze(1), **into(update))
-
-
-SEPARATE_PRODUCTS, FUSED_PRODUCTS = SeparateProducts(), FusedProducts()
-Arithmetic = SeparateProducts | FusedProducts
-
-
-def arithmetic_for(config: MMDiTConfig) -> Arithmetic:
-    return FUSED_PRODUCTS if config.fused_modulation else SEPARATE_PRODUCTS
+def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + gate * update``, scaling the fresh ``update`` in place rather than allocating the product."""
+    return x + update.mul_(gate.unsqueeze(1))
 
 
 def tokens_first(out: torch.Tensor) -> torch.Tensor:
@@ -101,9 +65,9 @@ def tokens_first(out: torch.Tensor) -> torch.Tensor:
 
 def joint_attention(streams: Sequence[tuple[SelfAttention, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """Attention over the streams' tokens together; each stream's ``(B, L_i, H*D)`` rows of the output.
-    One stream is plain self-attention (MMDiT-X's ``attn2``, the SD3.5 Large ControlNet's blocks).
 
-    ``streams``: each stream's attention module and its modulated input. Each writes its q, k and v
+    ``streams``: each stream's attention module and its modulated input (one stream: plain self-attention,
+    as in MMDiT-X's ``attn2`` and the SD3.5 Large ControlNet's blocks). Each writes its q, k and v
     straight into its rows of one contiguous head-major ``(B, H, L, D)`` tensor per q, k and v (the
     qk-norm's last product lands there instead of being copied over by a join). Head-major: the CPU
     attention kernel runs measurably faster on it than on token-major views, more than the output's
@@ -138,13 +102,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out``: where the result goes (a view into the joint attention's input), else a new tensor."""
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        """``out``: where the result goes (a view into the joint attention's input), else a new tensor.
+
+        The mean square comes from the fp32 norm of each row (one read of ``x``; sd3-ref squares into a new
+        tensor and averages a cast copy of it), and the row's scale is rounded to ``x``'s dtype once.
+        """
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        scale = torch.rsqrt(norm.square() / x.shape[-1] + self.eps).to(x.dtype)
         weight = self.weight.to(device=x.device, dtype=x.dtype)
         if out is not None and not torch.is_grad_enabled():
-            return torch.mul(x, weight, out=out)
-        x.mul_(weight)  # out= records no autograd history: with grad on, the product is copied over
-        return x if out is None else out.copy_(x)
+            return torch.mul(x, scale, out=out).mul_(weight)
+        y = x * scale * weight  # out= records no autograd history: with grad on, the product is copied over
+        return y if out is None else out.copy_(y)
 
 
 class Mlp(nn.Module):
@@ -205,10 +174,9 @@ class DismantledBlock(nn.Module):
     """One stream of a joint block: adaLN-modulated attention inputs, then gated attention + MLP."""
 
     def __init__(self, dim: int, heads: int, pre_only: bool, qk_norm: str | None, dual_attention: bool,
-                 qkv_linear: type[nn.Linear], dtype=None, device=None, *,
-                 arithmetic: Arithmetic = SEPARATE_PRODUCTS) -> None:
+                 qkv_linear: type[nn.Linear], dtype=None, device=None) -> None:
         super().__init__()
-        self.pre_only, self.dual_attention, self.arithmetic = pre_only, dual_attention, arithmetic
+        self.pre_only, self.dual_attention = pre_only, dual_attention
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS, dtype=dtype, device=device)
         self.attn = SelfAttention(dim, heads, pre_only, qk_norm, qkv_linear, dtype, device)
         if dual_attention:
@@ -223,30 +191,26 @@ class DismantledBlock(nn.Module):
         """``attn``'s modulated input, ``attn2``'s or None, and the modulation chunks (post_attention needs them)."""
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         h = self.norm1(x)
-        h2 = self.arithmetic.modulate(h, mods[6], mods[7]) if self.dual_attention else None
-        return self.arithmetic.modulate_(h, mods[0], mods[1]), h2, mods  # modulate_ last: h is its input
+        h2 = modulate(h, mods[6], mods[7]) if self.dual_attention else None
+        return modulate_(h, mods[0], mods[1]), h2, mods  # modulate_ last: h is its input
 
     def post_attention(self, attn: torch.Tensor, attn2: torch.Tensor | None, x: torch.Tensor,
                        mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        arithmetic = self.arithmetic
-        x = arithmetic.gated(x, gate_msa, self.attn.proj(attn))
+        x = gated(x, gate_msa, self.attn.proj(attn))
         if attn2 is not None:
-            x = arithmetic.gated(x, mods[8], self.attn2.proj(attn2))
-        return arithmetic.gated(x, gate_mlp, self.mlp(arithmetic.modulate_(self.norm2(x), shift_mlp, scale_mlp)))
+            x = gated(x, mods[8], self.attn2.proj(attn2))
+        return gated(x, gate_mlp, self.mlp(modulate_(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
     """Text and image streams attend jointly; the text stream of the last block is ``pre_only``."""
 
     def __init__(self, dim: int, heads: int, pre_only: bool, qk_norm: str | None, dual_attention: bool,
-                 qkv_linear: type[nn.Linear], dtype=None, device=None, *,
-                 arithmetic: Arithmetic = SEPARATE_PRODUCTS) -> None:
+                 qkv_linear: type[nn.Linear], dtype=None, device=None) -> None:
         super().__init__()
-        self.context_block = DismantledBlock(dim, heads, pre_only, qk_norm, False, qkv_linear, dtype, device,
-                                             arithmetic=arithmetic)
-        self.x_block = DismantledBlock(dim, heads, False, qk_norm, dual_attention, qkv_linear, dtype, device,
-                                       arithmetic=arithmetic)
+        self.context_block = DismantledBlock(dim, heads, pre_only, qk_norm, False, qkv_linear, dtype, device)
+        self.x_block = DismantledBlock(dim, heads, False, qk_norm, dual_attention, qkv_linear, dtype, device)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         context_h, _, context_mods = self.context_block.attention_inputs(context, c)
@@ -270,17 +234,15 @@ class PatchEmbed(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out: int, dtype=None, device=None, *,
-                 arithmetic: Arithmetic = SEPARATE_PRODUCTS) -> None:
+    def __init__(self, dim: int, out: int, dtype=None, device=None) -> None:
         super().__init__()
-        self.arithmetic = arithmetic
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS, dtype=dtype, device=device)
         self.linear = nn.Linear(dim, out, dtype=dtype, device=device)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(self.arithmetic.modulate_(self.norm_final(x), shift, scale))
+        return self.linear(modulate_(self.norm_final(x), shift, scale))
 
 
 BlockResiduals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None"],
@@ -318,13 +280,11 @@ class MMDiT(nn.Module):
         self.context_embedder = nn.Linear(config.context_dim, dim, dtype=dtype, device=device)
         self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size ** 2, dim, dtype=dtype,
                                                       device=device))
-        dual, arithmetic = set(config.x_block_self_attn_layers), arithmetic_for(config)
+        dual = set(config.x_block_self_attn_layers)
         self.joint_blocks = nn.ModuleList(
-            JointBlock(dim, heads, i == config.depth - 1, config.qk_norm, i in dual, qkv_linear, dtype, device,
-                       arithmetic=arithmetic)
+            JointBlock(dim, heads, i == config.depth - 1, config.qk_norm, i in dual, qkv_linear, dtype, device)
             for i in range(config.depth))
-        self.final_layer = FinalLayer(dim, config.patch_size ** 2 * config.out_channels, dtype, device,
-                                      arithmetic=arithmetic)
+        self.final_layer = FinalLayer(dim, config.patch_size ** 2 * config.out_channels, dtype, device)
 
     def cropped_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         return crop_pos_embed(self.pos_embed, hw, self.patch_size, self.pos_embed_max_size, "this model's")
