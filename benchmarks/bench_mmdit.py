@@ -66,10 +66,10 @@ def _models(family: str, dtype: torch.dtype, folder: Path):
     from safetensors.torch import save_file
 
     save_file(tiny_sd35.stability_checkpoint(reference), str(path))
-    family, mapped = tiny_sd35.load_mmdit(path, dtype=dtype)
+    detected, mapped = tiny_sd35.load_mmdit(path, dtype=dtype)
     # copied into the model's own memory, as A1111's load_state_dict does (the loaded tensors of an fp32 file
     # are pages of the file's mapping; measured side by side, that made no difference to the time)
-    ours = MMDiT(family.config, dtype=dtype).eval()
+    ours = MMDiT(detected.config, dtype=dtype).eval()
     ours.load_state_dict(mapped.state_dict())
     return reference.to(dtype), ours
 

@@ -104,10 +104,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: where the result goes (a view into the joint attention's input), else a new tensor.
 
-        The mean square comes from the fp32 norm of each row (one read of ``x``; sd3-ref squares into a new
-        tensor and averages a cast copy of it), and the row's scale is rounded to ``x``'s dtype once.
+        The mean square comes from each row's norm taken in (at least) fp32, as diffusers does, without the
+        squared copy and its fp32 cast that sd3-ref's ``x.pow(2).mean()`` makes in bf16; the row's scale is
+        rounded to ``x``'s dtype once.
         """
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
         scale = torch.rsqrt(norm.square() / x.shape[-1] + self.eps).to(x.dtype)
         weight = self.weight.to(device=x.device, dtype=x.dtype)
         if out is not None and not torch.is_grad_enabled():
